@@ -1,0 +1,144 @@
+"""The result of fitting a Gaussian posterior to a NumPyro model, and its MPE outputs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+import xarray as xr
+
+from .errors import check_options
+from .model import ModelAdapter
+from .mpe import Memories, SiteMPE, exact_memories, site_mpe
+from .posterior import GaussianPosterior
+
+#: Per-observation outputs of :meth:`Fit.sensitivities` (the public contract).
+OUTPUTS = ("lpd", "elpd_loo", "p_loo", "sensitivity", "leverage")
+
+
+class Fit:
+    """A NumPyro model, its data, and a Gaussian posterior q = N(m, S⁻¹) in unconstrained space.
+
+    Created by :class:`numpyro_mpe.Laplace` (and the VI backends).  Per-observation MPE outputs are
+    computed on first use for each observed site and cached.
+
+    Attributes
+    ----------
+    adapter : ModelAdapter
+        The model as functions of the flat unconstrained θ.
+    posterior : GaussianPosterior
+        Mean, precision and its Cholesky factor.
+    method : str
+        ``"laplace"``.
+    info : dict
+        Optimizer diagnostics (steps, gradient norm, potential at the optimum).
+    """
+
+    MPE_OPTIONS = {"chunk_size", "num_samples", "progress"}
+
+    def __init__(self, adapter: ModelAdapter, posterior: GaussianPosterior, method: str,
+                 info: dict | None = None, **mpe_options):
+        check_options("Fit", mpe_options, self.MPE_OPTIONS)
+        self.adapter = adapter
+        self.posterior = posterior
+        self.method = method
+        self.info = dict(info or {})
+        self.chunk_size = int(mpe_options.get("chunk_size", 1024))
+        self.num_samples = int(mpe_options.get("num_samples", 2000))
+        self.progress = bool(mpe_options.get("progress", True))
+        self._cache: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        sites = ", ".join(f"{n}{s.obs_shape}" for n, s in self.adapter.observed.items())
+        return f"Fit(method={self.method!r}, P={self.adapter.num_params}, observed=[{sites}])"
+
+    # ------------------------------------------------------------ core quantities
+    @property
+    def observed_names(self) -> list[str]:
+        return list(self.adapter.observed)
+
+    def memories(self, var_name: str | None = None) -> Memories:
+        """Per-observation memories (ĝ_i, Ĥ_i) of ``var_name`` (delta method at the mean)."""
+        site = self.adapter.observed_site(var_name)
+        key = ("memories", site.name)
+        if key not in self._cache:
+            self._cache[key] = exact_memories(self.adapter, self.posterior.mean, site.name)
+        return self._cache[key]
+
+    def site_mpe(self, var_name: str | None = None) -> SiteMPE:
+        """All MPE outputs of ``var_name`` as arrays over the flattened observations."""
+        site = self.adapter.observed_site(var_name)
+        key = ("mpe", site.name)
+        if key not in self._cache:
+            self._cache[key] = site_mpe(
+                self.adapter, self.posterior, site.name, self.memories(site.name),
+                chunk_size=self.chunk_size, num_samples=self.num_samples, progress=self.progress,
+                rng_key=jax.random.PRNGKey(0),
+            )
+        return self._cache[key]
+
+    # ------------------------------------------------------------ public outputs
+    def sensitivities(self, var_name: str | None = None) -> xr.Dataset:
+        """Per-observation MPE outputs of one observed site, as an ``xarray.Dataset``.
+
+        Variables over the observation dims: ``lpd`` (log E_q p(y_i|θ)), ``elpd_loo`` (MPE estimate of
+        log p(y_i | y₋i)), ``p_loo`` (lpd − elpd_loo), ``sensitivity`` (√(Δmᵀ S Δm), posterior-sd units),
+        ``leverage`` (largest eigenvalue of S^{-1/2} Ĥ_i S^{-1/2}; valid cavity iff < 1), ``valid``;
+        and ``prediction_shift`` (Δη_i), ``prediction_var`` (diag V_i) over a ``predictor`` dim where
+        the site has a predictor.
+
+        Parameters
+        ----------
+        var_name : str, optional
+            Observed site; required when the model has several (as in ``arviz.loo``).
+
+        Examples
+        --------
+        >>> ds = fit.sensitivities()  # doctest: +SKIP
+        >>> ds.sensitivity.argmax()  # doctest: +SKIP
+        """
+        site = self.adapter.observed_site(var_name)
+        res = self.site_mpe(site.name)
+        dims, shape = list(site.dims), site.obs_shape
+
+        def arr(x):
+            return np.asarray(x).reshape(shape + np.shape(x)[1:])
+
+        data = {name: (dims, arr(getattr(res, name))) for name in OUTPUTS}
+        data["valid"] = (dims, arr(res.valid))
+        coords = site.coords()
+        if res.prediction_shift is not None:
+            pdim = "predictor"
+            data["prediction_shift"] = (dims + [pdim], arr(res.prediction_shift))
+            var = np.diagonal(np.asarray(res.prediction_var), axis1=-2, axis2=-1)
+            data["prediction_var"] = (dims + [pdim], arr(var))
+            coords[pdim] = list(res.prediction_labels)
+        ds = xr.Dataset(data, coords=coords)
+        ds.attrs.update(var_name=site.name, method=self.method, elpd_integration=res.method,
+                        num_params=self.adapter.num_params)
+        ds["sensitivity"].attrs["description"] = (
+            "sqrt(dm' S dm): posterior-mean shift if i is removed, in posterior-sd units")
+        ds["leverage"].attrs["description"] = (
+            "max eig of S^-1/2 H_i S^-1/2; the cavity is valid iff < 1 (compare Pareto k)")
+        return ds
+
+    def loo(self, var_name: str | None = None):
+        """MPE leave-one-out as the installed arviz's ``ELPDData`` (``az.compare`` accepts it).
+
+        ``elpd_loo`` is the sum of the MPE ``elpd_loo`` over observations, ``se`` its standard error
+        √N·sd, ``p_loo`` the sum of ``p_loo``; ``loo_i`` the pointwise values and, where PSIS puts
+        ``pareto_k``, the MPE leverage.
+        """
+        from .arviz import elpd_data
+
+        return elpd_data(self, var_name)
+
+    def to_inference_data(self, num_samples: int = 1000, rng_key=None):
+        """Draws from q in constrained space with log-likelihoods, observed data and MPE groups.
+
+        Returns ``arviz.InferenceData`` on arviz 0.x and ``xarray.DataTree`` on arviz ≥ 1.
+        """
+        from .arviz import to_inference_data
+
+        return to_inference_data(self, num_samples=num_samples, rng_key=rng_key)
