@@ -23,10 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 from numpyro import handlers
-from numpyro.infer import init_to_median
+from numpyro.infer import init_to_median, init_to_sample
 from numpyro.infer.util import constrain_fn, initialize_model
 
-from .errors import ModelError
+from .errors import ModelError, PosteriorError
 from .predictor import Predictor, make_predictor
 
 
@@ -77,6 +77,21 @@ def _obs_dims(name: str, site: dict) -> tuple:
     return tuple(dims)
 
 
+def _non_finite_sites(tr) -> list[str]:
+    """Sites of a trace whose log-density (or factor) is not finite."""
+    bad = []
+    for name, site in tr.items():
+        if site["type"] != "sample":
+            continue
+        try:
+            lp = site["fn"].log_prob(site["value"])
+        except Exception:  # noqa: BLE001
+            continue
+        if not bool(np.all(np.isfinite(np.asarray(lp)))):
+            bad.append(name)
+    return bad
+
+
 def _is_discrete(site: dict) -> bool:
     fn = site["fn"]
     return bool(getattr(fn, "is_discrete", False)) or getattr(fn.support, "is_discrete", False)
@@ -118,7 +133,8 @@ class ModelAdapter:
         latent site, or NaN/inf observed values, naming the site.
         """
         kwargs = dict(kwargs or {})
-        tr = handlers.trace(handlers.seed(model, rng_key)).get_trace(*args, **kwargs)
+        traced = handlers.substitute(handlers.seed(model, rng_key), substitute_fn=init_to_sample)
+        tr = handlers.trace(traced).get_trace(*args, **kwargs)
         observed, latent_names, det = [], [], []
         for name, site in tr.items():
             if site["type"] == "deterministic":
@@ -150,11 +166,20 @@ class ModelAdapter:
                     f"observed site '{name}' has {bad} non-finite value(s) (NaN or inf) in data of shape "
                     f"{value.shape}; remove them or model them as missing (obs_mask=...)"
                 )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            info, potential_fn, _, _ = initialize_model(
-                rng_key, model, init_strategy=init_strategy, model_args=args, model_kwargs=kwargs,
-            )
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                info, potential_fn, _, _ = initialize_model(
+                    rng_key, model, init_strategy=init_strategy, model_args=args, model_kwargs=kwargs,
+                )
+        except RuntimeError as err:
+            bad = _non_finite_sites(tr)
+            raise PosteriorError(
+                "the potential energy is not finite at any initial point NumPyro tried"
+                + (f"; non-finite log-density in site(s) {bad}" if bad else "")
+                + "; check the priors, the support of the likelihood and the data, or pass "
+                "init_strategy=numpyro.infer.init_to_value(values=...)"
+            ) from err
         z0 = info.z
         theta0, unravel = ravel_pytree(z0)
         latent, start = [], 0

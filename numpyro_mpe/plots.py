@@ -1,0 +1,362 @@
+"""Matplotlib figures of the per-observation MPE outputs and their comparison with PSIS-LOO.
+
+Every function draws on ``ax`` (created when ``None``) and returns the axes, as ArviZ's ``plot_*``
+functions do.  Inputs are the outputs of the package: :meth:`numpyro_mpe.Fit.sensitivities` (an
+``xarray.Dataset``) and :func:`numpyro_mpe.compare.compare_psis` (a ``pandas.DataFrame``).
+
+The look follows ArviZ's ``arviz-doc`` style: no top/right spines, a light grid, the colour-blind
+friendly ``arviz-doc`` palette; thresholds are grey dashed lines and flagged observations magenta.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+#: Pareto k̂ / leverage threshold above which an observation is flagged (as in ``arviz.loo``).
+K_THRESHOLD = 0.7
+
+# arviz-doc palette
+_BLUE = "#107591"
+_CYAN = "#00c0bf"
+_ORANGE = "#f69a48"
+_FLAG = "#cf166e"
+_GREY = "#525252"
+_LIGHT = "0.85"
+
+#: Columns of :func:`numpyro_mpe.compare.compare_psis` that are values, not observation coordinates.
+_VALUE_COLUMNS = {
+    "elpd_loo_mpe", "elpd_loo_psis", "p_loo_mpe", "p_loo_psis", "pareto_k", "leverage", "sensitivity",
+    "lpd", "elpd_loo", "p_loo", "valid", "elpd_diff", "observed", "y",
+}
+
+
+# ---------------------------------------------------------------- helpers
+def _new_axes(nrows: int = 1, figsize: tuple[float, float] = (6.0, 4.5), sharex: bool = False):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(nrows, 1, figsize=figsize, sharex=sharex, layout="constrained")
+    return axes
+
+
+def _style(ax) -> None:
+    """The ``arviz-doc`` look on one axes: no top/right spines, light grid behind the data."""
+    ax.spines["top"].set_visible(False)
+    ax.spines["right"].set_visible(False)
+    for side in ("left", "bottom"):
+        ax.spines[side].set_color("0.33")
+        ax.spines[side].set_linewidth(0.8)
+    ax.set_axisbelow(True)
+    ax.grid(True, color=_LIGHT, linewidth=0.6)
+    ax.tick_params(colors="0.15", direction="out")
+
+
+def _to_frame(data: Any, columns: Sequence[str]) -> pd.DataFrame:
+    """``columns`` of a DataFrame or an ``xarray.Dataset`` as a DataFrame, one row per observation."""
+    if isinstance(data, pd.DataFrame):
+        frame = data
+    elif hasattr(data, "data_vars"):  # xarray.Dataset
+        missing = [c for c in columns if c not in data.data_vars]
+        if missing:
+            raise ValueError(f"the dataset has no variable(s) {missing}; expected fit.sensitivities()")
+        frame = data[list(columns)].to_dataframe()
+        frame = frame.reset_index()
+    else:
+        raise TypeError(f"expected a pandas.DataFrame or an xarray.Dataset, got {type(data).__name__}")
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"missing column(s) {missing}; got {list(frame.columns)}")
+    return frame
+
+
+def _obs_labels(frame: pd.DataFrame) -> list[str]:
+    """One label per row: the observation coordinate columns (``"3"``, ``"2,5"``), else the index."""
+    coords = [c for c in frame.columns if c not in _VALUE_COLUMNS and not str(c).startswith("_")]
+    coords = [c for c in coords if not pd.api.types.is_float_dtype(frame[c])]
+    if coords:
+        return [",".join(str(v) for v in row) for row in frame[coords].itertuples(index=False)]
+    return [str(i) for i in frame.index]
+
+
+def _top(values: np.ndarray, n: int) -> np.ndarray:
+    """Positions of the ``n`` largest finite values, largest first."""
+    finite = np.flatnonzero(np.isfinite(values))
+    if n <= 0 or finite.size == 0:
+        return np.array([], dtype=int)
+    order = finite[np.argsort(values[finite])[::-1]]
+    return order[:n]
+
+
+def _annotate(ax, x: float, y: float, text: str, color: str = "0.15") -> None:
+    ax.annotate(text, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=9, color=color,
+                gid="obs_label")
+
+
+def _identity_line(ax, lo: float, hi: float) -> None:
+    pad = 0.05 * (hi - lo if hi > lo else 1.0)
+    lo, hi = lo - pad, hi + pad
+    ax.plot([lo, hi], [lo, hi], color=_GREY, linestyle="-", linewidth=1.0, alpha=0.7, zorder=1,
+            label="y = x", gid="identity")
+
+
+# ---------------------------------------------------------------- figures
+def plot_sensitivity(ds: Any, ax: Any = None, *, top: int = 3, threshold: float = K_THRESHOLD):
+    """Index plot of the MPE ``sensitivity`` and ``leverage`` of every observation.
+
+    The upper panel shows the sensitivity √(Δmᵀ S Δm) — how far the posterior mean moves, in
+    posterior standard deviations, if the observation is removed — as stems; the lower panel the
+    leverage with a dashed line at ``threshold`` (0.7, the Pareto k̂ threshold of PSIS-LOO: leverage is
+    its closed-form twin).  The ``top`` most sensitive observations and every observation above the
+    threshold are labelled.  Observations whose cavity does not exist (leverage ≥ 1, sensitivity NaN)
+    are marked with a cross at zero on the upper panel.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset or pandas.DataFrame
+        :meth:`numpyro_mpe.Fit.sensitivities` output (or a table with ``sensitivity`` and
+        ``leverage`` columns, e.g. :func:`numpyro_mpe.compare.compare_psis`).  Multi-dimensional sites
+        are flattened in C order; labels show the coordinates.
+    ax : matplotlib.axes.Axes or sequence of two Axes, optional
+        Two axes draw the two panels.  A single axes draws both on it, the leverage against a twin
+        right-hand axis.  ``None`` creates a figure with two stacked panels sharing the x axis.
+    top : int, default 3
+        Number of largest sensitivities to label.
+    threshold : float, default 0.7
+        Leverage flag line.
+
+    Returns
+    -------
+    numpy.ndarray of matplotlib.axes.Axes
+        ``[ax_sensitivity, ax_leverage]``.
+
+    Examples
+    --------
+    >>> import jax, numpyro
+    >>> import numpyro_mpe as mpe
+    >>> from numpyro_mpe.datasets import load_stackloss, stackloss_model, STACKLOSS_PREDICTORS
+    >>> from numpyro_mpe.plots import plot_sensitivity
+    >>> numpyro.enable_x64()
+    >>> df = load_stackloss()
+    >>> X, y = df[list(STACKLOSS_PREDICTORS)].to_numpy(float), df["stack.loss"].to_numpy(float)
+    >>> fit = mpe.Laplace(stackloss_model, progress=False).run(jax.random.PRNGKey(0), X, y=y)
+    >>> axes = plot_sensitivity(fit.sensitivities())
+    >>> [a.get_ylabel() for a in axes]
+    ['sensitivity (posterior sd)', 'leverage']
+    """
+    frame = _to_frame(ds, ["sensitivity", "leverage"])
+    sens = frame["sensitivity"].to_numpy(float)
+    lev = frame["leverage"].to_numpy(float)
+    labels = _obs_labels(frame)
+    x = np.arange(len(frame))
+
+    twin = False
+    if ax is None:
+        ax_s, ax_l = _new_axes(2, figsize=(7.0, 5.5), sharex=True)
+    elif isinstance(ax, (Sequence, np.ndarray)):
+        if len(ax) != 2:
+            raise ValueError(f"ax must be one Axes or two, got {len(ax)}")
+        ax_s, ax_l = ax
+    else:
+        ax_s, ax_l, twin = ax, ax.twinx(), True
+    for a in (ax_s, ax_l):
+        _style(a)
+    if twin:
+        ax_l.spines["right"].set_visible(True)
+        ax_l.grid(False)
+
+    ok = np.isfinite(sens)
+    markerline, stemlines, baseline = ax_s.stem(x[ok], sens[ok], linefmt=_BLUE, markerfmt="o",
+                                                basefmt=" ", label="sensitivity")
+    markerline.set_color(_BLUE)
+    markerline.set_markersize(5)
+    stemlines.set_linewidth(1.2)
+    if (~ok).any():
+        ax_s.plot(x[~ok], np.zeros((~ok).sum()), "x", color=_FLAG, markersize=7, mew=1.5,
+                  label="no cavity (leverage ≥ 1)", gid="invalid")
+    ax_s.set_ylabel("sensitivity (posterior sd)")
+    ax_s.set_ylim(bottom=0)
+    for i in _top(sens, top):
+        _annotate(ax_s, x[i], sens[i], labels[i])
+
+    flag = lev > threshold
+    ax_l.scatter(x[~flag], lev[~flag], s=22, color=_CYAN if twin else _BLUE, zorder=3, label="leverage",
+                 marker="D" if twin else "o")
+    if flag.any():
+        ax_l.scatter(x[flag], lev[flag], s=32, color=_FLAG, zorder=3, marker="D" if twin else "o",
+                     label=f"leverage > {threshold:g}")
+    ax_l.axhline(threshold, color=_GREY, linestyle="--", linewidth=1.0, label=f"{threshold:g}",
+                 gid="threshold")
+    ax_l.set_ylabel("leverage")
+    lev_finite = lev[np.isfinite(lev)]
+    ax_l.set_ylim(min(0.0, float(lev_finite.min(initial=0.0))) - 0.02,
+                  max(1.0, float(lev_finite.max(initial=1.0))) * 1.05)
+    ax_l.text(1.0, threshold, f" {threshold:g}", transform=ax_l.get_yaxis_transform(), va="center",
+              ha="left", fontsize=9, color=_GREY, clip_on=False)
+    for i in np.flatnonzero(flag):
+        _annotate(ax_l, x[i], lev[i], labels[i], color=_FLAG)
+    for i in _top(np.where(flag, -np.inf, lev), max(0, top - int(flag.sum()))):
+        _annotate(ax_l, x[i], lev[i], labels[i])
+
+    ax_l.set_xlabel("observation")
+    bottom = ax_s if twin else ax_l
+    if len(x) <= 40:
+        bottom.set_xticks(x)
+        bottom.set_xticklabels(labels, fontsize=8, rotation=90 if max(map(len, labels)) > 3 else 0)
+    bottom.set_xlim(-0.7, len(x) - 0.3)
+    if twin:
+        ax_s.set_xlabel("observation")
+        handles = ax_s.get_legend_handles_labels()
+        handles2 = ax_l.get_legend_handles_labels()
+        ax_s.legend(handles[0] + handles2[0][:-1], handles[1] + handles2[1][:-1], fontsize=8,
+                    frameon=False, loc="upper left")
+    ax_s.set_title("MPE sensitivity and leverage by observation", fontsize=11, loc="left")
+    return np.array([ax_s, ax_l], dtype=object)
+
+
+def plot_elpd_comparison(df: pd.DataFrame, ax: Any = None, *, threshold: float = K_THRESHOLD,
+                         cmap: str = "viridis"):
+    """Pointwise ``elpd_loo_mpe`` against ``elpd_loo_psis``, coloured by PSIS's Pareto k̂.
+
+    Points on the grey line y = x agree.  Observations with k̂ > ``threshold`` (where PSIS-LOO is
+    unreliable) are drawn larger with a magenta edge and labelled; the colour bar marks the threshold.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        :func:`numpyro_mpe.compare.compare_psis` output: columns ``elpd_loo_mpe``, ``elpd_loo_psis``,
+        ``pareto_k`` and the observation coordinates.
+    ax : matplotlib.axes.Axes, optional
+        Axes to draw on; ``None`` creates a figure.
+    threshold : float, default 0.7
+        Pareto k̂ flag.
+    cmap : str, default "viridis"
+        Colormap of k̂ (from ``min(0, k̂)`` to ``max(1, k̂)``).
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> from numpyro_mpe.plots import plot_elpd_comparison
+    >>> df = pd.DataFrame({"obs": [0, 1, 2], "elpd_loo_mpe": [-2.1, -2.5, -8.9],
+    ...                    "elpd_loo_psis": [-2.0, -2.6, -7.5], "pareto_k": [0.1, 0.3, 0.8]})
+    >>> ax = plot_elpd_comparison(df)
+    >>> ax.get_xlabel()
+    'elpd_loo (PSIS-LOO)'
+    """
+    frame = _to_frame(df, ["elpd_loo_mpe", "elpd_loo_psis", "pareto_k"])
+    mpe_ = frame["elpd_loo_mpe"].to_numpy(float)
+    psis = frame["elpd_loo_psis"].to_numpy(float)
+    k = frame["pareto_k"].to_numpy(float)
+    labels = _obs_labels(frame)
+    if ax is None:
+        ax = _new_axes(1, figsize=(6.0, 5.0))
+    _style(ax)
+    ok = np.isfinite(mpe_) & np.isfinite(psis)
+    both = np.concatenate([mpe_[ok], psis[ok]])
+    if both.size:
+        _identity_line(ax, float(both.min()), float(both.max()))
+    kf = k[np.isfinite(k)]
+    vmin, vmax = min(0.0, float(kf.min(initial=0.0))), max(1.0, float(kf.max(initial=1.0)))
+    flag = ok & (k > threshold)
+    calm = ok & ~flag
+    sc = ax.scatter(psis[calm], mpe_[calm], c=k[calm], cmap=cmap, vmin=vmin, vmax=vmax, s=30,
+                    edgecolors="white", linewidths=0.5, zorder=3, label=f"k̂ ≤ {threshold:g}")
+    if flag.any():
+        sc = ax.scatter(psis[flag], mpe_[flag], c=k[flag], cmap=cmap, vmin=vmin, vmax=vmax, s=70,
+                        edgecolors=_FLAG, linewidths=1.8, zorder=4, label=f"k̂ > {threshold:g}",
+                        gid="flagged")
+        for i in np.flatnonzero(flag):
+            _annotate(ax, psis[i], mpe_[i], labels[i], color=_FLAG)
+    cbar = ax.figure.colorbar(sc, ax=ax, pad=0.02, fraction=0.05)
+    cbar.set_label("PSIS Pareto k̂")
+    cbar.ax.axhline(threshold, color=_FLAG, linewidth=1.5)
+    cbar.outline.set_visible(False)
+    if (~ok).any():
+        ax.text(0.98, 0.02, f"{int((~ok).sum())} observation(s) without an MPE cavity not shown",
+                transform=ax.transAxes, ha="right", va="bottom", fontsize=8, color=_GREY)
+    ax.set_xlabel("elpd_loo (PSIS-LOO)")
+    ax.set_ylabel("elpd_loo (MPE)")
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.legend(loc="upper left", fontsize=9, frameon=False)
+    ax.set_title("Pointwise elpd_loo: MPE vs PSIS", fontsize=11, loc="left")
+    return ax
+
+
+def plot_leverage_vs_k(df: pd.DataFrame, ax: Any = None, *, threshold: float = K_THRESHOLD,
+                       top: int = 3):
+    """MPE leverage against PSIS's Pareto k̂, with the threshold on both axes and y = x.
+
+    For a Gaussian posterior and likelihood term, the importance ratios of PSIS-LOO have a Pareto tail
+    of shape exactly the leverage; PSIS estimates k̂ from a finite tail (large residuals push it up),
+    so expect agreement in rank more than in value.  The quadrants split by the dashed threshold lines
+    show where the two diagnostics disagree.  Observations above either threshold, and otherwise the
+    ``top`` largest by k̂, are labelled.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        :func:`numpyro_mpe.compare.compare_psis` output: columns ``leverage``, ``pareto_k`` and the
+        observation coordinates.
+    ax : matplotlib.axes.Axes, optional
+        Axes to draw on; ``None`` creates a figure.
+    threshold : float, default 0.7
+        Flag on both diagnostics.
+    top : int, default 3
+        Number of largest k̂ labelled when below the thresholds.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> from numpyro_mpe.plots import plot_leverage_vs_k
+    >>> df = pd.DataFrame({"obs": [0, 1, 2], "leverage": [0.1, 0.3, 0.69], "pareto_k": [0.05, 0.4, 0.8]})
+    >>> ax = plot_leverage_vs_k(df)
+    >>> ax.get_xlabel(), ax.get_ylabel()
+    ('MPE leverage', 'PSIS Pareto k̂')
+    """
+    frame = _to_frame(df, ["leverage", "pareto_k"])
+    lev = frame["leverage"].to_numpy(float)
+    k = frame["pareto_k"].to_numpy(float)
+    labels = _obs_labels(frame)
+    if ax is None:
+        ax = _new_axes(1, figsize=(5.5, 5.0))
+    _style(ax)
+    ok = np.isfinite(lev) & np.isfinite(k)
+    vals = np.concatenate([lev[ok], k[ok], [0.0, threshold]])
+    lo, hi = float(vals.min()), max(1.0, float(vals.max()))
+    _identity_line(ax, lo, hi)
+    ax.axvline(threshold, color=_GREY, linestyle="--", linewidth=1.0, gid="threshold_x",
+               label=f"threshold {threshold:g}")
+    ax.axhline(threshold, color=_GREY, linestyle="--", linewidth=1.0, gid="threshold_y")
+    flag = ok & ((lev > threshold) | (k > threshold))
+    calm = ok & ~flag
+    ax.scatter(lev[calm], k[calm], s=30, color=_BLUE, edgecolors="white", linewidths=0.5, zorder=3,
+               label="observation")
+    if flag.any():
+        ax.scatter(lev[flag], k[flag], s=45, color=_FLAG, edgecolors="white", linewidths=0.5, zorder=4,
+                   label=f"leverage or k̂ > {threshold:g}", gid="flagged")
+        for i in np.flatnonzero(flag):
+            _annotate(ax, lev[i], k[i], labels[i], color=_FLAG)
+    for i in _top(np.where(flag | ~ok, -np.inf, k), top):
+        _annotate(ax, lev[i], k[i], labels[i])
+    pad = 0.05 * (hi - lo)
+    ax.set_xlim(lo - pad, hi + pad)
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.set_aspect("equal")
+    ax.set_xlabel("MPE leverage")
+    ax.set_ylabel("PSIS Pareto k̂")
+    ax.legend(loc="upper left", fontsize=9, frameon=False)
+    ax.set_title("Leverage vs Pareto k̂", fontsize=11, loc="left")
+    return ax
+
+
+__all__ = ["K_THRESHOLD", "plot_elpd_comparison", "plot_leverage_vs_k", "plot_sensitivity"]
