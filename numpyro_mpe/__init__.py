@@ -3,23 +3,39 @@
 Fit a Gaussian posterior (Laplace), then get, for every observation, the closed-form leave-one-out
 shift of the posterior and predictions and the LOO predictive density of the Memory-Perturbation
 Equation (Nickl et al., NeurIPS 2023), exported to ArviZ and compared with PSIS-LOO.
+
+Names are imported lazily (PEP 562), so that ``numpyro-mpe --help`` does not pay for importing JAX.
 """
 
+from __future__ import annotations
+
+import importlib
+
 from .errors import ModelError, MPEError, PosteriorError
-from .fit import Fit
-from .inference import Laplace
-from .model import ModelAdapter
-from .posterior import GaussianPosterior
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Fit",
-    "GaussianPosterior",
-    "Laplace",
-    "MPEError",
-    "ModelAdapter",
-    "ModelError",
-    "PosteriorError",
-    "__version__",
-]
+_LAZY = {
+    "Fit": ".fit",
+    "GaussianPosterior": ".posterior",
+    "Laplace": ".inference",
+    "ModelAdapter": ".model",
+    "compare_psis": ".compare",
+    "format_summary": ".compare",
+    "exact_loo": ".exact",
+    "importance_loo": ".importance",
+}
+
+__all__ = ["MPEError", "ModelError", "PosteriorError", "__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'numpyro_mpe' has no attribute '{name}'")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -13,7 +13,6 @@ Data reach the model as ``*args, **kwargs``, exactly as in NumPyro.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,8 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 from numpyro import handlers
+from numpyro.distributions.transforms import biject_to
 from numpyro.infer import init_to_median, init_to_sample
-from numpyro.infer.util import constrain_fn, initialize_model
+from numpyro.infer.util import constrain_fn, potential_energy
 
 from .errors import ModelError, PosteriorError
 from .predictor import Predictor, make_predictor
@@ -75,6 +75,32 @@ def _obs_dims(name: str, site: dict) -> tuple:
         dim = k - batch_ndim
         dims.append(plates.get(dim, f"{name}_dim_{k}"))
     return tuple(dims)
+
+
+def _initial_point(model, args, kwargs, rng_key, init_strategy, latent_names, max_tries: int = 20):
+    """A finite initial point in unconstrained space and the potential function.
+
+    Like ``numpyro.infer.util.initialize_model`` but compiled as one program (NumPyro's version runs op by
+    op, which costs one XLA compilation per operation).  Returns ``(None, fn)`` if no try is finite.
+    """
+
+    def potential_fn(z):
+        return potential_energy(model, args, kwargs, z)
+
+    @jax.jit
+    def attempt(key):
+        traced = handlers.substitute(handlers.seed(model, key), substitute_fn=init_strategy)
+        tr = handlers.trace(traced).get_trace(*args, **kwargs)
+        z = {n: biject_to(tr[n]["fn"].support).inv(tr[n]["value"]) for n in latent_names}
+        value, grad = jax.value_and_grad(potential_fn)(z)
+        flat_grad = ravel_pytree(grad)[0]
+        return z, jnp.isfinite(value) & jnp.all(jnp.isfinite(flat_grad))
+
+    for key in jax.random.split(rng_key, max_tries):
+        z, ok = attempt(key)
+        if bool(ok):
+            return z, potential_fn
+    return None, potential_fn
 
 
 def _non_finite_sites(tr) -> list[str]:
@@ -166,21 +192,15 @@ class ModelAdapter:
                     f"observed site '{name}' has {bad} non-finite value(s) (NaN or inf) in data of shape "
                     f"{value.shape}; remove them or model them as missing (obs_mask=...)"
                 )
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                info, potential_fn, _, _ = initialize_model(
-                    rng_key, model, init_strategy=init_strategy, model_args=args, model_kwargs=kwargs,
-                )
-        except RuntimeError as err:
+        z0, potential_fn = _initial_point(model, args, kwargs, rng_key, init_strategy, latent_names)
+        if z0 is None:
             bad = _non_finite_sites(tr)
             raise PosteriorError(
-                "the potential energy is not finite at any initial point NumPyro tried"
+                "the potential energy is not finite at any initial point tried"
                 + (f"; non-finite log-density in site(s) {bad}" if bad else "")
                 + "; check the priors, the support of the likelihood and the data, or pass "
                 "init_strategy=numpyro.infer.init_to_value(values=...)"
-            ) from err
-        z0 = info.z
+            )
         theta0, unravel = ravel_pytree(z0)
         latent, start = [], 0
         leaves = jax.tree_util.tree_flatten_with_path(z0)[0]
@@ -215,10 +235,10 @@ class ModelAdapter:
             if site.predictor is None:
                 continue
             ok, why = True, None
+            both = jax.jit(lambda th, name=name: (self.log_lik(th, name), self._predictor_log_lik(th, name)))
             try:
                 for th in thetas:
-                    ref = self.log_lik(th, name)
-                    got = self._predictor_log_lik(th, name)
+                    ref, got = both(th)
                     scale = 1.0 + jnp.abs(ref)
                     if not bool(jnp.all(jnp.abs(got - ref) <= 1e-4 * scale)):
                         ok, why = False, "rebuilt distribution does not reproduce log_prob"

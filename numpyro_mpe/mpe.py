@@ -131,7 +131,7 @@ def cavity_one(g_w, a_w, b_w):
         "dEta": b_w @ u,
         "v": b_w @ b_w.T,
         "v_cav": (bq * inv) @ bq.T,
-        "logdet": jnp.sum(jnp.log1p(-jnp.clip(lam, None, 1.0 - 1e-300))),
+        "logdet": jnp.where(valid, jnp.sum(jnp.log1p(-jnp.where(valid, lam, 0.0))), jnp.nan),
     }
 
 

@@ -90,9 +90,67 @@ def _top(values: np.ndarray, n: int) -> np.ndarray:
     return order[:n]
 
 
-def _annotate(ax, x: float, y: float, text: str, color: str = "0.15") -> None:
-    ax.annotate(text, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=9, color=color,
-                gid="obs_label")
+class _Labels:
+    """Observation labels placed next to their points, avoiding each other and the points.
+
+    Labels are collected with :meth:`add` and drawn by :meth:`place` once the axes limits are final: each
+    takes the first of eight positions around its point (upper right first) whose estimated text box
+    overlaps no label placed before it and no data point; ``pad`` (points) clears the point's marker.
+    """
+
+    _DIRECTIONS = ((1, 0.75, "left", "bottom"), (-1, 0.75, "right", "bottom"), (1, -0.75, "left", "top"),
+                   (-1, -0.75, "right", "top"), (1.4, 0, "left", "center"), (-1.4, 0, "right", "center"),
+                   (0, 1.4, "center", "bottom"), (0, -1.4, "center", "top"))
+
+    def __init__(self) -> None:
+        self.items: list[tuple[float, float, str, str, float]] = []
+
+    def add(self, x: float, y: float, text: str, color: str = "0.15", pad: float = 4.0) -> None:
+        if np.isfinite(x) and np.isfinite(y) and all(it[2] != text for it in self.items):
+            self.items.append((float(x), float(y), text, color, float(pad)))
+
+    def place(self, ax, avoid: tuple[np.ndarray, np.ndarray] | None = None, fontsize: float = 9.0) -> None:
+        """Draw the labels on ``ax``, keeping clear of the data points ``avoid = (x, y)`` too."""
+        if not self.items:
+            return
+        ax.apply_aspect()
+        px = ax.figure.dpi / 72.0  # pixels per point
+        pts = ax.transData.transform([(x, y) for x, y, *_ in self.items])
+        obstacles = pts
+        if avoid is not None:
+            ax_, ay_ = (np.asarray(a, float).ravel() for a in avoid)
+            ok = np.isfinite(ax_) & np.isfinite(ay_)
+            obstacles = np.concatenate([pts, ax.transData.transform(np.c_[ax_[ok], ay_[ok]])])
+        boxes: list[tuple[float, float, float, float]] = []
+        for (x, y, text, color, pad), (X, Y) in zip(self.items, pts):
+            w, h = 0.62 * fontsize * len(text) * px, 1.1 * fontsize * px
+            offsets = [(dx * pad, dy * pad, ha, va) for dx, dy, ha, va in self._DIRECTIONS]
+            choice = offsets[0]
+            for off in offsets:
+                box = self._box(X, Y, off, w, h, px)
+                hits_label = any(self._overlap(box, b) for b in boxes)
+                m = 2 * px  # a point's marker radius, roughly
+                ox, oy = obstacles[:, 0], obstacles[:, 1]
+                hits_point = bool(np.any((box[0] - m < ox) & (ox < box[2] + m)
+                                         & (box[1] - m < oy) & (oy < box[3] + m)))
+                if not hits_label and not hits_point:
+                    choice = off
+                    break
+            boxes.append(self._box(X, Y, choice, w, h, px))
+            dx, dy, ha, va = choice
+            ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va,
+                        fontsize=fontsize, color=color, gid="obs_label")
+
+    @staticmethod
+    def _box(X, Y, off, w, h, px):
+        dx, dy, ha, va = off
+        x0 = X + dx * px - {"left": 0.0, "center": w / 2, "right": w}[ha]
+        y0 = Y + dy * px - {"bottom": 0.0, "center": h / 2, "top": h}[va]
+        return (x0, y0, x0 + w, y0 + h)
+
+    @staticmethod
+    def _overlap(a, b) -> bool:
+        return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 def _identity_line(ax, lo: float, hi: float) -> None:
@@ -178,8 +236,9 @@ def plot_sensitivity(ds: Any, ax: Any = None, *, top: int = 3, threshold: float 
                   label="no cavity (leverage ≥ 1)", gid="invalid")
     ax_s.set_ylabel("sensitivity (posterior sd)")
     ax_s.set_ylim(bottom=0)
+    labels_s, labels_l = _Labels(), _Labels()
     for i in _top(sens, top):
-        _annotate(ax_s, x[i], sens[i], labels[i])
+        labels_s.add(x[i], sens[i], labels[i])
 
     flag = lev > threshold
     ax_l.scatter(x[~flag], lev[~flag], s=22, color=_CYAN if twin else _BLUE, zorder=3, label="leverage",
@@ -193,12 +252,13 @@ def plot_sensitivity(ds: Any, ax: Any = None, *, top: int = 3, threshold: float 
     lev_finite = lev[np.isfinite(lev)]
     ax_l.set_ylim(min(0.0, float(lev_finite.min(initial=0.0))) - 0.02,
                   max(1.0, float(lev_finite.max(initial=1.0))) * 1.05)
-    ax_l.text(1.0, threshold, f" {threshold:g}", transform=ax_l.get_yaxis_transform(), va="center",
-              ha="left", fontsize=9, color=_GREY, clip_on=False)
+    if not twin:
+        ax_l.text(1.0, threshold, f" {threshold:g}", transform=ax_l.get_yaxis_transform(), va="center",
+                  ha="left", fontsize=9, color=_GREY, clip_on=False)
     for i in np.flatnonzero(flag):
-        _annotate(ax_l, x[i], lev[i], labels[i], color=_FLAG)
+        labels_l.add(x[i], lev[i], labels[i], color=_FLAG)
     for i in _top(np.where(flag, -np.inf, lev), max(0, top - int(flag.sum()))):
-        _annotate(ax_l, x[i], lev[i], labels[i])
+        labels_l.add(x[i], lev[i], labels[i])
 
     ax_l.set_xlabel("observation")
     bottom = ax_s if twin else ax_l
@@ -210,18 +270,21 @@ def plot_sensitivity(ds: Any, ax: Any = None, *, top: int = 3, threshold: float 
         ax_s.set_xlabel("observation")
         handles = ax_s.get_legend_handles_labels()
         handles2 = ax_l.get_legend_handles_labels()
-        ax_s.legend(handles[0] + handles2[0][:-1], handles[1] + handles2[1][:-1], fontsize=8,
-                    frameon=False, loc="upper left")
+        ax_s.legend(handles[0] + handles2[0], handles[1] + handles2[1][:-1] + [f"leverage {threshold:g}"],
+                    fontsize=8, frameon=False, loc="upper left")
     ax_s.set_title("MPE sensitivity and leverage by observation", fontsize=11, loc="left")
+    labels_s.place(ax_s)
+    labels_l.place(ax_l, avoid=(x, lev))
     return np.array([ax_s, ax_l], dtype=object)
 
 
 def plot_elpd_comparison(df: pd.DataFrame, ax: Any = None, *, threshold: float = K_THRESHOLD,
-                         cmap: str = "viridis"):
+                         top: int = 3, cmap: str = "viridis"):
     """Pointwise ``elpd_loo_mpe`` against ``elpd_loo_psis``, coloured by PSIS's Pareto k̂.
 
     Points on the grey line y = x agree.  Observations with k̂ > ``threshold`` (where PSIS-LOO is
-    unreliable) are drawn larger with a magenta edge and labelled; the colour bar marks the threshold.
+    unreliable) are drawn larger with a magenta edge and labelled, as are the ``top`` other observations
+    farthest from the line; the colour bar marks the threshold.
 
     Parameters
     ----------
@@ -232,6 +295,8 @@ def plot_elpd_comparison(df: pd.DataFrame, ax: Any = None, *, threshold: float =
         Axes to draw on; ``None`` creates a figure.
     threshold : float, default 0.7
         Pareto k̂ flag.
+    top : int, default 3
+        Number of unflagged observations with the largest ``|elpd_loo_mpe − elpd_loo_psis|`` to label.
     cmap : str, default "viridis"
         Colormap of k̂ (from ``min(0, k̂)`` to ``max(1, k̂)``).
 
@@ -271,8 +336,11 @@ def plot_elpd_comparison(df: pd.DataFrame, ax: Any = None, *, threshold: float =
         sc = ax.scatter(psis[flag], mpe_[flag], c=k[flag], cmap=cmap, vmin=vmin, vmax=vmax, s=70,
                         edgecolors=_FLAG, linewidths=1.8, zorder=4, label=f"k̂ > {threshold:g}",
                         gid="flagged")
-        for i in np.flatnonzero(flag):
-            _annotate(ax, psis[i], mpe_[i], labels[i], color=_FLAG)
+    obs_labels = _Labels()
+    for i in np.flatnonzero(flag):
+        obs_labels.add(psis[i], mpe_[i], labels[i], color=_FLAG, pad=7.0)
+    for i in _top(np.where(calm, np.abs(mpe_ - psis), -np.inf), top):
+        obs_labels.add(psis[i], mpe_[i], labels[i])
     cbar = ax.figure.colorbar(sc, ax=ax, pad=0.02, fraction=0.05)
     cbar.set_label("PSIS Pareto k̂")
     cbar.ax.axhline(threshold, color=_FLAG, linewidth=1.5)
@@ -283,8 +351,19 @@ def plot_elpd_comparison(df: pd.DataFrame, ax: Any = None, *, threshold: float =
     ax.set_xlabel("elpd_loo (PSIS-LOO)")
     ax.set_ylabel("elpd_loo (MPE)")
     ax.set_aspect("equal", adjustable="datalim")
-    ax.legend(loc="upper left", fontsize=9, frameon=False)
+    from matplotlib.lines import Line2D
+
+    mid = sc.cmap(sc.norm(0.5 * (vmin + threshold)))
+    handles = [
+        Line2D([], [], color=_GREY, linewidth=1.0, alpha=0.7, label="y = x"),
+        Line2D([], [], linestyle="", marker="o", markersize=6, markerfacecolor=mid,
+               markeredgecolor="white", label=f"k̂ ≤ {threshold:g}"),
+        Line2D([], [], linestyle="", marker="o", markersize=8.5, markerfacecolor=mid,
+               markeredgecolor=_FLAG, markeredgewidth=1.8, label=f"k̂ > {threshold:g} (PSIS unreliable)"),
+    ]
+    ax.legend(handles=handles, loc="upper left", fontsize=9, frameon=False)
     ax.set_title("Pointwise elpd_loo: MPE vs PSIS", fontsize=11, loc="left")
+    obs_labels.place(ax, avoid=(psis, mpe_))
     return ax
 
 
@@ -344,10 +423,11 @@ def plot_leverage_vs_k(df: pd.DataFrame, ax: Any = None, *, threshold: float = K
     if flag.any():
         ax.scatter(lev[flag], k[flag], s=45, color=_FLAG, edgecolors="white", linewidths=0.5, zorder=4,
                    label=f"leverage or k̂ > {threshold:g}", gid="flagged")
-        for i in np.flatnonzero(flag):
-            _annotate(ax, lev[i], k[i], labels[i], color=_FLAG)
+    obs_labels = _Labels()
+    for i in np.flatnonzero(flag):
+        obs_labels.add(lev[i], k[i], labels[i], color=_FLAG)
     for i in _top(np.where(flag | ~ok, -np.inf, k), top):
-        _annotate(ax, lev[i], k[i], labels[i])
+        obs_labels.add(lev[i], k[i], labels[i])
     pad = 0.05 * (hi - lo)
     ax.set_xlim(lo - pad, hi + pad)
     ax.set_ylim(lo - pad, hi + pad)
@@ -356,6 +436,7 @@ def plot_leverage_vs_k(df: pd.DataFrame, ax: Any = None, *, threshold: float = K
     ax.set_ylabel("PSIS Pareto k̂")
     ax.legend(loc="upper left", fontsize=9, frameon=False)
     ax.set_title("Leverage vs Pareto k̂", fontsize=11, loc="left")
+    obs_labels.place(ax, avoid=(lev, k))
     return ax
 
 
