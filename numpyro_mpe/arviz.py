@@ -338,7 +338,8 @@ def _psis_on_q(fit: Fit, var_name: str, idx: np.ndarray, num_samples: int, rng_k
     return np.asarray(pointwise_elpd(res)).ravel(), np.asarray(res["pareto_k"]).ravel()
 
 
-def elpd_data(fit: Fit, var_name: str | None = None, *, num_samples: int = 2000, rng_key=None):
+def elpd_data(fit: Fit, var_name: str | None = None, *, method: str = "mpe", groups=None,
+              num_samples: int = 2000, rng_key=None):
     """The MPE leave-one-out of one observed site as the installed ArviZ's ELPD object.
 
     Built as ``az.loo(..., pointwise=True)`` builds its result, so that ``az.compare`` and
@@ -380,6 +381,10 @@ def elpd_data(fit: Fit, var_name: str | None = None, *, num_samples: int = 2000,
     >>> loo_mpe = fit.loo()  # doctest: +SKIP
     >>> az.compare({"mpe": loo_mpe, "nuts": az.loo(idata_nuts)})  # doctest: +SKIP
     """
+    if method not in ("mpe", "mpe-is"):
+        raise ValueError(f"method must be 'mpe' or 'mpe-is', got '{method}'")
+    if method != "mpe" or groups is not None:
+        raise NotImplementedError("method='mpe-is' and groups= are not wired in yet")
     site = fit.adapter.observed_site(var_name)
     ds = fit.sensitivities(site.name)
     elpd_i = ds["elpd_loo"].copy()

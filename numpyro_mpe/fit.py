@@ -79,7 +79,7 @@ class Fit:
         return self._cache[key]
 
     # ------------------------------------------------------------ public outputs
-    def sensitivities(self, var_name: str | None = None) -> xr.Dataset:
+    def sensitivities(self, var_name: str | None = None, groups=None) -> xr.Dataset:
         """Per-observation MPE outputs of one observed site, as an ``xarray.Dataset``.
 
         Variables over the observation dims: ``lpd`` (log E_q p(y_i|θ)), ``elpd_loo`` (MPE estimate of
@@ -92,12 +92,19 @@ class Fit:
         ----------
         var_name : str, optional
             Observed site; required when the model has several (as in ``arviz.loo``).
+        groups : str or array, optional
+            Leave-group-out instead of leave-one-out: the name of an observation dim (plate) or labels
+            aligned with the observations; see :func:`numpyro_mpe.groups.group_dataset`.
 
         Examples
         --------
         >>> ds = fit.sensitivities()  # doctest: +SKIP
         >>> ds.sensitivity.argmax()  # doctest: +SKIP
         """
+        if groups is not None:
+            from .groups import group_dataset
+
+            return group_dataset(self, groups, var_name)
         site = self.adapter.observed_site(var_name)
         res = self.site_mpe(site.name)
         dims, shape = list(site.dims), site.obs_shape
@@ -123,16 +130,38 @@ class Fit:
             "max eig of S^-1/2 H_i S^-1/2; the cavity is valid iff < 1 (compare Pareto k)")
         return ds
 
-    def loo(self, var_name: str | None = None):
+    def loo(self, var_name: str | None = None, method: str = "mpe", groups=None):
         """MPE leave-one-out as the installed arviz's ``ELPDData`` (``az.compare`` accepts it).
 
         ``elpd_loo`` is the sum of the MPE ``elpd_loo`` over observations, ``se`` its standard error
         √N·sd, ``p_loo`` the sum of ``p_loo``; ``loo_i`` the pointwise values and, where PSIS puts
         ``pareto_k``, the MPE leverage.
+
+        ``method="mpe-is"`` replaces the flagged observations (leverage > 0.5 or invalid cavity) by MPE
+        importance sampling (:meth:`importance_loo`), whose Pareto k̂ then stands in ``pareto_k``.
+        ``groups`` gives leave-group-out (one pointwise value per group).
         """
         from .arviz import elpd_data
 
-        return elpd_data(self, var_name)
+        return elpd_data(self, var_name, method=method, groups=groups)
+
+    def importance_loo(self, indices=None, num_samples: int = 1000, rng_key=None,
+                       var_name: str | None = None) -> xr.Dataset:
+        """MPE importance-sampling LOO (``elpd_loo``, ``pareto_k``, ``ess``) for ``indices``.
+
+        See :func:`numpyro_mpe.importance.importance_loo`; ``indices="flagged"`` takes the observations with
+        leverage > 0.5 or an invalid cavity.
+        """
+        from .importance import importance_loo
+
+        return importance_loo(self, indices, num_samples=num_samples, rng_key=rng_key, var_name=var_name)
+
+    def parameter_shift(self, var_names=None, var_name: str | None = None) -> xr.Dataset:
+        """MPE shift of each latent site's posterior mean (constrained space, in posterior sd units)
+        for every observation of ``var_name``; see :func:`numpyro_mpe.influence.parameter_shift`."""
+        from .influence import parameter_shift
+
+        return parameter_shift(self, var_names=var_names, var_name=var_name)
 
     def to_inference_data(self, num_samples: int = 1000, rng_key=None):
         """Draws from q in constrained space with log-likelihoods, observed data and MPE groups.
