@@ -10,7 +10,8 @@ import xarray as xr
 
 from .errors import check_options
 from .model import ModelAdapter
-from .mpe import Memories, SiteMPE, exact_memories, site_mpe
+from .mpe import Memories, PredictorState, SiteMPE, predictor_state, site_mpe
+from .mpe import memories as mpe_memories
 from .posterior import GaussianPosterior
 
 #: Per-observation outputs of :meth:`Fit.sensitivities` (the public contract).
@@ -63,7 +64,17 @@ class Fit:
         site = self.adapter.observed_site(var_name)
         key = ("memories", site.name)
         if key not in self._cache:
-            self._cache[key] = exact_memories(self.adapter, self.posterior.mean, site.name)
+            self._cache[key] = mpe_memories(self.adapter, self.posterior.mean, site.name,
+                                            self.predictor_state(site.name))
+        return self._cache[key]
+
+    def predictor_state(self, var_name: str | None = None) -> PredictorState | None:
+        """η_i(m), its Jacobian and fixed parameters for ``var_name`` (``None`` without a predictor)."""
+        site = self.adapter.observed_site(var_name)
+        key = ("predictor", site.name)
+        if key not in self._cache:
+            self._cache[key] = (predictor_state(self.adapter, self.posterior.mean, site.name)
+                                if site.predictor is not None else None)
         return self._cache[key]
 
     def site_mpe(self, var_name: str | None = None) -> SiteMPE:
@@ -74,7 +85,7 @@ class Fit:
             self._cache[key] = site_mpe(
                 self.adapter, self.posterior, site.name, self.memories(site.name),
                 chunk_size=self.chunk_size, num_samples=self.num_samples, progress=self.progress,
-                rng_key=jax.random.PRNGKey(0),
+                rng_key=jax.random.PRNGKey(0), pred=self.predictor_state(site.name),
             )
         return self._cache[key]
 

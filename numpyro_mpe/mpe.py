@@ -31,11 +31,40 @@ from .posterior import GaussianPosterior
 from .quadrature import Rule, default_rule, psd_sqrt
 
 
-class Memories(NamedTuple):
-    """Per-observation memories: ĝ_i ``(N, P)`` and Ĥ_i ``(N, P, P)`` of ℓ_i = −log p(y_i | θ)."""
+class Memories:
+    """Per-observation memories ĝ_i ``(N, P)`` and Ĥ_i of ℓ_i = −log p(y_i | θ).
 
-    grad: jax.Array
-    hess: jax.Array
+    Ĥ_i is held either dense (``dense``, ``(N, P, P)``) or factored in predictor space,
+    Ĥ_i = J_iᵀ Λ_i J_i with ``jac`` J_i ``(N, K, P)`` and ``lam`` Λ_i = ∇²_η ℓ_i ``(N, K, K)`` — exact when
+    the predictor η_i(θ) is linear in θ (GLMs, location–scale models in NumPyro's unconstrained space).
+    ``hess`` gives the dense form either way (materialized once, on first use); :meth:`hess_at` a few rows.
+    """
+
+    def __init__(self, grad, dense=None, jac=None, lam=None, resid=None):
+        self.grad = grad
+        self.dense = dense
+        self.jac = jac
+        self.lam = lam
+        self.resid = resid  # e_i = ∇_η ℓ_i (factored form only)
+        self._hess = dense
+
+    @property
+    def factored(self) -> bool:
+        return self.dense is None
+
+    @property
+    def hess(self):
+        """Ĥ_i for every observation, ``(N, P, P)``."""
+        if self._hess is None:
+            self._hess = jnp.einsum("nkp,nkl,nlq->npq", self.jac, self.lam, self.jac)
+        return self._hess
+
+    def hess_at(self, index):
+        """Ĥ_i for the observations ``index`` (an int or integer array)."""
+        if self.dense is not None:
+            return self.dense[index]
+        j = self.jac[index]
+        return jnp.einsum("...kp,...kl,...lq->...pq", j, self.lam[index], j)
 
 
 class PredictorState(NamedTuple):
@@ -88,7 +117,55 @@ def exact_memories(adapter: ModelAdapter, theta, var_name: str) -> Memories:
         return grad, jnp.transpose(hess, (1, 0, 2))
 
     grad, hess = compute(theta)
-    return Memories(grad, 0.5 * (hess + jnp.swapaxes(hess, -1, -2)))
+    return Memories(grad, dense=0.5 * (hess + jnp.swapaxes(hess, -1, -2)))
+
+
+def predictor_is_linear(adapter: ModelAdapter, theta, var_name: str, active, rng_key=None) -> bool:
+    """Whether the active predictor components η_ik(θ) are linear in θ (∇²η ≡ 0).
+
+    Tests the Hessian of θ ↦ Σ_ik c_ik η_ik(θ) for random weights c: zero (to round-off) for all c
+    only if every ∇²η_ik vanishes, up to a measure-zero coincidence.
+    """
+    active = jnp.asarray(active)
+    key = jax.random.PRNGKey(7) if rng_key is None else rng_key
+    eta0 = jax.jit(lambda t: adapter.eta(t, var_name))(theta)
+    c = jax.random.normal(key, (eta0.shape[0], active.shape[0]), theta.dtype)
+
+    def weighted(t):
+        return jnp.sum(adapter.eta(t, var_name)[:, active] * c)
+
+    h = jax.jit(jax.hessian(weighted))(theta)
+    jac_scale = jax.jit(jax.grad(weighted))(theta)
+    eps = 1e-9 if theta.dtype == jnp.float64 else 1e-3
+    tol = eps * (1.0 + jnp.max(jnp.abs(jac_scale))) * (1.0 + jnp.max(jnp.abs(theta)))
+    return bool(jnp.all(jnp.isfinite(h)) & (jnp.max(jnp.abs(h)) <= tol))
+
+
+def factored_memories(adapter: ModelAdapter, theta, var_name: str, pred: PredictorState) -> Memories:
+    """Memories through the predictor: ĝ_i = J_iᵀ e_i, Ĥ_i = J_iᵀ Λ_i J_i (exact when η is linear in θ).
+
+    e_i = ∇_η ℓ_i and Λ_i = ∇²_η ℓ_i are derivatives of the one-observation likelihood f(η_i, y_i) in
+    the K active components — no model pass and no P×P work per observation.
+    """
+    site = adapter.observed[var_name]
+    f = site.predictor.log_lik
+    active = jnp.asarray(pred.active)
+    w = jnp.ones(site.num_obs, theta.dtype) if pred.weights is None else pred.weights
+
+    def nll_one(eta_act, eta_all, y, aux, wi):
+        eta = eta_all.at[active].set(eta_act)
+        tree = jax.tree_util.tree_map(lambda a: a[None], (eta, y, aux))
+        return -f(*tree)[0] * wi
+
+    def derivs(eta_all, y, aux, wi):
+        x = eta_all[active]
+        g = jax.grad(nll_one)(x, eta_all, y, aux, wi)
+        h = jax.hessian(nll_one)(x, eta_all, y, aux, wi)
+        return g, 0.5 * (h + h.T)
+
+    e, lam = jax.jit(jax.vmap(derivs))(pred.eta, site.flat_value, pred.aux, w)
+    grad = jnp.einsum("nkp,nk->np", pred.jac, e)
+    return Memories(grad, jac=pred.jac, lam=lam, resid=e)
 
 
 def predictor_state(adapter: ModelAdapter, theta, var_name: str) -> PredictorState:
@@ -135,6 +212,38 @@ def cavity_one(g_w, a_w, b_w):
     }
 
 
+def cavity_k(e, lam, b_w):
+    """Cavity of one observation through its predictor (Woodbury in K dimensions).
+
+    With Ĥ = J ᵀΛJ, B = J L⁻ᵀ and V = B Bᵀ: the nonzero eigenvalues of Ã = BᵀΛB are those of
+    V^{1/2} Λ V^{1/2} (``leverage`` = the largest), (I − Ã)⁻¹Bᵀe = Bᵀ(I − ΛV)⁻¹e, so
+    u = Bᵀw with w = (I − ΛV)⁻¹e, Δη = V w, V₋ = V(I − ΛV)⁻¹ and ‖u‖² = wᵀVw.
+    """
+    k = e.shape[0]
+    v = b_w @ b_w.T
+    r = psd_sqrt(v)
+    lev_mat = r.T @ lam @ r
+    if k == 1:
+        leverage = lev_mat[0, 0]
+    else:
+        leverage = jnp.linalg.eigvalsh(0.5 * (lev_mat + lev_mat.T))[-1]
+    valid = leverage < 1.0
+    a = jnp.eye(k, dtype=e.dtype) - lam @ v
+    a = jnp.where(valid, a, jnp.eye(k, dtype=e.dtype))
+    w = jnp.linalg.solve(a, e)
+    v_cav = jnp.linalg.solve(a.T, v).T
+    nan = jnp.asarray(jnp.nan, e.dtype)
+    return {
+        "leverage": leverage,
+        "valid": valid,
+        "u": jnp.where(valid, b_w.T @ w, nan),
+        "sensitivity": jnp.where(valid, jnp.sqrt(jnp.clip(w @ v @ w, 0.0, None)), nan),
+        "dEta": jnp.where(valid, v @ w, nan),
+        "v": v,
+        "v_cav": jnp.where(valid, 0.5 * (v_cav + v_cav.T), nan),
+    }
+
+
 def expected_log_lik_one(log_lik_fn, rule: Rule, mean, cov, eta_all, active, y, aux, weight):
     """log E_{η ~ N(mean, cov)} p(y | η) for one observation, by ``rule`` in the active components."""
     c = psd_sqrt(cov)
@@ -168,9 +277,17 @@ def map_chunks(fn, arrays: dict, num: int, chunk_size: int, desc: str, progress:
     return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *outs)
 
 
+def memories(adapter: ModelAdapter, theta, var_name: str, pred: PredictorState | None = None) -> Memories:
+    """Memories at ``theta`` (delta method): factored through the predictor when η is linear in θ
+    (exact, and no P×P work per observation), otherwise dense exact Hessians."""
+    if pred is not None and predictor_is_linear(adapter, theta, var_name, pred.active):
+        return factored_memories(adapter, theta, var_name, pred)
+    return exact_memories(adapter, theta, var_name)
+
+
 def site_mpe(adapter: ModelAdapter, post: GaussianPosterior, var_name: str, memories: Memories,
              *, chunk_size: int = 1024, rng_key=None, num_samples: int = 2000,
-             progress: bool = True) -> SiteMPE:
+             progress: bool = True, pred: PredictorState | None = None) -> SiteMPE:
     """All per-observation MPE outputs of the observed site ``var_name``.
 
     ``elpd_loo`` and ``lpd`` are integrated in predictor space where the site has a predictor
@@ -181,8 +298,13 @@ def site_mpe(adapter: ModelAdapter, post: GaussianPosterior, var_name: str, memo
     n, p = memories.grad.shape
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
     linv = jax.scipy.linalg.solve_triangular(post.chol, jnp.eye(p, dtype=post.mean.dtype), lower=True)
-    pred = predictor_state(adapter, post.mean, var_name) if site.predictor is not None else None
-    arrays = {"g": memories.grad, "h": memories.hess}
+    if pred is None and site.predictor is not None:
+        pred = predictor_state(adapter, post.mean, var_name)
+    factored = memories.factored
+    if factored:
+        arrays = {"e": memories.resid, "lam": memories.lam}
+    else:
+        arrays = {"g": memories.grad, "h": memories.hess}
     if pred is not None:
         k = len(pred.active)
         rule = default_rule(k, rng_key, post.mean.dtype, num_samples)
@@ -195,10 +317,12 @@ def site_mpe(adapter: ModelAdapter, post: GaussianPosterior, var_name: str, memo
         method = f"Monte Carlo in θ-space ({num_samples} draws from q)"
 
     def one(a):
-        g_w = linv @ a["g"]
-        a_w = linv @ a["h"] @ linv.T
-        b_w = a["jac"] @ linv.T if pred is not None else jnp.zeros((0, p), g_w.dtype)
-        out = cavity_one(g_w, a_w, b_w)
+        b_w = a["jac"] @ linv.T if pred is not None else jnp.zeros((0, p), post.mean.dtype)
+        if factored:
+            out = cavity_k(a["e"], a["lam"], b_w)
+            out["logdet"] = jnp.zeros((), b_w.dtype)  # only used by the θ-space fallback
+        else:
+            out = cavity_one(linv @ a["g"], linv @ a["h"] @ linv.T, b_w)
         res = {"leverage": out["leverage"], "valid": out["valid"], "sensitivity": out["sensitivity"],
                "u": out["u"], "logdet": out["logdet"]}
         if pred is not None:

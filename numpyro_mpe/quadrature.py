@@ -52,6 +52,20 @@ def default_rule(dim: int, rng_key, dtype=jnp.float64, num_samples: int = 2000) 
 
 
 def psd_sqrt(cov):
-    """A square root C with C Cᵀ = cov for a symmetric PSD ``cov`` (singular allowed)."""
-    vals, vecs = jnp.linalg.eigh(0.5 * (cov + cov.T))
-    return vecs * jnp.sqrt(jnp.clip(vals, 0.0, None))
+    """A square root C with C Cᵀ = cov for a symmetric PSD ``cov`` (singular allowed).
+
+    Closed form for 1×1; otherwise a Cholesky factor with a jitter of 1e-13·trace (far below the
+    quadrature's error), falling back to the eigendecomposition where the factorization fails.
+    """
+    k = cov.shape[-1]
+    if k == 1:
+        return jnp.sqrt(jnp.clip(cov, 0.0, None))
+    sym = 0.5 * (cov + cov.T)
+    jitter = 1e-13 * jnp.trace(sym) / k + jnp.finfo(cov.dtype).tiny
+    chol = jnp.linalg.cholesky(sym + jitter * jnp.eye(k, dtype=cov.dtype))
+
+    def by_eigh(_):
+        vals, vecs = jnp.linalg.eigh(sym)
+        return vecs * jnp.sqrt(jnp.clip(vals, 0.0, None))
+
+    return jax.lax.cond(jnp.all(jnp.isfinite(chol)), lambda _: chol, by_eigh, None)

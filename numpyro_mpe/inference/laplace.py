@@ -31,8 +31,9 @@ def damped_newton(fun: Callable, theta0, *, max_steps: int = 200, gtol: float = 
     """Minimize ``fun`` by Newton steps with Levenberg damping and step acceptance.
 
     Each step solves (∇²U + μI) δ = −∇U; a step that lowers U is taken and μ shrinks, otherwise μ grows.
-    Stops when ‖∇U‖_∞ ≤ gtol · max(1, |U|) or after ``max_steps``, then polishes with up to three
-    undamped Newton steps kept only while they shrink ‖∇U‖_∞.  Returns the final :class:`NewtonState`.
+    Stops when ‖∇U‖_∞ ≤ gtol · max(1, |U|) or after ``max_steps``; then, if converged, polishes with up
+    to three undamped Newton steps kept only while they shrink ‖∇U‖_∞.  Returns the
+    final :class:`NewtonState`.
     """
     vg = jax.value_and_grad(fun)
     hess = jax.hessian(fun)
@@ -70,7 +71,7 @@ def damped_newton(fun: Callable, theta0, *, max_steps: int = 200, gtol: float = 
 
     def run(s):
         s = jax.lax.while_loop(cond, body, s)
-        return jax.lax.fori_loop(0, 3, polish, s)
+        return jax.lax.cond(converged(s), lambda s: jax.lax.fori_loop(0, 3, polish, s), lambda s: s, s)
 
     v0, g0 = vg(theta0)
     init = NewtonState(theta0, v0, g0, jnp.asarray(1e-3, theta0.dtype), jnp.asarray(0))
