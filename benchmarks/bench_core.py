@@ -112,6 +112,27 @@ class CompileClock:
         return d
 
 
+def source_state() -> str:
+    """git HEAD of the repository and a hash of the numpyro_mpe sources as imported now (the package
+    may have uncommitted edits; the hash tells runs on different code apart)."""
+    import hashlib
+
+    import numpyro_mpe
+
+    pkg = Path(numpyro_mpe.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for f in sorted(pkg.rglob("*.py")):
+        digest.update(f.read_bytes())
+    try:
+        head = subprocess.run(["git", "-C", str(pkg.parent), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(pkg.parent), "status", "--porcelain", "--", "numpyro_mpe"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        head, dirty = "unknown", ""
+    return f"{head}{'+uncommitted' if dirty else ''} (sources sha256 {digest.hexdigest()[:12]})"
+
+
 def setup_jax():
     """Import JAX/NumPyro in float64 and start the backend (so the baseline includes it)."""
     import jax
@@ -129,38 +150,47 @@ def phase_mpe(n: int, draws: int, seed: int, workdir: Path) -> dict:
 
     X, y = make_data(n, seed)
     clock = CompileClock()
-    rec = {"phase": "mpe", "n": n, "rss_baseline_mb": max_rss_mb()}
+    rec = {"phase": "mpe", "n": n, "rss_baseline_mb": max_rss_mb(), "source": source_state()}
     key = jax.random.PRNGKey(seed)
 
     def one_call(tag):
         c0 = clock.snapshot()
-        t0 = time.perf_counter()
+        t0, p0 = time.perf_counter(), time.process_time()
         fit = mpe.Laplace(model, progress=False).run(key, X, y=y)
         jax.block_until_ready(fit.posterior)
-        t1 = time.perf_counter()
+        t1, p1 = time.perf_counter(), time.process_time()
         c1 = clock.snapshot()
         rec[f"rss_after_fit_{tag}_mb"] = max_rss_mb()
         ds = fit.sensitivities()
         out = {v: np.asarray(ds[v].values) for v in ds.data_vars}  # everything to numpy
-        t2 = time.perf_counter()
+        t2, p2 = time.perf_counter(), time.process_time()
         c2 = clock.snapshot()
         rec[f"rss_after_pass_{tag}_mb"] = max_rss_mb()
         rec[f"fit_{tag}_s"] = t1 - t0
         rec[f"pass_{tag}_s"] = t2 - t1
+        rec[f"fit_{tag}_cpu_s"] = p1 - p0
+        rec[f"pass_{tag}_cpu_s"] = p2 - p1
         rec[f"compile_fit_{tag}"] = CompileClock.diff(c1, c0)
         rec[f"compile_pass_{tag}"] = CompileClock.diff(c2, c1)
         return fit, out
 
     fit, out = one_call("first")
     rec["newton_steps"] = fit.info["steps"]
+    mem = fit.memories()  # cached by sensitivities(): no extra work
+    rec["memories"] = "factored J'ΛJ" if getattr(mem, "factored", False) else "dense N×P×P"
+    rec["elpd_integration"] = fit.sensitivities().attrs.get("elpd_integration", "")
+    del mem
+    # posterior draws for the peer, not timed as MPE.  All priors are on the real line, so the
+    # unconstrained draws are the constrained ones (unravel only: constrain_fn would run the model).
+    theta = fit.posterior.sample(jax.random.PRNGKey(seed + 1), draws)
+    samples = jax.vmap(fit.adapter.unravel)(theta)
+    np.savez(workdir / f"draws_{n}.npz", **{k: np.asarray(v) for k, v in samples.items()})
+    del fit, theta, samples  # the warm call must not run while the first fit (and its caches) is alive
+
     fit2, out2 = one_call("warm")
+    del fit2
     rec["warm_max_abs_diff_elpd"] = float(np.nanmax(np.abs(out["elpd_loo"] - out2["elpd_loo"])))
     rec["rss_peak_mb"] = max_rss_mb()
-
-    # posterior draws for the peer (unconstrained = constrained for this model), not timed as MPE
-    theta = fit.posterior.sample(jax.random.PRNGKey(seed + 1), draws)
-    samples = jax.vmap(lambda t: fit.adapter.constrain(t, deterministic=False))(theta)
-    np.savez(workdir / f"draws_{n}.npz", **{k: np.asarray(v) for k, v in samples.items()})
     np.savez(workdir / f"mpe_{n}.npz", elpd_loo=out["elpd_loo"], lpd=out["lpd"],
              leverage=out["leverage"], valid=out["valid"])
     rec["n_invalid"] = int(np.sum(~out["valid"]))
@@ -185,9 +215,10 @@ def phase_peer(n: int, draws: int, seed: int, workdir: Path) -> dict:
 
     for tag in ("first", "warm"):
         c0 = clock.snapshot()
-        t0 = time.perf_counter()
+        t0, p0 = time.perf_counter(), time.process_time()
         ll = np.asarray(loglik(samples, X, y))
         rec[f"loglik_{tag}_s"] = time.perf_counter() - t0
+        rec[f"loglik_{tag}_cpu_s"] = time.process_time() - p0
         rec[f"compile_loglik_{tag}"] = CompileClock.diff(clock.snapshot(), c0)
         if tag == "first":
             del ll
@@ -199,9 +230,10 @@ def phase_peer(n: int, draws: int, seed: int, workdir: Path) -> dict:
     rec["from_dict_s"] = time.perf_counter() - t0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        t0 = time.perf_counter()
+        t0, p0 = time.perf_counter(), time.process_time()
         res = az.loo(idata, pointwise=True)
         rec["loo_s"] = time.perf_counter() - t0
+        rec["loo_cpu_s"] = time.process_time() - p0
     rec["loo_warnings"] = sorted({str(w.message)[:80] for w in caught})
     rec["rss_peak_mb"] = max_rss_mb()
     k = np.asarray(res.pareto_k)
@@ -254,6 +286,9 @@ def table(rows: list[dict], draws: int) -> str:
     def c(d):
         return d["total"]
 
+    def pair(d, a, b):
+        return f"{d[a]:.0f} / {d[b]:.0f}"
+
     lines = [
         ("**MPE** fit, first call (s)", col(lambda r: fmt(r["mpe"]["fit_first_s"]))),
         ("  of which JIT compile (s)", col(lambda r: fmt(c(r["mpe"]["compile_fit_first"])))),
@@ -264,18 +299,25 @@ def table(rows: list[dict], draws: int) -> str:
         ("MPE per-observation pass, warm call (s)", col(lambda r: fmt(r["mpe"]["pass_warm_s"]))),
         ("  of which JIT compile (s)", col(lambda r: fmt(c(r["mpe"]["compile_pass_warm"])))),
         ("MPE end to end, warm (fit + pass, s)", col(lambda r: fmt(r["mpe_e2e_warm_s"]))),
+        ("  derived: warm pass minus its JIT compile (s)", col(lambda r: fmt(r["mpe_pass_compute_s"]))),
         (f"**Peer** S×N log-lik matrix, S={draws}, first call (s)",
          col(lambda r: fmt(r["peer"]["loglik_first_s"]))),
         ("  same, warm (compiled) call (s)", col(lambda r: fmt(r["peer"]["loglik_warm_s"]))),
         ("az.from_dict (s)", col(lambda r: fmt(r["peer"]["from_dict_s"]))),
         ("az.loo(pointwise=True) alone (s)", col(lambda r: fmt(r["peer"]["loo_s"]))),
+        ("CPU seconds (all threads): MPE pass warm / az.loo",
+         col(lambda r: f"{r['mpe']['pass_warm_cpu_s']:.3g} / {r['peer']['loo_cpu_s']:.3g}")),
         ("**Ratio** az.loo / MPE pass (warm)", col(lambda r: fmt(r["ratio_loo_pass_warm"]))),
         ("  az.loo / MPE pass (first call)", col(lambda r: fmt(r["ratio_loo_pass_first"]))),
+        ("  az.loo / MPE pass (warm, minus compile)", col(lambda r: fmt(r["ratio_loo_pass_compute"]))),
+        ("  same in CPU seconds: az.loo / MPE pass (warm)", col(lambda r: fmt(r["ratio_loo_pass_cpu"]))),
         ("(az.loo + log-lik) / MPE end to end (warm)", col(lambda r: fmt(r["ratio_e2e_warm"]))),
         ("  (az.loo + log-lik) / MPE end to end (first)", col(lambda r: fmt(r["ratio_e2e_first"]))),
         ("**Memory** baseline RSS, MPE / peer (MiB)",
          col(lambda r: f"{r['mpe']['rss_baseline_mb']:.0f} / {r['peer']['rss_baseline_mb']:.0f}")),
-        ("MPE peak RSS (MiB)", col(lambda r: fmt(r["mpe"]["rss_peak_mb"], ".0f"))),
+        ("MPE peak RSS after fit / after pass (first call; MiB)",
+         col(lambda r: pair(r["mpe"], "rss_after_fit_first_mb", "rss_after_pass_first_mb"))),
+        ("MPE peak RSS over both calls (MiB)", col(lambda r: fmt(r["mpe"]["rss_peak_mb"], ".0f"))),
         ("MPE peak − baseline (MiB)", col(lambda r: fmt(r["mem_mpe_mb"], ".0f"))),
         ("peer peak RSS after log-lik / after loo (MiB)",
          col(lambda r: f"{r['peer']['rss_after_loglik_mb']:.0f} / {r['peer']['rss_peak_mb']:.0f}")),
@@ -314,6 +356,7 @@ def main(argv=None):
         return
 
     t_start = time.perf_counter()
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_core_") as tmp:
         workdir = Path(tmp)
@@ -325,6 +368,9 @@ def main(argv=None):
             r["mpe_e2e_warm_s"] = m["fit_warm_s"] + m["pass_warm_s"]
             r["ratio_loo_pass_warm"] = p["loo_s"] / m["pass_warm_s"]
             r["ratio_loo_pass_first"] = p["loo_s"] / m["pass_first_s"]
+            r["mpe_pass_compute_s"] = m["pass_warm_s"] - m["compile_pass_warm"]["total"]
+            r["ratio_loo_pass_compute"] = p["loo_s"] / r["mpe_pass_compute_s"]
+            r["ratio_loo_pass_cpu"] = p["loo_cpu_s"] / m["pass_warm_cpu_s"]
             r["ratio_e2e_warm"] = (p["loo_s"] + p["loglik_warm_s"]) / r["mpe_e2e_warm_s"]
             r["ratio_e2e_first"] = (p["loo_s"] + p["loglik_first_s"]) / r["mpe_e2e_first_s"]
             r["mem_mpe_mb"] = m["rss_peak_mb"] - m["rss_baseline_mb"]
@@ -333,10 +379,17 @@ def main(argv=None):
             rows.append(r)
     total = time.perf_counter() - t_start
 
+    import arviz
     import jax
 
-    env = (f"Python {platform.python_version()}, jax {jax.__version__}, {platform.machine()}, "
-           f"{os.cpu_count()} CPU cores, backend {jax.default_backend()}")
+    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    env = (f"Python {platform.python_version()}, jax {jax.__version__}, arviz {arviz.__version__}, "
+           f"{platform.machine()}, {os.cpu_count()} CPU cores, backend {jax.default_backend()}; "
+           f"1-min load average {load_start:.1f} at start, {load_end:.1f} at end")
+    sources = sorted({r["mpe"]["source"] for r in rows})
+    paths = sorted({f"{r['mpe']['memories']}; {r['mpe']['elpd_integration']}" for r in rows})
+    code = f"numpyro_mpe {sources[0]}" if len(sources) == 1 else (
+        f"WARNING: the package changed during the run, the sizes used different code: {sources}")
     md = "\n".join([
         f"Logistic regression, P = {P_FEATURES + 1}, float64, S = {args.draws} draws from the Laplace "
         f"posterior for az.loo; seed {args.seed}.",
@@ -344,12 +397,13 @@ def main(argv=None):
         table(rows, args.draws),
         "",
         f"{env}. Total benchmark wall time {total:.0f} s.",
+        f"Code: {code}. MPE memories / elpd integration: {' | '.join(paths)}.",
     ])
     print(md)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_core.md").write_text(md + "\n")
     meta = {"sizes": args.sizes, "draws": args.draws, "seed": args.seed, "P": P_FEATURES + 1,
-            "environment": env, "total_wall_s": total}
+            "environment": env, "code": code, "total_wall_s": total}
     (args.out / "bench_core.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 
 

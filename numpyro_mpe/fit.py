@@ -45,7 +45,7 @@ class Fit:
         self.posterior = posterior
         self.method = method
         self.info = dict(info or {})
-        self.chunk_size = int(mpe_options.get("chunk_size", 1024))
+        self.chunk_size = int(mpe_options.get("chunk_size", 4096))
         self.num_samples = int(mpe_options.get("num_samples", 2000))
         self.progress = bool(mpe_options.get("progress", True))
         self._cache: dict[str, Any] = {}

@@ -92,7 +92,7 @@ class Laplace:
     gtol : float, optional
         Convergence tolerance on ‖∇U‖_∞ relative to max(1, |U|): 1e-8 in float64, 1e-4 in float32
         by default; not converging warns with the gradient norm.
-    chunk_size : int, default 1024
+    chunk_size : int, default 4096
         Observations per chunk in the per-observation MPE pass.
     num_samples : int, default 2000
         Monte Carlo draws where ``elpd_loo`` cannot be integrated by Gauss–Hermite.
