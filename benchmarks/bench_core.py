@@ -225,8 +225,11 @@ def phase_peer(n: int, draws: int, seed: int, workdir: Path) -> dict:
     rec["rss_after_loglik_mb"] = max_rss_mb()
 
     t0 = time.perf_counter()
-    idata = az.from_dict(posterior={k: v[None] for k, v in samples.items()},
-                         log_likelihood={"y": ll[None]})
+    groups = {"posterior": {k: v[None] for k, v in samples.items()}, "log_likelihood": {"y": ll[None]}}
+    if int(az.__version__.split(".")[0]) >= 1:  # arviz >= 1: from_dict takes one dict of groups
+        idata = az.from_dict(groups)
+    else:
+        idata = az.from_dict(**groups)
     rec["from_dict_s"] = time.perf_counter() - t0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -239,8 +242,9 @@ def phase_peer(n: int, draws: int, seed: int, workdir: Path) -> dict:
     k = np.asarray(res.pareto_k)
     rec["n_k_above_0.7"] = int(np.sum(k > 0.7))
     rec["max_k"] = float(np.max(k))
-    np.savez(workdir / f"peer_{n}.npz", loo_i=np.asarray(res.loo_i), pareto_k=k,
-             elpd_loo=float(res.elpd_loo))
+    loo_i = res.elpd_i if hasattr(res, "elpd_i") else res.loo_i  # arviz >= 1 / 0.x names
+    total = res.elpd if hasattr(res, "elpd") else res.elpd_loo
+    np.savez(workdir / f"peer_{n}.npz", loo_i=np.asarray(loo_i), pareto_k=k, elpd_loo=float(total))
     return rec
 
 

@@ -2,7 +2,8 @@
 
 Every function draws on ``ax`` (created when ``None``) and returns the axes, as ArviZ's ``plot_*``
 functions do.  Inputs are the outputs of the package: :meth:`numpyro_mpe.Fit.sensitivities` (an
-``xarray.Dataset``) and :func:`numpyro_mpe.compare.compare_psis` (a ``pandas.DataFrame``).
+``xarray.Dataset``, per observation or, with ``groups=``, per group), :func:`numpyro_mpe.compare.compare_psis`
+(a ``pandas.DataFrame``) and training histories of the VI backends (a table by step).
 
 The look follows ArviZ's ``arviz-doc`` style: no top/right spines, a light grid, the colour-blind
 friendly ``arviz-doc`` palette; thresholds are grey dashed lines and flagged observations magenta.
@@ -440,4 +441,276 @@ def plot_leverage_vs_k(df: pd.DataFrame, ax: Any = None, *, threshold: float = K
     return ax
 
 
-__all__ = ["K_THRESHOLD", "plot_elpd_comparison", "plot_leverage_vs_k", "plot_sensitivity"]
+#: Variables of the group Dataset that :func:`plot_groups` draws (``Fit.sensitivities(groups=...)``).
+GROUP_VARIABLES = ("lpd", "elpd_loo", "sensitivity", "leverage")
+
+
+def plot_groups(group_ds: Any, ax: Any = None, *, threshold: float = K_THRESHOLD, sort: bool = False):
+    """Leave-group-out by group: group ``elpd_loo``, ``sensitivity`` and ``leverage`` side by side.
+
+    One row per group, the groups on a shared vertical axis labelled with their coordinate and size.
+    Left: the group's joint predictive density ``lpd`` (hollow) and its MPE leave-group-out estimate
+    ``elpd_loo`` (filled), joined by a segment of length ``p_loo`` — the further apart, the more the fit
+    relies on the group to predict it.  Middle: the ``sensitivity``, how far the posterior mean moves (in
+    posterior sd) if the whole group is removed.  Right: the group ``leverage`` with a dashed line at
+    ``threshold``; groups above it are magenta, and groups whose removal leaves no valid Gaussian cavity
+    (``valid`` False, leverage ≥ 1) are marked with a cross on the left two panels.
+
+    Parameters
+    ----------
+    group_ds : xarray.Dataset
+        :meth:`numpyro_mpe.Fit.sensitivities` with ``groups=...``: variables ``lpd``, ``elpd_loo``,
+        ``p_loo``, ``sensitivity``, ``leverage``, ``valid`` and ``size`` over one group dimension (its
+        coordinate gives the labels).  ``valid``, ``p_loo`` and ``size`` are optional.
+    ax : sequence of three matplotlib.axes.Axes, optional
+        Axes for the three panels, left to right; ``None`` creates a figure with three panels sharing
+        the vertical axis.
+    threshold : float, default 0.7
+        Leverage flag line.
+    sort : bool, default False
+        Order the groups by sensitivity (largest at the top) instead of their order in ``group_ds``.
+
+    Returns
+    -------
+    numpy.ndarray of matplotlib.axes.Axes
+        ``[ax_elpd, ax_sensitivity, ax_leverage]``.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr
+    >>> from numpyro_mpe.plots import plot_groups
+    >>> ds = xr.Dataset(
+    ...     {"lpd": ("firm", [-50.1, -61.0, -48.3]), "elpd_loo": ("firm", [-55.2, -70.4, -49.0]),
+    ...      "p_loo": ("firm", [5.1, 9.4, 0.7]), "sensitivity": ("firm", [1.2, 3.4, 0.4]),
+    ...      "leverage": ("firm", [0.35, 0.81, 0.12]), "valid": ("firm", [True, True, True]),
+    ...      "size": ("firm", [20, 20, 20])},
+    ...     coords={"firm": ["GM", "US Steel", "GE"]})
+    >>> axes = plot_groups(ds)
+    >>> [a.get_xlabel() for a in axes]
+    ['group elpd (log density)', 'sensitivity (posterior sd)', 'leverage']
+    """
+    if not hasattr(group_ds, "data_vars"):
+        raise TypeError(f"expected an xarray.Dataset (fit.sensitivities(groups=...)), got "
+                        f"{type(group_ds).__name__}")
+    missing = [v for v in GROUP_VARIABLES if v not in group_ds.data_vars]
+    if missing:
+        raise ValueError(f"the group dataset has no variable(s) {missing}; expected "
+                         "fit.sensitivities(groups=...)")
+    dims = {d for v in GROUP_VARIABLES for d in group_ds[v].dims}
+    if len(dims) != 1:
+        raise ValueError(f"expected one group dimension, got dims {sorted(dims)}")
+    (dim,) = dims
+    n = int(group_ds.sizes[dim])
+
+    def values(name, default):
+        if name in group_ds.data_vars:
+            return np.asarray(group_ds[name].values).reshape(n)
+        return np.full(n, default)
+
+    lpd = values("lpd", np.nan).astype(float)
+    elpd = values("elpd_loo", np.nan).astype(float)
+    sens = values("sensitivity", np.nan).astype(float)
+    lev = values("leverage", np.nan).astype(float)
+    valid = values("valid", True).astype(bool) & np.isfinite(elpd) & np.isfinite(sens)
+    size = values("size", -1)
+    names = [str(v) for v in (group_ds[dim].values if dim in group_ds.coords else range(n))]
+    labels = [f"{g}  (n={int(s)})" if int(s) >= 0 else g for g, s in zip(names, size)]
+
+    order = np.arange(n)
+    if sort:
+        order = np.argsort(-np.nan_to_num(sens, nan=np.inf), kind="stable")
+    pos = np.empty(n)
+    pos[order] = np.arange(n)[::-1]  # the first group (in the chosen order) at the top
+
+    if ax is None:
+        import matplotlib.pyplot as plt
+
+        height = max(2.8, 0.3 * n + 1.5)
+        fig, axes = plt.subplots(1, 3, figsize=(10.0, height), sharey=True, layout="constrained",
+                                 gridspec_kw={"width_ratios": [1.3, 1.0, 1.0]})
+        ax_e, ax_s, ax_l = axes
+    else:
+        if isinstance(ax, (Sequence, np.ndarray)) and len(ax) == 3:
+            ax_e, ax_s, ax_l = ax
+        else:
+            raise ValueError("ax must be a sequence of three Axes (elpd, sensitivity, leverage)")
+    for a in (ax_e, ax_s, ax_l):
+        _style(a)
+        a.grid(False, axis="y")
+
+    # elpd: lpd (hollow) -> elpd_loo (filled); the segment is p_loo
+    fin = np.isfinite(lpd) & np.isfinite(elpd)
+    ax_e.hlines(pos[fin], elpd[fin], lpd[fin], color=_GREY, linewidth=1.0, alpha=0.6, zorder=2)
+    ok_l = np.isfinite(lpd)
+    ax_e.scatter(lpd[ok_l], pos[ok_l], s=32, facecolors="white", edgecolors=_BLUE, linewidths=1.2,
+                 zorder=3, label="lpd (all data)", gid="lpd")
+    ax_e.scatter(elpd[valid], pos[valid], s=32, color=_BLUE, zorder=4, label="elpd_loo (group left out)",
+                 gid="elpd_loo")
+    if (~valid).any():
+        xs = np.where(np.isfinite(lpd), lpd, 0.0)[~valid]
+        ax_e.plot(xs, pos[~valid], "x", color=_FLAG, markersize=8, mew=1.6, zorder=5,
+                  label="no cavity (leverage ≥ 1)", gid="invalid")
+    ax_e.set_xlabel("group elpd (log density)")
+    if ax is None:  # our own figure: one legend under the panels, clear of the data
+        handles, texts = ax_e.get_legend_handles_labels()
+        ax_e.figure.legend(handles, texts, loc="outside lower center", ncol=len(texts), fontsize=8.5,
+                           frameon=False)
+    else:
+        ax_e.legend(loc="best", fontsize=8, frameon=False)
+    ax_e.set_title("Group predictive density", fontsize=11, loc="left")
+
+    # sensitivity: lollipops from 0
+    ax_s.hlines(pos[valid], 0.0, sens[valid], color=_BLUE, linewidth=1.6, zorder=2)
+    ax_s.scatter(sens[valid], pos[valid], s=28, color=_BLUE, zorder=3, gid="sensitivity")
+    if (~valid).any():
+        ax_s.plot(np.zeros((~valid).sum()), pos[~valid], "x", color=_FLAG, markersize=8, mew=1.6, zorder=5,
+                  gid="invalid")
+    ax_s.set_xlim(left=0.0)
+    ax_s.set_xlabel("sensitivity (posterior sd)")
+    ax_s.set_title("Shift of the posterior mean", fontsize=11, loc="left")
+
+    # leverage with the threshold
+    flag = lev > threshold
+    ok = np.isfinite(lev)
+    ax_l.scatter(lev[ok & ~flag], pos[ok & ~flag], s=30, color=_BLUE, zorder=3, label="leverage",
+                 gid="leverage")
+    if flag.any():
+        ax_l.scatter(lev[flag], pos[flag], s=40, color=_FLAG, zorder=4, label=f"leverage > {threshold:g}",
+                     gid="flagged")
+    ax_l.axvline(threshold, color=_GREY, linestyle="--", linewidth=1.0, gid="threshold")
+    ax_l.text(threshold, 1.0, f"{threshold:g}", transform=ax_l.get_xaxis_transform(), ha="center",
+              va="bottom", fontsize=9, color=_GREY)
+    lev_fin = lev[ok]
+    ax_l.set_xlim(min(0.0, float(lev_fin.min(initial=0.0))) - 0.02,
+                  max(1.0, float(lev_fin.max(initial=1.0))) * 1.05)
+    ax_l.set_xlabel("leverage")
+    ax_l.set_title("Leverage", fontsize=11, loc="left")
+
+    for a in (ax_e, ax_s, ax_l):
+        a.set_ylim(-0.7, n - 0.3)
+    if n <= 60:
+        ax_e.set_yticks(pos)
+        ax_e.set_yticklabels(labels, fontsize=8 if n > 20 else 9)
+        if ax is not None:  # axes not sharing y: mark the others' rows too, without text
+            for a in (ax_s, ax_l):
+                a.set_yticks(pos)
+                a.set_yticklabels([])
+    ax_e.set_ylabel(str(dim))
+    return np.array([ax_e, ax_s, ax_l], dtype=object)
+
+
+#: Columns of a training history that :func:`plot_training` draws, with their legend labels.
+_TRAINING_CURVES = {
+    "train_nll": "training NLL",
+    "heldout_nll": "held-out NLL",
+    "loo_nll": "MPE leave-one-out NLL",
+}
+
+
+def _history_frame(history: Any) -> pd.DataFrame:
+    if isinstance(history, pd.DataFrame):
+        return history
+    if isinstance(history, dict):
+        return pd.DataFrame({k: np.asarray(v).reshape(-1) for k, v in history.items()})
+    if isinstance(history, Sequence) and history and all(isinstance(r, dict) for r in history):
+        return pd.DataFrame(list(history))
+    raise TypeError(f"expected a pandas.DataFrame, a dict of columns or a list of records, got "
+                    f"{type(history).__name__}")
+
+
+def plot_training(history: Any, ax: Any = None, *, num_obs: int | None = None):
+    """Training curves: the MPE leave-one-out estimate against training and held-out NLL by step.
+
+    The paper's Fig. 1b: during training the MPE estimate of the leave-one-out negative log-likelihood,
+    computed from the optimizer's current Gaussian, tracks the held-out NLL, so it can stop training or pick
+    hyperparameters without a validation set.  All curves are per-observation averages; the step with the
+    lowest value of each of the LOO and held-out curves is marked, and the Spearman rank correlation between
+    the two over the common checkpoints is shown.
+
+    Parameters
+    ----------
+    history : pandas.DataFrame, dict of columns, or list of records
+        Columns ``step`` (else the row number is used), ``loo_nll`` or ``elpd_loo_mpe``, and optionally
+        ``heldout_nll`` and ``train_nll``; NaN where a column was not recorded at a step (e.g. the LOO
+        estimate only every k steps).  ``elpd_loo_mpe`` is the total MPE ``elpd_loo`` over ``num_obs``
+        observations and is drawn as ``−elpd_loo_mpe / num_obs``.
+    ax : matplotlib.axes.Axes, optional
+        Axes to draw on; ``None`` creates a figure.
+    num_obs : int, optional
+        Number of training observations, to put ``elpd_loo_mpe`` on the per-observation NLL scale; else
+        ``history.attrs["num_obs"]`` when present.  Without it, ``elpd_loo_mpe`` can only be drawn alone
+        (as ``−elpd_loo_mpe``).
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numpyro_mpe.plots import plot_training
+    >>> steps = np.arange(0, 1000, 100)
+    >>> hist = {"step": steps, "train_nll": 0.6 * np.exp(-steps / 300) + 0.20,
+    ...         "heldout_nll": 0.5 * np.exp(-steps / 300) + 0.30 + 1e-4 * steps,
+    ...         "loo_nll": 0.5 * np.exp(-steps / 300) + 0.28 + 1e-4 * steps}
+    >>> ax = plot_training(hist)
+    >>> ax.get_xlabel(), ax.get_ylabel()
+    ('step', 'negative log-likelihood per observation')
+    """
+    frame = _history_frame(history)
+    if num_obs is None:
+        num_obs = getattr(frame, "attrs", {}).get("num_obs")
+    steps = frame["step"].to_numpy(float) if "step" in frame.columns else np.arange(len(frame), dtype=float)
+    curves: dict[str, tuple[np.ndarray, str]] = {}
+    for col in ("train_nll", "heldout_nll"):
+        if col in frame.columns:
+            curves[col] = (frame[col].to_numpy(float), _TRAINING_CURVES[col])
+    ylabel = "negative log-likelihood per observation"
+    if "loo_nll" in frame.columns:
+        curves["loo_nll"] = (frame["loo_nll"].to_numpy(float), _TRAINING_CURVES["loo_nll"])
+    elif "elpd_loo_mpe" in frame.columns:
+        elpd = frame["elpd_loo_mpe"].to_numpy(float)
+        if num_obs is not None:
+            curves["loo_nll"] = (-elpd / float(num_obs), _TRAINING_CURVES["loo_nll"])
+        elif curves:
+            raise ValueError(
+                "elpd_loo_mpe is a total over the observations and the other curves are per-observation "
+                "NLLs: pass num_obs= (or history.attrs['num_obs']) to draw them on one scale, or give loo_nll"
+            )
+        else:
+            curves["loo_nll"] = (-elpd, "−elpd_loo (MPE)")
+            ylabel = "−elpd_loo (MPE)"
+    else:
+        raise ValueError(f"the history needs a loo_nll or elpd_loo_mpe column; got {list(frame.columns)}")
+
+    if ax is None:
+        ax = _new_axes(1, figsize=(6.5, 4.2))
+    _style(ax)
+    styles = {"train_nll": dict(color=_GREY, linewidth=1.2, alpha=0.8),
+              "heldout_nll": dict(color=_ORANGE, linewidth=1.8),
+              "loo_nll": dict(color=_BLUE, linewidth=1.8, marker="o", markersize=3.5)}
+    best_marker = {"heldout_nll": _ORANGE, "loo_nll": _BLUE}
+    for name, (vals, label) in curves.items():
+        ok = np.isfinite(vals) & np.isfinite(steps)
+        ax.plot(steps[ok], vals[ok], label=label, gid=name, **styles[name])
+        if name in best_marker and ok.any():
+            j = np.flatnonzero(ok)[np.argmin(vals[ok])]
+            ax.plot([steps[j]], [vals[j]], linestyle="", marker="*", markersize=12, color=best_marker[name],
+                    markeredgecolor="white", zorder=5, gid=f"best_{name}")
+    if "heldout_nll" in curves:
+        a, b = curves["loo_nll"][0], curves["heldout_nll"][0]
+        both = np.isfinite(a) & np.isfinite(b)
+        if both.sum() >= 3:
+            rho = float(pd.Series(a[both]).corr(pd.Series(b[both]), method="spearman"))
+            ax.text(0.98, 0.97, f"Spearman ρ(LOO, held-out) = {rho:.2f}  ({int(both.sum())} checkpoints)",
+                    transform=ax.transAxes, ha="right", va="top", fontsize=8.5, color=_GREY,
+                    gid="spearman")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.legend(loc="upper right", bbox_to_anchor=(1.0, 0.92), fontsize=9, frameon=False)
+    ax.set_title("Training: MPE leave-one-out vs held-out NLL", fontsize=11, loc="left")
+    return ax
+
+
+__all__ = ["K_THRESHOLD", "plot_elpd_comparison", "plot_groups", "plot_leverage_vs_k", "plot_sensitivity",
+           "plot_training"]
