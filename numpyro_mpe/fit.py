@@ -31,20 +31,29 @@ class Fit:
     posterior : GaussianPosterior
         Mean, precision and its Cholesky factor.
     method : str
-        ``"laplace"``.
+        ``"laplace"`` (or the name of the backend that produced the posterior).
     info : dict
         Optimizer diagnostics (steps, gradient norm, potential at the optimum).
+    memories_fn : callable, optional
+        ``memories_fn(fit, var_name) -> Memories``: how a backend computes its memories (e.g. expectations
+        under a variational q).  Default: the delta method at the mean with exact curvature.
+    refit_fn : callable, optional
+        ``refit_fn(fit, weights) -> GaussianPosterior``: refit by the same method with per-observation
+        weights on the site (0 removes), warm-started; used by :func:`numpyro_mpe.exact_loo` for
+        non-Laplace fits.
     """
 
     MPE_OPTIONS = {"chunk_size", "num_samples", "progress"}
 
     def __init__(self, adapter: ModelAdapter, posterior: GaussianPosterior, method: str,
-                 info: dict | None = None, **mpe_options):
+                 info: dict | None = None, *, memories_fn=None, refit_fn=None, **mpe_options):
         check_options("Fit", mpe_options, self.MPE_OPTIONS)
         self.adapter = adapter
         self.posterior = posterior
         self.method = method
         self.info = dict(info or {})
+        self.memories_fn = memories_fn
+        self.refit_fn = refit_fn
         self.chunk_size = int(mpe_options.get("chunk_size", 4096))
         self.num_samples = int(mpe_options.get("num_samples", 2000))
         self.progress = bool(mpe_options.get("progress", True))
@@ -64,8 +73,11 @@ class Fit:
         site = self.adapter.observed_site(var_name)
         key = ("memories", site.name)
         if key not in self._cache:
-            self._cache[key] = mpe_memories(self.adapter, self.posterior.mean, site.name,
-                                            self.predictor_state(site.name))
+            if self.memories_fn is not None:
+                self._cache[key] = self.memories_fn(self, site.name)
+            else:
+                self._cache[key] = mpe_memories(self.adapter, self.posterior.mean, site.name,
+                                                self.predictor_state(site.name))
         return self._cache[key]
 
     def predictor_state(self, var_name: str | None = None) -> PredictorState | None:
