@@ -179,12 +179,13 @@ class Fit:
 
         return importance_loo(self, indices, num_samples=num_samples, rng_key=rng_key, var_name=var_name)
 
-    def parameter_shift(self, var_names=None, var_name: str | None = None) -> xr.Dataset:
+    def parameter_shift(self, var_names=None, var_name: str | None = None,
+                        chunk_size: int | None = None) -> xr.Dataset:
         """MPE shift of each latent site's posterior mean (constrained space, in posterior sd units)
         for every observation of ``var_name``; see :func:`numpyro_mpe.influence.parameter_shift`."""
         from .influence import parameter_shift
 
-        return parameter_shift(self, var_names=var_names, var_name=var_name)
+        return parameter_shift(self, var_names=var_names, var_name=var_name, chunk_size=chunk_size)
 
     def to_inference_data(self, num_samples: int = 1000, rng_key=None):
         """Draws from q in constrained space with log-likelihoods, observed data and MPE groups.

@@ -100,7 +100,7 @@ def groups_of(data) -> set:
 def test_container_type_and_groups(mult):
     *_, idata = mult
     assert isinstance(idata, xr.DataTree if ARVIZ_1 else az.InferenceData)
-    assert groups_of(idata) == {"posterior", "log_likelihood", "observed_data", "mpe"}
+    assert groups_of(idata) == {"posterior", "log_likelihood", "observed_data", "sample_stats", "mpe"}
     post = group(idata, "posterior")
     assert set(post.data_vars) == {"mu", "tau", "theta", "loc", "loc_sum"}
     assert post.sizes["chain"] == 1 and post.sizes["draw"] == S
