@@ -16,6 +16,10 @@ Groups of the export
     as the installed ArviZ numbers them (by axis position on 0.x, counting unnamed axes on ≥ 1).
 ``log_likelihood``
     Every observed site, ``(chain=1, draw, *obs_shape)`` with the site's observation dims (event dims summed).
+``sample_stats``
+    ``log_p`` (−U(θ), NumPyro's log joint in unconstrained space incl. log|det J|) and ``log_q``
+    (log q(θ) in the same space) of every draw, ``(chain=1, draw)``: the ``log_p`` and ``log_q`` arguments of
+    arviz ≥ 1 ``loo_approximate_posterior`` and ``loo_subsample``.
 ``observed_data``
     Every observed site's values with its observation dims and event dims ``f"{site}_dim_{k}"`` (numbered
     as above).
@@ -173,8 +177,13 @@ def _log_lik_on_draws(fit: Fit, draws, var_name: str, idx=None) -> np.ndarray:
     return np.asarray(out).reshape(draws.shape[0], width)
 
 
-def _sample_groups(fit: Fit, num_samples: int, rng_key, var_names: list[str]) -> dict[str, xr.Dataset]:
-    """``posterior`` and ``log_likelihood`` groups for ``num_samples`` draws from q."""
+def _sample_groups(fit: Fit, num_samples: int, rng_key, var_names: list[str],
+                   log_density: bool = False) -> dict[str, xr.Dataset]:
+    """``posterior`` and ``log_likelihood`` groups for ``num_samples`` draws from q.
+
+    With ``log_density``, also a ``sample_stats`` group with ``log_p`` = −U(θ_s) and ``log_q`` = log q(θ_s)
+    of every draw (see :func:`to_inference_data`).
+    """
     if int(num_samples) < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
     num_samples = int(num_samples)
@@ -184,11 +193,15 @@ def _sample_groups(fit: Fit, num_samples: int, rng_key, var_names: list[str]) ->
 
     def one(theta):
         lls = ad.log_lik_all(theta)
-        return ad.constrain(theta), {n: lls[n] for n in var_names}
+        out = (ad.constrain(theta), {n: lls[n] for n in var_names})
+        if log_density:  # both in unconstrained space: log_p − log_q is the importance ratio of θ ~ q
+            out += (-ad.potential(theta), fit.posterior.log_prob(theta))
+        return out
 
     per_draw = sum(ad.observed[n].num_obs for n in var_names) + 4 * ad.num_params
     chunk = _draw_chunk(per_draw, num_samples)
-    values, lls = map_chunks(jax.jit(jax.vmap(one)), draws, num_samples, chunk, "draws from q", fit.progress)
+    values, lls, *log_dens = map_chunks(jax.jit(jax.vmap(one)), draws, num_samples, chunk, "draws from q",
+                                        fit.progress)
     del draws
 
     dims = _latent_dims(fit)
@@ -208,7 +221,29 @@ def _sample_groups(fit: Fit, num_samples: int, rng_key, var_names: list[str]) ->
         ll_vars[name] = xr.DataArray(arr, dims=list(SAMPLE_DIMS) + list(site.dims))
     log_lik = _with_coords(xr.Dataset(ll_vars), {"chain": [0], "draw": np.arange(num_samples)})
     _set_attrs(log_lik, fit, SAMPLE_DIMS, posterior_source=source)
-    return {"posterior": posterior, "log_likelihood": log_lik}
+    groups = {"posterior": posterior, "log_likelihood": log_lik}
+    if log_density:
+        groups["sample_stats"] = _log_density_group(fit, *log_dens, source)
+    return groups
+
+
+def _log_density_group(fit: Fit, log_p, log_q, source: str) -> xr.Dataset:
+    """``sample_stats`` with ``log_p`` and ``log_q`` of the draws (``loo_approximate_posterior``'s inputs)."""
+    num_samples = int(np.shape(log_p)[0])
+    ds = xr.Dataset({
+        "log_p": (SAMPLE_DIMS, np.asarray(log_p)[None]),
+        "log_q": (SAMPLE_DIMS, np.asarray(log_q)[None]),
+    })
+    ds["log_p"].attrs["description"] = (
+        "log joint density of the model at the draw in unconstrained space, -U(theta) = log p(y, theta) "
+        "including log|det J| of the constraining transforms (NumPyro's -potential_energy)")
+    ds["log_q"].attrs["description"] = (
+        "log density of the draw under q = N(m, S^-1) in unconstrained space, where the draws were made; "
+        "log_p - log_q is the importance ratio p(theta | y) / q(theta) up to a constant")
+    ds = _with_coords(ds, {"chain": [0], "draw": np.arange(num_samples)})
+    return _set_attrs(ds, fit, SAMPLE_DIMS, posterior_source=source,
+                      usage="arviz_stats.loo_approximate_posterior(data, data['sample_stats']['log_p'], "
+                            "data['sample_stats']['log_q'], var_name=...)")
 
 
 def _observed_group(fit: Fit) -> xr.Dataset:
@@ -255,22 +290,42 @@ def to_inference_data(fit: Fit, num_samples: int = 1000, rng_key=None):
     arviz.InferenceData or xarray.DataTree
         ``InferenceData`` on arviz 0.x, ``DataTree`` on arviz ≥ 1, with groups ``posterior`` (every latent
         and deterministic site in constrained space), ``log_likelihood`` (every observed site,
-        ``(chain, draw, *obs_dims)``), ``observed_data`` and ``mpe`` (variables ``f"{site}_{output}"`` with
-        the outputs of :meth:`Fit.sensitivities`; see :func:`read_sensitivities`).  Both round-trip through
-        netCDF (``to_netcdf`` / ``az.from_netcdf`` or ``xarray.open_datatree``).
+        ``(chain, draw, *obs_dims)``), ``sample_stats`` (``log_p`` and ``log_q`` of every draw, below),
+        ``observed_data`` and ``mpe`` (variables ``f"{site}_{output}"`` with the outputs of
+        :meth:`Fit.sensitivities`; see :func:`read_sensitivities`).  All round-trip through netCDF
+        (``to_netcdf`` / ``az.from_netcdf`` or ``xarray.open_datatree``).
 
     Notes
     -----
     The model is evaluated on the draws in chunks, so intermediates stay bounded; the returned object
     holds the ``num_samples × N`` log-likelihood matrix of every observed site, as ``az.loo`` needs it.
 
+    ``sample_stats`` holds, over ``(chain, draw)``, the two log densities that arviz ≥ 1
+    ``loo_approximate_posterior`` (and ``loo_subsample``) take as ``log_p`` and ``log_q`` to correct
+    PSIS-LOO for sampling from q instead of the posterior.  The draws are made in NumPyro's unconstrained
+    space, so both densities are taken there:
+
+    * ``log_p`` = −U(θ_s), NumPyro's log joint density ``log p(y, θ)`` *including* ``log|det J|`` of the
+      constraining transforms (``-fit.adapter.potential``), i.e. the unnormalized posterior density of θ;
+    * ``log_q`` = log N(θ_s; m, S⁻¹) (``fit.posterior.log_prob``).
+
+    ``log_p − log_q`` is then the importance ratio p(θ | y)/q(θ) up to a constant, whichever transforms
+    the model uses (a Jacobian on one side only would bias it).  On arviz 0.x nothing reads them; they are
+    exported all the same.
+
     Examples
     --------
     >>> idata = fit.to_inference_data(num_samples=500)  # doctest: +SKIP
     >>> az.loo(idata, var_name="y")  # doctest: +SKIP
     >>> idata["mpe"]["y_leverage"]  # doctest: +SKIP
+
+    PSIS-LOO corrected for the approximation (arviz ≥ 1):
+
+    >>> from arviz_stats import loo_approximate_posterior  # doctest: +SKIP
+    >>> stats = idata["sample_stats"]  # doctest: +SKIP
+    >>> loo_approximate_posterior(idata, stats["log_p"], stats["log_q"], var_name="y")  # doctest: +SKIP
     """
-    groups = _sample_groups(fit, num_samples, rng_key, list(fit.adapter.observed))
+    groups = _sample_groups(fit, num_samples, rng_key, list(fit.adapter.observed), log_density=True)
     groups["observed_data"] = _observed_group(fit)
     groups[MPE_GROUP] = _mpe_group(fit)
     return _container(groups)
@@ -339,7 +394,7 @@ def _psis_on_q(fit: Fit, var_name: str, idx: np.ndarray, num_samples: int, rng_k
 
 
 def elpd_data(fit: Fit, var_name: str | None = None, *, method: str = "mpe", groups=None,
-              num_samples: int = 2000, rng_key=None):
+              num_samples: int = 2000, rng_key=None, df: float | None = None):
     """The MPE leave-one-out of one observed site as the installed ArviZ's ELPD object.
 
     Built as ``az.loo(..., pointwise=True)`` builds its result, so that ``az.compare`` and
@@ -361,74 +416,158 @@ def elpd_data(fit: Fit, var_name: str | None = None, *, method: str = "mpe", gro
     ``num_samples`` draws from q (for those observations only; ``p_loo`` = MPE ``lpd`` − that value), and a
     warning says so.
 
+    ``method="mpe-is"`` replaces the *flagged* observations (leverage > 0.5 or an invalid cavity) by MPE
+    importance sampling (:func:`numpyro_mpe.importance.importance_loo`, ``num_samples`` draws from each MPE
+    leave-one-out Gaussian, consistent for the exact Bayesian LOO); their ``pareto_k`` is then the k̂ of the
+    MPE-IS weights (−inf where the weights are constant), the others keep the leverage, and a warning names
+    the observations whose MPE-IS k̂ is still above 0.7.
+
+    ``groups`` gives leave-group-out (:func:`numpyro_mpe.groups.group_dataset`): one pointwise value per
+    group over the group dim, ``pareto_k`` the group leverage, ``n_data_points`` the number of groups and
+    ``n_samples`` the draws per group.  A group whose cavity is invalid gets MPE importance sampling
+    (:func:`numpyro_mpe.importance.importance_groups`) instead, with a warning.  Two such results over the
+    same groups compare with ``az.compare``.
+
     Parameters
     ----------
     fit : Fit
         A fitted model.
     var_name : str, optional
         Observed site; required when the model has several (as in ``az.loo``).
+    method : {"mpe", "mpe-is"}, default "mpe"
+        Closed-form MPE, or MPE importance sampling for the flagged observations.
+    groups : str or array_like, optional
+        Leave-group-out: the name of an observation dim (plate) or labels aligned with the observations.
     num_samples : int, default 2000
-        Draws from q for the PSIS fallback on invalid cavities (unused when all are valid).
+        Draws for the PSIS fallback on invalid cavities, for MPE-IS per flagged observation, or per group.
     rng_key : jax.random.PRNGKey, optional
         Key for those draws; ``PRNGKey(0)`` when omitted.
+    df : float, optional
+        MPE-IS proposal: ``None`` the Gaussian MPE leave-one-out posterior, a number a Student-t with ``df``
+        degrees of freedom around it (see :func:`numpyro_mpe.importance.importance_loo`).
 
     Returns
     -------
     arviz.stats.stats_utils.ELPDData or arviz_stats.utils.ELPDDataLOO
 
+    Raises
+    ------
+    ValueError
+        For an unknown ``method``, or ``method="mpe-is"`` with ``groups``.
+
     Examples
     --------
     >>> loo_mpe = fit.loo()  # doctest: +SKIP
     >>> az.compare({"mpe": loo_mpe, "nuts": az.loo(idata_nuts)})  # doctest: +SKIP
+    >>> loo_is = fit.loo(method="mpe-is")  # doctest: +SKIP
+    >>> az.compare({"a": fit_a.loo(groups="firm"), "b": fit_b.loo(groups="firm")})  # doctest: +SKIP
     """
     if method not in ("mpe", "mpe-is"):
-        raise ValueError(f"method must be 'mpe' or 'mpe-is', got '{method}'")
-    if method != "mpe" or groups is not None:
-        raise NotImplementedError("method='mpe-is' and groups= are not wired in yet")
+        raise ValueError(f"method must be 'mpe' (closed-form MPE) or 'mpe-is' (MPE importance sampling for "
+                         f"the flagged observations), got '{method}'")
     site = fit.adapter.observed_site(var_name)
-    ds = fit.sensitivities(site.name)
-    elpd_i = ds["elpd_loo"].copy()
-    p_loo_i = ds["p_loo"].copy()
-    leverage = ds["leverage"].copy()
-    valid = np.asarray(ds["valid"]).ravel()
-    bad = np.flatnonzero(~valid | ~np.isfinite(np.asarray(elpd_i)).ravel())
-    n_samples = fit.num_samples if str(ds.attrs.get("elpd_integration", "")).startswith("Monte Carlo") else 0
-    if bad.size:
-        elpd_bad, k_bad = _psis_on_q(fit, site.name, bad, num_samples, rng_key)
+    if groups is not None:
+        if method != "mpe":
+            raise ValueError("method='mpe-is' is for leave-one-out; with groups= use method='mpe' (a group "
+                             "whose cavity is invalid gets MPE importance sampling anyway)")
+        from .groups import group_dataset
+        from .importance import importance_groups
+
+        ds = group_dataset(fit, groups, site.name, num_samples=num_samples, rng_key=rng_key)
+        dim = ds["elpd_loo"].dims[0]
+        elpd_i = ds["elpd_loo"].copy()
+        p_loo_i = ds["p_loo"].copy()
+        pareto_k = ds["leverage"].copy()
+        valid = np.asarray(ds["valid"])
+        n_samples = int(num_samples)
+        if not valid.all():
+            bad_labels = ds[dim].values[~valid]
+            res = importance_groups(fit, groups, site.name, select=bad_labels, num_samples=num_samples,
+                                    rng_key=rng_key, progress=False)
+            elpd_i.values[~valid] = res["elpd_loo"].values
+            p_loo_i.values[~valid] = ds["lpd"].values[~valid] - res["elpd_loo"].values
+            warnings.warn(
+                f"{bad_labels.size} of {valid.size} groups of '{site.name}' have an invalid MPE cavity "
+                f"(leverage >= 1, groups {bad_labels[:10].tolist()}{' ...' if bad_labels.size > 10 else ''})"
+                "; "
+                f"their elpd_loo is MPE importance sampling on {num_samples} draws instead (Pareto k-hat "
+                f"{np.array2string(res['pareto_k'].values[:10], precision=2)}), so the totals mix the closed "
+                "form and importance sampling; pareto_k keeps the leverage",
+                stacklevel=2,
+            )
+        n_data = int(valid.size)
+        warn = bool(np.any(np.asarray(pareto_k) > GOOD_K) or not valid.all())
+    else:
+        ds = fit.sensitivities(site.name)
+        elpd_i = ds["elpd_loo"].copy()
+        p_loo_i = ds["p_loo"].copy()
+        pareto_k = ds["leverage"].copy()
+        valid = np.asarray(ds["valid"]).ravel()
+        lpd = np.asarray(ds["lpd"]).ravel()
         flat_elpd = np.asarray(elpd_i).ravel().copy()
         flat_p = np.asarray(p_loo_i).ravel().copy()
-        flat_elpd[bad] = elpd_bad
-        flat_p[bad] = np.asarray(ds["lpd"]).ravel()[bad] - elpd_bad
+        flat_k = np.asarray(pareto_k, dtype=float).ravel().copy()
+        bad = np.flatnonzero(~valid | ~np.isfinite(flat_elpd))
+        mc = str(ds.attrs.get("elpd_integration", "")).startswith("Monte Carlo")
+        n_samples = fit.num_samples if mc else 0
+        if method == "mpe-is":
+            from .importance import importance_loo
+
+            flagged = np.union1d(np.flatnonzero(flat_k > 0.5), bad)
+            if flagged.size:
+                res = importance_loo(fit, flagged, num_samples=num_samples, rng_key=rng_key,
+                                     var_name=site.name, df=df, progress=False)
+                flat_elpd[flagged] = res["elpd_loo"].values
+                flat_p[flagged] = lpd[flagged] - res["elpd_loo"].values
+                flat_k[flagged] = res["pareto_k"].values
+                n_samples = max(n_samples, int(num_samples))
+                high = flagged[res["pareto_k"].values > GOOD_K]
+                if high.size:
+                    warnings.warn(
+                        f"MPE importance sampling: {high.size} of the {flagged.size} flagged observations of "
+                        f"'{site.name}' still have Pareto k-hat > {GOOD_K} (flat indices "
+                        f"{high[:10].tolist()}{' ...' if high.size > 10 else ''}, k-hat "
+                        f"{np.array2string(flat_k[high][:10], precision=2)}); their elpd_loo is unreliable: "
+                        "raise num_samples, try a heavier-tailed proposal (importance_loo(..., df=5)), or "
+                        "refit without them",
+                        stacklevel=2,
+                    )
+        elif bad.size:
+            elpd_bad, k_bad = _psis_on_q(fit, site.name, bad, num_samples, rng_key)
+            flat_elpd[bad] = elpd_bad
+            flat_p[bad] = lpd[bad] - elpd_bad
+            n_samples = max(n_samples, int(num_samples))
+            warnings.warn(
+                f"{bad.size} of {site.num_obs} observations of '{site.name}' have an invalid MPE cavity "
+                f"(leverage >= 1, flat indices {bad[:10].tolist()}{' ...' if bad.size > 10 else ''}); their "
+                f"elpd_loo is PSIS-LOO on {num_samples} draws from q instead (Pareto k-hat "
+                f"{np.array2string(k_bad[:10], precision=2)}{' ...' if bad.size > 10 else ''}), so the "
+                "totals mix MPE and PSIS; pareto_k keeps the leverage",
+                stacklevel=2,
+            )
         elpd_i.values = flat_elpd.reshape(elpd_i.shape)
         p_loo_i.values = flat_p.reshape(p_loo_i.shape)
-        n_samples = max(n_samples, int(num_samples))
-        warnings.warn(
-            f"{bad.size} of {site.num_obs} observations of '{site.name}' have an invalid MPE cavity "
-            f"(leverage >= 1, flat indices {bad[:10].tolist()}{' ...' if bad.size > 10 else ''}); their "
-            f"elpd_loo is PSIS-LOO on {num_samples} draws from q instead (Pareto k-hat "
-            f"{np.array2string(k_bad[:10], precision=2)}{' ...' if bad.size > 10 else ''}), so the totals "
-            "mix MPE and PSIS; pareto_k keeps the leverage",
-            stacklevel=2,
-        )
+        pareto_k = pareto_k.astype(float)
+        pareto_k.values = flat_k.reshape(pareto_k.shape)
+        n_data = int(site.num_obs)
+        warn = bool(np.any(flat_k > GOOD_K) or (method == "mpe" and bad.size > 0))
     elpd_i.name = "elpd_i" if ARVIZ_1 else "loo_i"
-    leverage.name = "pareto_k"
-    for da in (elpd_i, leverage, p_loo_i):
+    pareto_k.name = "pareto_k"
+    for da in (elpd_i, pareto_k, p_loo_i):
         da.attrs = {}
     elpd = float(np.sum(elpd_i.values))
     se = _se(elpd_i.values)
     p_loo = float(np.sum(p_loo_i.values))
-    n_data = int(site.num_obs)
-    warn = bool(np.any(np.asarray(leverage) > GOOD_K) or bad.size > 0)
     if ARVIZ_1:
         from arviz_stats.utils import ELPDDataLOO
 
         return ELPDDataLOO(elpd=elpd, se=se, p=p_loo, n_samples=int(n_samples), n_data_points=n_data,
-                           scale="log", warning=warn, good_k=GOOD_K, elpd_i=elpd_i, pareto_k=leverage,
+                           scale="log", warning=warn, good_k=GOOD_K, elpd_i=elpd_i, pareto_k=pareto_k,
                            approx_posterior=False, p_loo_i=p_loo_i.rename("p_loo_i"))
     from arviz.stats.stats_utils import ELPDData
 
     return ELPDData(
-        data=[elpd, se, p_loo, int(n_samples), n_data, warn, elpd_i, leverage, "log", GOOD_K],
+        data=[elpd, se, p_loo, int(n_samples), n_data, warn, elpd_i, pareto_k, "log", GOOD_K],
         index=["elpd_loo", "se", "p_loo", "n_samples", "n_data_points", "warning", "loo_i", "pareto_k",
                "scale", "good_k"],
     )

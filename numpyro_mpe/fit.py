@@ -153,7 +153,7 @@ class Fit:
             "max eig of S^-1/2 H_i S^-1/2; the cavity is valid iff < 1 (compare Pareto k)")
         return ds
 
-    def loo(self, var_name: str | None = None, method: str = "mpe", groups=None):
+    def loo(self, var_name: str | None = None, method: str = "mpe", groups=None, **options):
         """MPE leave-one-out as the installed arviz's ``ELPDData`` (``az.compare`` accepts it).
 
         ``elpd_loo`` is the sum of the MPE ``elpd_loo`` over observations, ``se`` its standard error
@@ -162,22 +162,26 @@ class Fit:
 
         ``method="mpe-is"`` replaces the flagged observations (leverage > 0.5 or invalid cavity) by MPE
         importance sampling (:meth:`importance_loo`), whose Pareto k̂ then stands in ``pareto_k``.
-        ``groups`` gives leave-group-out (one pointwise value per group).
+        ``groups`` gives leave-group-out (one pointwise value per group).  Further ``options``
+        (``num_samples``, ``rng_key``, ``df`` for a Student-t MPE-IS proposal) go to
+        :func:`numpyro_mpe.arviz.elpd_data`.
         """
         from .arviz import elpd_data
 
-        return elpd_data(self, var_name, method=method, groups=groups)
+        return elpd_data(self, var_name, method=method, groups=groups, **options)
 
     def importance_loo(self, indices=None, num_samples: int = 1000, rng_key=None,
-                       var_name: str | None = None) -> xr.Dataset:
+                       var_name: str | None = None, **options) -> xr.Dataset:
         """MPE importance-sampling LOO (``elpd_loo``, ``pareto_k``, ``ess``) for ``indices``.
 
-        See :func:`numpyro_mpe.importance.importance_loo`; ``indices="flagged"`` takes the observations with
+        See :func:`numpyro_mpe.importance.importance_loo` (``options``: ``df`` for a Student-t proposal,
+        ``psis`` to flag by a PSIS result, ``clip``); ``indices="flagged"`` takes the observations with
         leverage > 0.5 or an invalid cavity.
         """
         from .importance import importance_loo
 
-        return importance_loo(self, indices, num_samples=num_samples, rng_key=rng_key, var_name=var_name)
+        return importance_loo(self, indices, num_samples=num_samples, rng_key=rng_key, var_name=var_name,
+                              **options)
 
     def parameter_shift(self, var_names=None, var_name: str | None = None,
                         chunk_size: int | None = None) -> xr.Dataset:

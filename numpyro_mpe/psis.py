@@ -26,12 +26,15 @@ def psis_smooth(log_weights, r_eff: float = 1.0):
     >>> lw, k = psis_smooth(np.random.default_rng(0).normal(size=(3, 1000)))
     >>> lw.shape, k.shape
     ((3, 1000), (3,))
+    >>> raw = np.zeros((1, 1000)); raw[0, 0] = 5.0  # one dominant weight keeps the largest share
+    >>> int(np.argmax(psis_smooth(raw + np.random.default_rng(1).normal(0, 0.1, (1, 1000)))[0]))
+    0
     """
     lw = np.asarray(log_weights, dtype=float)
-    try:  # arviz >= 1
+    try:  # arviz >= 1: array_stats.psislw takes log-likelihood-like values and smooths their negation
         from arviz_stats.base import array_stats
 
-        smoothed, khat = array_stats.psislw(lw, r_eff=r_eff, axis=-1)
+        smoothed, khat = array_stats.psislw(-lw, r_eff=r_eff, axis=-1)
     except ImportError:  # arviz 0.x
         import arviz as az
 
