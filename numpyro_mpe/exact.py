@@ -257,6 +257,9 @@ def exact_loo(fit, indices: int | Sequence[int] | np.ndarray | None, var_name: s
     >>> bool(jnp.allclose(ds["shift"].values, mpe_shift))  # exact for a linear-Gaussian model
     True
     """
+    by_method = getattr(getattr(fit, "refit_fn", None), "exact_loo", None)
+    if by_method is not None:  # a VI fit: refit by the same method (max_steps and gtol do not apply)
+        return by_method(fit, indices, var_name, num_samples=num_samples, rng_key=rng_key, progress=progress)
     adapter = fit.adapter
     site = adapter.observed_site(var_name)
     name = site.name
