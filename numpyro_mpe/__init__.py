@@ -19,11 +19,18 @@ _LAZY = {
     "Fit": ".fit",
     "GaussianPosterior": ".posterior",
     "Laplace": ".inference",
+    "NGVI": ".inference",
+    "exact_loo_ngvi": ".inference",
+    "tune_prior": ".tuning",
+    "SVI": ".inference",
+    "from_svi": ".inference",
     "ModelAdapter": ".model",
     "compare_psis": ".compare",
     "format_summary": ".compare",
     "exact_loo": ".exact",
+    "exact_group_loo": ".exact",
     "importance_loo": ".importance",
+    "parameter_shift": ".influence",
 }
 
 __all__ = ["MPEError", "ModelError", "PosteriorError", "__version__", *_LAZY]
