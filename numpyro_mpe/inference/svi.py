@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -45,6 +46,7 @@ from ..errors import ModelError, MPEError, PosteriorError, check_options
 from ..fit import Fit
 from ..model import ModelAdapter
 from ..posterior import GaussianPosterior, from_precision
+from ..training import CheckpointMPE, _heldout_adapter, history_frame
 from ..variational import DEFAULT_SAMPLES, METHODS, variational_posterior
 
 #: ``guide=`` names of :class:`SVI` and the NumPyro autoguides they build.
@@ -413,6 +415,22 @@ class SVI:
         E_q[∇U₋i] = 0 couples the coordinates through the full expected Hessian).
     refit_steps : int, default ``max(500, num_steps // 2)``
         SVI steps of each warm-started refit.
+    callback : callable, optional
+        ``callback(checkpoint)`` at every checkpoint with a :class:`numpyro_mpe.training.Checkpoint` built
+        from the guide's Gaussian (mean and precision Σ⁻¹ in the adapter's flat order; the precision's
+        diagonal for ``guide="diag"``); returning ``True`` stops training.
+    every : int, optional
+        Checkpoint every ``every`` steps (and at steps 0 and ``num_steps``): the MPE of the guide's current
+        Gaussian by :class:`numpyro_mpe.training.CheckpointMPE`, kept in ``fit.info["history"]``; default
+        ``num_steps // 20`` when a ``callback`` is given, else no checkpoints (and no extra cost).
+    heldout : tuple, optional
+        ``(args, kwargs)`` of the model on held-out data: ``heldout_nll`` at checkpoints.
+    var_name : str, optional
+        The observed site of the checkpoints; required when the model has several.
+    checkpoint_samples : int, default 100
+        Draws from q for the NLLs at checkpoints.
+    checkpoint_memories : {"q", "mean"}, default "q"
+        Memories of the checkpoints (see :class:`numpyro_mpe.training.CheckpointMPE`).
     chunk_size, num_samples, progress
         As for :class:`~numpyro_mpe.Laplace` (``progress`` also shows NumPyro's SVI progress bar).
 
@@ -432,10 +450,12 @@ class SVI:
     """
 
     OPTIONS = {"init_strategy", "init_scale", "lr", "lr_end", "clip_norm", "stable_update", "memories",
-               "memory_samples", "diagonal_memories", "refit_steps", *_MPE_OPTIONS}
+               "memory_samples", "diagonal_memories", "refit_steps", "heldout", "var_name",
+               "checkpoint_samples", "checkpoint_memories", *_MPE_OPTIONS}
 
     def __init__(self, model: Callable, guide: str = "diag", optim=None, num_steps: int = 2000,
-                 num_particles: int = 1, rank: int | None = None, **options):
+                 num_particles: int = 1, rank: int | None = None, callback: Callable | None = None,
+                 every: int | None = None, **options):
         check_options("SVI", options, self.OPTIONS)
         if guide not in GUIDES:
             if isinstance(guide, str):
@@ -471,6 +491,21 @@ class SVI:
         self.mpe_options = {k: options[k] for k in _MPE_OPTIONS if k in options}
         if self.mpe_options.get("chunk_size", 1) < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {self.mpe_options['chunk_size']}")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        self.callback = callback
+        if every is None and callback is not None:
+            every = max(1, self.num_steps // 20)
+        if every is not None and (isinstance(every, bool) or int(every) != every or int(every) < 1):
+            raise ValueError(f"every must be a positive integer (checkpoint every that many steps), got "
+                             f"{every!r}")
+        self.every = None if every is None else int(every)
+        self.heldout = options.get("heldout")
+        self.var_name = options.get("var_name")
+        self.checkpoint_samples = int(options.get("checkpoint_samples", 100))
+        self.checkpoint_memories = options.get("checkpoint_memories", "q")
+        if self.checkpoint_memories not in ("q", "mean"):
+            raise ValueError(f"checkpoint_memories must be 'q' or 'mean', got {self.checkpoint_memories!r}")
 
     def _make_guide(self, model):
         cls = GUIDES[self.guide]
@@ -484,7 +519,8 @@ class SVI:
 
         ``fit.info`` holds the ELBO trace (``losses``), ``elbo``, ``elbo_drift``/``elbo_mcse``/``converged``
         (last two tenths of the run), ``grad_norm`` = max |E_q[∇U]| (≈ 0 at the optimum),
-        ``precision_rel_diff`` between E_q[∇²U] and the guide's precision, and the guide's own Gaussian ``q``.
+        ``precision_rel_diff`` between E_q[∇²U] and the guide's precision, the guide's own Gaussian ``q``, and
+        ``history`` (a DataFrame of the checkpoints with ``every``/``callback``, else ``None``).
         """
         key_model, key_svi, key_mem = jax.random.split(rng_key, 3)
         adapter = ModelAdapter.build(self.model, key_model, args, kwargs, self.init_strategy)
@@ -492,23 +528,100 @@ class SVI:
         optim = self.optim if self.optim is not None else default_optim(self.lr, self.lr_end, self.num_steps,
                                                                          self.clip_norm)
         svi = numpyro.infer.SVI(self.model, guide, optim, Trace_ELBO(num_particles=self.num_particles))
-        result = svi.run(key_svi, self.num_steps, *args, progress_bar=self.progress,
-                         stable_update=self.stable_update, **kwargs)
-        losses = np.asarray(result.losses)
-        diag = elbo_diagnostics(losses)
-        if not diag["converged"]:
+        history = None
+        if self.every is None:
+            result = svi.run(key_svi, self.num_steps, *args, progress_bar=self.progress,
+                             stable_update=self.stable_update, **kwargs)
+            params, losses, steps = result.params, np.asarray(result.losses), self.num_steps
+        else:
+            params, losses, records = self._train_with_checkpoints(svi, guide, adapter, key_svi, key_model,
+                                                                   args, kwargs)
+            steps = int(losses.size)
+            history = history_frame(records, adapter.observed_site(self.var_name).num_obs)
+        if losses.size:
+            diag = elbo_diagnostics(losses)
+        else:  # the callback stopped training at step 0
+            diag = {"elbo": float("nan"), "elbo_drift": float("nan"), "elbo_mcse": float("nan"),
+                    "converged": False}
+        if not diag["converged"] and steps == self.num_steps:
             warnings.warn(
                 f"SVI: the ELBO is still moving at the end of the run (drift {diag['elbo_drift']:.3g} over "
                 f"the last tenth, standard error {diag['elbo_mcse']:.2g}); raise num_steps or lr",
                 stacklevel=2)
-        info = {"steps": self.num_steps, "losses": losses, "num_particles": self.num_particles, **diag}
-        refit = SVIRefit(self.model, guide, result.params, args, kwargs, num_steps=self.refit_steps,
+        info = {"steps": steps, "losses": losses, "num_particles": self.num_particles, **diag,
+                "history": history}
+        refit = SVIRefit(self.model, guide, params, args, kwargs, num_steps=self.refit_steps,
                          num_particles=self.num_particles, lr=self.lr / 2, lr_end=self.lr_end,
                          clip_norm=self.clip_norm, stable_update=self.stable_update)
-        return _fit_from_guide(adapter, guide, result.params, memories=self.memories,
+        return _fit_from_guide(adapter, guide, params, memories=self.memories,
                                memory_samples=self.memory_samples, rng_key=key_mem, info=info,
                                mpe_options=self.mpe_options, refit=refit,
                                diagonal_memories=self.diagonal_memories)
+
+
+    def _lr_at(self, step: int) -> float:
+        """Learning rate of the default optimizer at 0-based ``step`` (NaN for a user's optimizer)."""
+        if self.optim is not None:
+            return float("nan")
+        decay = (self.lr_end / self.lr) ** (1.0 / max(self.num_steps, 1))
+        return self.lr * decay ** min(step, self.num_steps)
+
+    def _train_with_checkpoints(self, svi, guide, adapter: ModelAdapter, key_svi, key_model, args: tuple,
+                                kwargs: dict) -> tuple[dict, np.ndarray, list[dict]]:
+        """SVI in blocks of ``every`` steps, a :class:`CheckpointMPE` of the guide's Gaussian between them.
+
+        Returns the final parameters, the losses of the steps taken and the checkpoint records.
+        """
+        k_ck, k_held = jax.random.split(jax.random.fold_in(key_model, 1))
+        site = adapter.observed_site(self.var_name)
+        held = (None if self.heldout is None else
+                _heldout_adapter(self.model, self.heldout, k_held, self.init_strategy, adapter, site.name))
+        diagonal = self.guide == "diag"
+        checkpoints = CheckpointMPE(adapter, site.name, diagonal=diagonal, heldout_adapter=held,
+                                    num_samples=self.checkpoint_samples, rng_key=k_ck,
+                                    chunk_size=self.mpe_options.get("chunk_size", 4096),
+                                    memories=self.checkpoint_memories)
+        state = svi.init(key_svi, *args, **kwargs)
+        extract = guide_extractor(guide, adapter)
+        update = svi.stable_update if self.stable_update else svi.update
+
+        @jax.jit
+        def gaussian(state):
+            g = extract(svi.get_params(state))
+            if g.diagonal:
+                return g.mean, 1.0 / g.cov
+            q = g.posterior()
+            return q.mean, q.precision
+
+        @partial(jax.jit, static_argnums=1)
+        def block(state, length):
+            return jax.lax.scan(lambda s, _: update(s, *args, **kwargs), state, None, length=length)
+
+        every, num_steps = self.every, self.num_steps
+        records: list[dict] = []
+        bar = tqdm(total=num_steps, desc="SVI", disable=not self.progress, leave=False)
+
+        def checkpoint(state, step: int) -> bool:
+            mean, prec = gaussian(state)
+            ck = checkpoints.checkpoint(mean, prec, step, self._lr_at(max(step - 1, 0)))
+            records.append(ck.record)
+            bar.set_postfix(loo_nll=f"{ck.record['loo_nll']:.4g}", heldout=f"{ck.record['heldout_nll']:.4g}",
+                            refresh=False)
+            return bool(self.callback is not None and self.callback(ck) is True)
+
+        losses: list[np.ndarray] = []
+        stop = checkpoint(state, 0)
+        done = 0
+        while done < num_steps and not stop:
+            k = min(every, num_steps - done)
+            state, block_losses = block(state, k)
+            losses.append(np.asarray(block_losses))
+            done += k
+            bar.update(k)
+            stop = checkpoint(state, done)
+        bar.close()
+        all_losses = np.concatenate(losses) if losses else np.zeros(0)
+        return svi.get_params(state), all_losses, records
 
 
 FROM_SVI_OPTIONS = {"rng_key", "memories", "memory_samples", "diagonal_memories", "refit_steps",
