@@ -192,6 +192,31 @@ def _elpd_fn(fit, name: str):
     return _cached(fit, ("exact_loo_elpd", name), build)
 
 
+def refit_dataset(adapter, site, idx, arrays: dict) -> xr.Dataset:
+    """The Dataset of brute-force refits over dim ``obs`` (shared by every backend's exact LOO).
+
+    ``arrays`` holds ``shift (n, P)``, ``sensitivity``, ``elpd_loo``, ``elpd_loo_mcse``, ``leverage``,
+    ``converged`` and ``steps`` for the flat indices ``idx``; the site's observation coordinates are attached.
+    """
+    name = site.name
+    coords: dict[str, Any] = {"obs": idx, "param": adapter.param_labels()}
+    for dim, pos in zip(site.dims, np.unravel_index(idx, site.obs_shape)):
+        cname = dim if dim not in ("obs", "param") else f"{name}_{dim}"
+        coords[cname] = ("obs", np.asarray(pos))
+    return xr.Dataset(
+        {
+            "shift": (("obs", "param"), arrays["shift"]),
+            "sensitivity": ("obs", arrays["sensitivity"]),
+            "elpd_loo": ("obs", arrays["elpd_loo"]),
+            "elpd_loo_mcse": ("obs", arrays["elpd_loo_mcse"]),
+            "leverage": ("obs", arrays["leverage"]),
+            "converged": ("obs", np.asarray(arrays["converged"]).astype(bool)),
+            "steps": ("obs", np.asarray(arrays["steps"]).astype(int)),
+        },
+        coords=coords,
+    )
+
+
 def exact_loo(fit, indices: int | Sequence[int] | np.ndarray | None, var_name: str | None = None, *,
               max_steps: int = 100, num_samples: int = 4000, rng_key=None, progress: bool = True,
               gtol: float = 1e-10) -> xr.Dataset:
@@ -311,22 +336,7 @@ def exact_loo(fit, indices: int | Sequence[int] | np.ndarray | None, var_name: s
             f"(flat indices {no_cav[:10].tolist()}{' ...' if no_cav.size > 10 else ''}): the Laplace "
             "leave-one-out posterior does not exist there and elpd_loo is NaN", stacklevel=2)
 
-    coords: dict[str, Any] = {"obs": idx, "param": adapter.param_labels()}
-    for dim, pos in zip(site.dims, np.unravel_index(idx, site.obs_shape)):
-        cname = dim if dim not in ("obs", "param") else f"{name}_{dim}"
-        coords[cname] = ("obs", np.asarray(pos))
-    ds = xr.Dataset(
-        {
-            "shift": (("obs", "param"), arrays["shift"]),
-            "sensitivity": ("obs", arrays["sensitivity"]),
-            "elpd_loo": ("obs", arrays["elpd_loo"]),
-            "elpd_loo_mcse": ("obs", arrays["elpd_loo_mcse"]),
-            "leverage": ("obs", arrays["leverage"]),
-            "converged": ("obs", arrays["converged"].astype(bool)),
-            "steps": ("obs", arrays["steps"].astype(int)),
-        },
-        coords=coords,
-    )
+    ds = refit_dataset(adapter, site, idx, arrays)
     integration = (f"Monte Carlo in θ-space ({num_samples} antithetic draws from the refit's Laplace "
                    "posterior)" if num_samples else "not computed (num_samples=0)")
     ds.attrs.update(var_name=name, method="exact_loo", max_steps=max_steps, num_samples=num_samples,

@@ -747,7 +747,7 @@ def exact_loo_svi(fit: Fit, indices: int | Sequence[int] | np.ndarray | None, va
     >>> ex = exact_loo_svi(fit, range(30))  # doctest: +SKIP
     >>> scipy.stats.spearmanr(ex.sensitivity, fit.sensitivities().sensitivity[:30])  # doctest: +SKIP
     """
-    from ..exact import _flat_indices
+    from ..exact import _flat_indices, refit_dataset
 
     refit = fit.refit_fn
     if not isinstance(refit, SVIRefit):
@@ -807,22 +807,8 @@ def exact_loo_svi(fit: Fit, indices: int | Sequence[int] | np.ndarray | None, va
     arrays = {k: np.asarray(v) for k, v in out.items()}
     if not len(idx):
         arrays["shift"] = np.zeros((0, p), dtype)
-    coords: dict[str, Any] = {"obs": idx, "param": adapter.param_labels()}
-    for dim, pos in zip(site.dims, np.unravel_index(idx, site.obs_shape)):
-        cname = dim if dim not in ("obs", "param") else f"{name}_{dim}"
-        coords[cname] = ("obs", np.asarray(pos))
-    ds = xr.Dataset(
-        {
-            "shift": (("obs", "param"), arrays["shift"]),
-            "sensitivity": ("obs", arrays["sensitivity"]),
-            "elpd_loo": ("obs", arrays["elpd_loo"]),
-            "elpd_loo_mcse": ("obs", arrays["elpd_loo_mcse"]),
-            "leverage": ("obs", arrays["leverage"]),
-            "converged": ("obs", arrays["converged"].astype(bool)),
-            "steps": ("obs", np.full(len(idx), refit.num_steps, int)),
-        },
-        coords=coords,
-    )
+    arrays["steps"] = np.full(len(idx), refit.num_steps, int)
+    ds = refit_dataset(adapter, site, idx, arrays)
     ref_off = m_ref - m
     integration = (f"Monte Carlo in θ-space ({num_samples} antithetic draws from the refit guide's Gaussian)"
                    if num_samples else "not computed (num_samples=0)")
