@@ -106,6 +106,20 @@ def _save(fig, path: Path) -> Path:
 
 
 # ---------------------------------------------------------------- demo
+def _add_sampling_options(p, *, draws_use: str) -> None:
+    """``--draws``, ``--chains``, ``--warmup`` and ``--seed``, shared by the subcommands that run NUTS."""
+    p.add_argument("--draws", metavar="N", type=_positive_int, default=1000,
+                   help="NUTS draws per chain kept after warmup; draws x chains is also the number of draws "
+                        f"from the Laplace posterior {draws_use} (default: %(default)s)")
+    p.add_argument("--chains", metavar="N", type=_positive_int, default=2,
+                   help="NUTS chains, run one after the other (default: %(default)s)")
+    p.add_argument("--warmup", metavar="N", type=_positive_int, default=1000,
+                   help="NUTS warmup (adaptation) steps per chain (default: %(default)s)")
+    p.add_argument("--seed", metavar="INT", type=_non_negative_int, default=0,
+                   help="random seed (jax.random.PRNGKey) of the fit, the draws and NUTS "
+                        "(default: %(default)s)")
+
+
 def _add_demo(subparsers) -> None:
     p = subparsers.add_parser(
         "demo",
@@ -127,16 +141,7 @@ def _add_demo(subparsers) -> None:
     )
     p.add_argument("--out", metavar="DIR", default="mpe-report",
                    help="directory for the report files, created if missing (default: %(default)s)")
-    p.add_argument("--draws", metavar="N", type=_positive_int, default=1000,
-                   help="NUTS draws per chain kept after warmup; draws x chains is also the number of draws "
-                        "from the Laplace posterior exported (default: %(default)s)")
-    p.add_argument("--chains", metavar="N", type=_positive_int, default=2,
-                   help="NUTS chains, run one after the other (default: %(default)s)")
-    p.add_argument("--warmup", metavar="N", type=_positive_int, default=1000,
-                   help="NUTS warmup (adaptation) steps per chain (default: %(default)s)")
-    p.add_argument("--seed", metavar="INT", type=_non_negative_int, default=0,
-                   help="random seed (jax.random.PRNGKey) of the fit, the draws and NUTS "
-                        "(default: %(default)s)")
+    _add_sampling_options(p, draws_use="exported")
     p.add_argument("--no-nuts", action="store_true",
                    help="skip NUTS: PSIS-LOO then uses draws from the Laplace posterior instead")
     p.add_argument("--top", metavar="N", type=_non_negative_int, default=5,
@@ -528,16 +533,7 @@ def _add_model_options(p, *, out_help: str, out_default: str, top_default: int, 
     p.add_argument("--nuts", action=argparse.BooleanOptionalAction, default=True,
                    help="run NUTS for the reference PSIS-LOO; --no-nuts uses draws from the Laplace "
                         "posterior instead (seconds instead of a minute or more; default: --nuts)")
-    p.add_argument("--draws", metavar="N", type=_positive_int, default=1000,
-                   help="NUTS draws per chain kept after warmup; draws x chains is also the number of draws "
-                        "from the Laplace posterior used (default: %(default)s)")
-    p.add_argument("--chains", metavar="N", type=_positive_int, default=2,
-                   help="NUTS chains, run one after the other (default: %(default)s)")
-    p.add_argument("--warmup", metavar="N", type=_positive_int, default=1000,
-                   help="NUTS warmup (adaptation) steps per chain (default: %(default)s)")
-    p.add_argument("--seed", metavar="INT", type=_non_negative_int, default=0,
-                   help="random seed (jax.random.PRNGKey) of the fit, the draws and NUTS "
-                        "(default: %(default)s)")
+    _add_sampling_options(p, draws_use="used")
     p.add_argument("--top", metavar="N", type=_non_negative_int, default=top_default,
                    help="number of most influential observations (by MPE sensitivity) printed; report.html "
                         "lists at least 10 (default: %(default)s)")
