@@ -33,6 +33,7 @@ from jax.scipy.special import logsumexp
 from tqdm.auto import tqdm
 
 from .errors import MPEError
+from .mpe import whitened_memory
 
 #: Model log-likelihood values (draws × observations) evaluated per batch.
 _BATCH_ELEMENTS = 2**22
@@ -232,9 +233,7 @@ def group_mpe(fit, groups, var_name=None, *, num_samples: int = 2000, rng_key=No
 
     @jax.jit
     def whitened(g, h):
-        a_w = linv @ h @ linv.T
-        lam, q = jnp.linalg.eigh(0.5 * (a_w + a_w.T))
-        g_w = linv @ g
+        g_w, lam, q = whitened_memory(linv, g, h)
         valid = lam[-1] < 1.0
         inv = jnp.where(valid, 1.0 / jnp.where(valid, 1.0 - lam, 1.0), jnp.nan)
         u = q @ (inv * (q.T @ g_w))

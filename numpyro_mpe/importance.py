@@ -28,6 +28,7 @@ import xarray as xr
 from jax.scipy.special import gammaln, logsumexp
 from tqdm.auto import tqdm
 
+from .mpe import whitened_memory
 from .psis import psis_smooth
 
 #: Log-weights whose spread is below this are treated as constant (no Pareto tail to fit).
@@ -38,9 +39,7 @@ def _whitened(post, g, h):
     """Whitened memory: L⁻¹g and the eigen-decomposition of L⁻¹ H L⁻ᵀ."""
     p = post.mean.shape[0]
     linv = jax.scipy.linalg.solve_triangular(post.chol, jnp.eye(p, dtype=post.mean.dtype), lower=True)
-    a_w = linv @ h @ linv.T
-    lam, q = jnp.linalg.eigh(0.5 * (a_w + a_w.T))
-    return linv @ g, lam, q
+    return whitened_memory(linv, g, h)
 
 
 def _proposal_one(post, g, h, clip):

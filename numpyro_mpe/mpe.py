@@ -179,6 +179,13 @@ def predictor_state(adapter: ModelAdapter, theta, var_name: str) -> PredictorSta
 
 
 # ---------------------------------------------------------------- one observation
+def whitened_memory(linv, g, h):
+    """L⁻¹ĝ and the eigendecomposition (λ, Q) of the whitened memory L⁻¹ĤL⁻ᵀ (symmetrized)."""
+    a_w = linv @ h @ linv.T
+    lam, q = jnp.linalg.eigh(0.5 * (a_w + a_w.T))
+    return linv @ g, lam, q
+
+
 def cavity_one(g_w, a_w, b_w):
     """Cavity of one observation in whitened coordinates.
 
