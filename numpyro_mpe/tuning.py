@@ -48,16 +48,12 @@ def _backend(method: str | Callable, model: Callable, options: dict):
 
 
 def _exact(fit: Fit, indices, var_name: str, options: dict):
-    """Brute-force LOO by the fit's own method: Laplace refits, NGVI refits or SVI refits."""
+    """Brute-force LOO by the fit's own method: its ``refit_fn.exact_loo`` (NGVI, SVI refits, with their own
+    options), else Laplace refits."""
     opts = {"progress": False, **options}
-    if fit.method == "ngvi":
-        from .inference.ngvi import exact_loo_ngvi
-
-        return exact_loo_ngvi(fit, indices, var_name, **opts)
-    if fit.method == "svi":
-        from .inference.svi import exact_loo_svi
-
-        return exact_loo_svi(fit, indices, var_name, **opts)
+    by_method = getattr(fit.refit_fn, "exact_loo", None)
+    if by_method is not None:
+        return by_method(fit, indices, var_name, **opts)
     from .exact import exact_loo
 
     return exact_loo(fit, indices, var_name, **opts)
