@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
 import numpy as np
 import xarray as xr
 
-from .errors import check_options
+from .errors import MPEError, check_options
 from .model import ModelAdapter
 from .mpe import Memories, PredictorState, SiteMPE, predictor_state, site_mpe
 from .mpe import memories as mpe_memories
 from .posterior import GaussianPosterior
+from .streaming import CURVATURES, StreamingSite
 
 #: Per-observation outputs of :meth:`Fit.sensitivities` (the public contract).
 OUTPUTS = ("lpd", "elpd_loo", "p_loo", "sensitivity", "leverage")
@@ -43,7 +45,7 @@ class Fit:
         non-Laplace fits.
     """
 
-    MPE_OPTIONS = {"chunk_size", "num_samples", "progress"}
+    MPE_OPTIONS = {"chunk_size", "num_samples", "progress", "curvature", "devices"}
 
     def __init__(self, adapter: ModelAdapter, posterior: GaussianPosterior, method: str,
                  info: dict | None = None, *, memories_fn=None, refit_fn=None, **mpe_options):
@@ -57,6 +59,12 @@ class Fit:
         self.chunk_size = int(mpe_options.get("chunk_size", 4096))
         self.num_samples = int(mpe_options.get("num_samples", 2000))
         self.progress = bool(mpe_options.get("progress", True))
+        self.curvature = mpe_options.get("curvature", "exact")
+        if self.curvature not in CURVATURES:
+            raise MPEError(f"curvature must be one of {CURVATURES}, got {self.curvature!r}")
+        if self.chunk_size < 1:
+            raise MPEError(f"chunk_size must be a positive integer, got {self.chunk_size}")
+        self.devices = mpe_options.get("devices")
         self._cache: dict[str, Any] = {}
 
     def __repr__(self) -> str:
@@ -73,7 +81,10 @@ class Fit:
         site = self.adapter.observed_site(var_name)
         key = ("memories", site.name)
         if key not in self._cache:
-            if self.memories_fn is not None:
+            eng = self.streaming_site(site.name) if self.curvature == "ggn" else None
+            if eng is not None:
+                self._cache[key] = eng.memories(self.posterior.mean)
+            elif self.memories_fn is not None:
                 self._cache[key] = self.memories_fn(self, site.name)
             else:
                 self._cache[key] = mpe_memories(self.adapter, self.posterior.mean, site.name,
@@ -89,11 +100,50 @@ class Fit:
                                 if site.predictor is not None else None)
         return self._cache[key]
 
+    def stream(self, var_name: str | None = None) -> StreamingSite:
+        """The prediction-space engine of ``var_name`` (chunks of rows, sharded over ``devices``)."""
+        site = self.adapter.observed_site(var_name)
+        key = ("stream", site.name)
+        if key not in self._cache:
+            self._cache[key] = StreamingSite(self.adapter, site.name, chunk_size=self.chunk_size,
+                                             curvature=self.curvature, devices=self.devices,
+                                             progress=self.progress)
+        return self._cache[key]
+
+    def streaming_site(self, var_name: str) -> StreamingSite | None:
+        """The engine if ``var_name``'s MPE runs in prediction space, else ``None``.
+
+        That is where the site has a predictor and either ``curvature="ggn"`` or the predictor is linear in
+        θ (the GGN is then the exact Hessian) and the memories are the delta method's.  ``curvature="ggn"``
+        without a predictor falls back to exact curvature with a warning that says why.
+        """
+        site = self.adapter.observed[var_name]
+        key = ("streaming_site", var_name)
+        if key in self._cache:
+            return self._cache[key]
+        eng = None
+        if site.predictor is None:
+            if self.curvature == "ggn":
+                warnings.warn(f"curvature='ggn': site '{var_name}' has no predictor "
+                              f"({site.no_predictor_reason}); using exact curvature for it", stacklevel=3)
+        elif self.curvature == "ggn":
+            eng = self.stream(var_name)
+        elif self.memories_fn is None:
+            cand = self.stream(var_name)
+            eng = cand if cand.is_linear(self.posterior.mean) else None
+        self._cache[key] = eng
+        return eng
+
     def site_mpe(self, var_name: str | None = None) -> SiteMPE:
         """All MPE outputs of ``var_name`` as arrays over the flattened observations."""
         site = self.adapter.observed_site(var_name)
         key = ("mpe", site.name)
         if key not in self._cache:
+            eng = self.streaming_site(site.name)
+            if eng is not None:
+                self._cache[key] = eng.site_mpe(self.posterior, num_samples=self.num_samples,
+                                                rng_key=jax.random.PRNGKey(0))
+                return self._cache[key]
             self._cache[key] = site_mpe(
                 self.adapter, self.posterior, site.name, self.memories(site.name),
                 chunk_size=self.chunk_size, num_samples=self.num_samples, progress=self.progress,

@@ -177,6 +177,13 @@ def parameter_shift(fit: Fit, var_names=None, var_name: str | None = None,
     names, with_det = _resolve_names(fit, var_names)
     chunk_size = int(fit.chunk_size if chunk_size is None else chunk_size)
     res = fit.site_mpe(site.name)
+    if res.shift is None:
+        from .errors import MPEError
+
+        raise MPEError(
+            f"parameter_shift needs the N×P shifts of '{site.name}', which the streamed pass does not keep "
+            f"at N·P = {site.num_obs}·{ad.num_params} > 5e7; take a subset of the observations or call "
+            f"fit.stream('{site.name}').site_mpe(fit.posterior, keep_shift=True)")
     dtype = fit.posterior.mean.dtype
 
     jac_t, shapes = constrained_jacobian(fit, names, deterministic=with_det)  # (P, P_c)

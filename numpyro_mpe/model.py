@@ -298,9 +298,13 @@ class ModelAdapter:
         return self._potential_fn(self.unravel(theta))
 
     def _trace(self, theta):
-        params = constrain_fn(self.model, self.args, self.kwargs, self.unravel(theta))
+        return self.trace_with(theta, self.args, self.kwargs)
+
+    def trace_with(self, theta, args: tuple, kwargs: dict):
+        """The model's trace at ``theta`` on the data ``*args, **kwargs`` (e.g. a subset of the rows)."""
+        params = constrain_fn(self.model, args, kwargs, self.unravel(theta))
         model = handlers.substitute(handlers.seed(self.model, 0), data=params)
-        return handlers.trace(model).get_trace(*self.args, **self.kwargs)
+        return handlers.trace(model).get_trace(*args, **kwargs)
 
     @staticmethod
     def _site_log_lik(site: dict, num_obs: int):

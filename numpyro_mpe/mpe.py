@@ -93,6 +93,26 @@ class SiteMPE(NamedTuple):
     prediction_labels: tuple
     method: str  # how elpd_loo was integrated
 
+    @classmethod
+    def from_outputs(cls, var_name: str, res: dict, labels: tuple, method: str, n: int) -> SiteMPE:
+        """Assemble from per-observation arrays (``lpd, elpd_loo, sensitivity, leverage, valid`` and
+        optionally ``shift``, ``dEta``, ``v``); invalid cavities get NaN and one warning naming them."""
+        valid = res["valid"]
+        elpd = jnp.where(valid, res["elpd_loo"], jnp.nan)
+        n_bad = int(n - jnp.sum(valid))
+        if n_bad:
+            bad = np.flatnonzero(~np.asarray(valid))
+            warnings.warn(
+                f"{n_bad} of {n} observations of '{var_name}' have leverage >= 1: removing them leaves a "
+                f"cavity precision S - H_i that is not positive definite, so their leave-one-out Gaussian "
+                f"does not exist (flat indices {bad[:10].tolist()}{' ...' if n_bad > 10 else ''}); their "
+                "elpd_loo, p_loo, sensitivity and shifts are NaN and `valid` is False",
+                stacklevel=4,
+            )
+        lpd = res["lpd"]
+        return cls(lpd, elpd, lpd - elpd, jnp.where(valid, res["sensitivity"], jnp.nan), res["leverage"],
+                   valid, res.get("shift"), res.get("dEta"), res.get("v"), labels, method)
+
 
 # ---------------------------------------------------------------- memories
 def exact_memories(adapter: ModelAdapter, theta, var_name: str) -> Memories:
@@ -141,6 +161,32 @@ def predictor_is_linear(adapter: ModelAdapter, theta, var_name: str, active, rng
     return bool(jnp.all(jnp.isfinite(h)) & (jnp.max(jnp.abs(h)) <= tol))
 
 
+def predictor_nll(log_lik_fn, active):
+    """ℓ(x) = −w·log p(y | η) of one observation as a function of its active predictor components x
+    (the others fixed at ``eta_all``): ``nll(x, eta_all, y, aux, w)``."""
+
+    def nll(x, eta_all, y, aux, w):
+        eta = eta_all.at[active].set(x)
+        tree = jax.tree_util.tree_map(lambda a: a[None], (eta, y, aux))
+        return -log_lik_fn(*tree)[0] * w
+
+    return nll
+
+
+def predictor_derivs(log_lik_fn, active):
+    """``derivs(eta_all, y, aux, w) -> (ℓ, e, Λ)``: value, gradient and (symmetrized) Hessian of
+    :func:`predictor_nll` in the active components, for one observation."""
+    nll = predictor_nll(log_lik_fn, active)
+
+    def derivs(eta_all, y, aux, w):
+        x = eta_all[active]
+        val, g = jax.value_and_grad(nll)(x, eta_all, y, aux, w)
+        h = jax.hessian(nll)(x, eta_all, y, aux, w)
+        return val, g, 0.5 * (h + h.T)
+
+    return derivs
+
+
 def factored_memories(adapter: ModelAdapter, theta, var_name: str, pred: PredictorState) -> Memories:
     """Memories through the predictor: ĝ_i = J_iᵀ e_i, Ĥ_i = J_iᵀ Λ_i J_i (exact when η is linear in θ).
 
@@ -152,18 +198,7 @@ def factored_memories(adapter: ModelAdapter, theta, var_name: str, pred: Predict
     active = jnp.asarray(pred.active)
     w = jnp.ones(site.num_obs, theta.dtype) if pred.weights is None else pred.weights
 
-    def nll_one(eta_act, eta_all, y, aux, wi):
-        eta = eta_all.at[active].set(eta_act)
-        tree = jax.tree_util.tree_map(lambda a: a[None], (eta, y, aux))
-        return -f(*tree)[0] * wi
-
-    def derivs(eta_all, y, aux, wi):
-        x = eta_all[active]
-        g = jax.grad(nll_one)(x, eta_all, y, aux, wi)
-        h = jax.hessian(nll_one)(x, eta_all, y, aux, wi)
-        return g, 0.5 * (h + h.T)
-
-    e, lam = jax.jit(jax.vmap(derivs))(pred.eta, site.flat_value, pred.aux, w)
+    _, e, lam = jax.jit(jax.vmap(predictor_derivs(f, active)))(pred.eta, site.flat_value, pred.aux, w)
     grad = jnp.einsum("nkp,nk->np", pred.jac, e)
     return Memories(grad, jac=pred.jac, lam=lam, resid=e)
 
@@ -219,15 +254,17 @@ def cavity_one(g_w, a_w, b_w):
     }
 
 
-def cavity_k(e, lam, b_w):
+def cavity_k(e, lam, b_w=None, v=None):
     """Cavity of one observation through its predictor (Woodbury in K dimensions).
 
-    With Ĥ = J ᵀΛJ, B = J L⁻ᵀ and V = B Bᵀ: the nonzero eigenvalues of Ã = BᵀΛB are those of
-    V^{1/2} Λ V^{1/2} (``leverage`` = the largest), (I − Ã)⁻¹Bᵀe = Bᵀ(I − ΛV)⁻¹e, so
-    u = Bᵀw with w = (I − ΛV)⁻¹e, Δη = V w, V₋ = V(I − ΛV)⁻¹ and ‖u‖² = wᵀVw.
+    With Ĥ = JᵀΛJ, B = J L⁻ᵀ and V = B Bᵀ = J S⁻¹ Jᵀ (pass ``b_w`` or ``v``): the nonzero eigenvalues of
+    Ã = BᵀΛB are those of V^{1/2} Λ V^{1/2} (``leverage`` = the largest), (I − Ã)⁻¹Bᵀe = Bᵀ(I − ΛV)⁻¹e, so
+    with ``w`` = (I − ΛV)⁻¹e: u = Bᵀw (when ``b_w`` is given), Δη = V w, V₋ = V(I − ΛV)⁻¹, ‖u‖² = wᵀVw,
+    and the shift is Δm = S⁻¹Jᵀw.
     """
     k = e.shape[0]
-    v = b_w @ b_w.T
+    if v is None:
+        v = b_w @ b_w.T
     r = psd_sqrt(v)
     lev_mat = r.T @ lam @ r
     if k == 1:
@@ -240,15 +277,18 @@ def cavity_k(e, lam, b_w):
     w = jnp.linalg.solve(a, e)
     v_cav = jnp.linalg.solve(a.T, v).T
     nan = jnp.asarray(jnp.nan, e.dtype)
-    return {
+    out = {
         "leverage": leverage,
         "valid": valid,
-        "u": jnp.where(valid, b_w.T @ w, nan),
+        "w": jnp.where(valid, w, nan),
         "sensitivity": jnp.where(valid, jnp.sqrt(jnp.clip(w @ v @ w, 0.0, None)), nan),
         "dEta": jnp.where(valid, v @ w, nan),
         "v": v,
         "v_cav": jnp.where(valid, 0.5 * (v_cav + v_cav.T), nan),
     }
+    if b_w is not None:
+        out["u"] = jnp.where(valid, b_w.T @ w, nan)
+    return out
 
 
 def expected_log_lik_one(log_lik_fn, rule: Rule, mean, cov, eta_all, active, y, aux, weight):
@@ -353,20 +393,8 @@ def site_mpe(adapter: ModelAdapter, post: GaussianPosterior, var_name: str, memo
     else:
         lpd, elpd, dEta, v = res["lpd"], res["elpd_loo"], res["dEta"], res["v"]
         labels = tuple(site.predictor.labels[i] for i in pred.active)
-    valid = res["valid"]
-    elpd = jnp.where(valid, elpd, jnp.nan)
-    n_bad = int(n - jnp.sum(valid))
-    if n_bad:
-        bad = np.flatnonzero(~np.asarray(valid))
-        warnings.warn(
-            f"{n_bad} of {n} observations of '{var_name}' have leverage >= 1: removing them leaves a "
-            f"cavity precision S - H_i that is not positive definite, so their leave-one-out Gaussian "
-            f"does not exist (flat indices {bad[:10].tolist()}{' ...' if n_bad > 10 else ''}); their "
-            "elpd_loo, p_loo, sensitivity and shifts are NaN and `valid` is False",
-            stacklevel=3,
-        )
-    return SiteMPE(lpd, elpd, lpd - elpd, jnp.where(valid, res["sensitivity"], jnp.nan), res["leverage"],
-                   valid, shift, dEta, v, labels, method)
+    res.update(lpd=lpd, elpd_loo=elpd, shift=shift, dEta=dEta, v=v)
+    return SiteMPE.from_outputs(var_name, res, labels, method, n)
 
 
 def theta_space_elpd(adapter, post, var_name, memories, u, logdet, *, rng_key, num_samples,

@@ -1,4 +1,9 @@
-"""Gaussian posterior q = N(m, S⁻¹) over the flat unconstrained latent vector θ."""
+"""Gaussian posterior q = N(m, S⁻¹) over the flat unconstrained latent vector θ.
+
+Three structures of the precision S: full (:class:`GaussianPosterior`, Cholesky factor), diagonal
+(:class:`DiagGaussianPosterior`) and diagonal plus low rank (:class:`LowRankGaussianPosterior`).  All give
+S⁻¹v (``cov_matvec``), whitening, draws and log q; the MPE needs no more.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ class GaussianPosterior(NamedTuple):
     mean: jax.Array
     precision: jax.Array
     chol: jax.Array
+
+    structure = "full"
 
     @property
     def dim(self) -> int:
@@ -41,6 +48,16 @@ class GaussianPosterior(NamedTuple):
         """S⁻¹ v."""
         return self.unwhiten(self.whiten(v))
 
+    cov_matvec = solve
+
+    def cov_diag(self):
+        """diag S⁻¹."""
+        linv = solve_triangular(self.chol, jnp.eye(self.dim, dtype=self.mean.dtype), lower=True)
+        return jnp.sum(linv**2, axis=0)
+
+    def dense(self) -> GaussianPosterior:
+        return self
+
     def sample(self, rng_key, num_samples: int):
         """``num_samples`` draws, shape ``(num_samples, P)``."""
         z = jax.random.normal(rng_key, (num_samples, self.dim), self.mean.dtype)
@@ -57,3 +74,187 @@ def from_precision(mean, precision) -> GaussianPosterior:
     """Build the posterior; the Cholesky factor is NaN if ``precision`` is not positive definite."""
     precision = 0.5 * (precision + precision.T)
     return GaussianPosterior(mean, precision, jnp.linalg.cholesky(precision))
+
+
+#: Largest P for which a structured posterior materializes its dense precision on request.
+DENSE_LIMIT = 8192
+
+
+def _dense_guard(p: int, what: str) -> None:
+    if p > DENSE_LIMIT:
+        from .errors import PosteriorError
+
+        raise PosteriorError(
+            f"{what} needs the dense {p}x{p} precision of a structured posterior (P = {p} > {DENSE_LIMIT}); "
+            "use the per-observation outputs (sensitivities, loo), which stay in prediction space, or fit "
+            "with posterior='full' on a smaller model"
+        )
+
+
+class DiagGaussianPosterior(NamedTuple):
+    """q(θ) = N(mean, diag(precision_diag)⁻¹): a diagonal precision, O(P) memory.
+
+    ``precision``, ``chol`` and ``covariance()`` materialize dense P×P arrays for the features that need
+    them (refused above ``DENSE_LIMIT``); the MPE itself uses :meth:`cov_matvec` only.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> q = DiagGaussianPosterior(jnp.zeros(3), jnp.array([1.0, 4.0, 16.0]))
+    >>> q.cov_matvec(jnp.ones(3)).tolist()
+    [1.0, 0.25, 0.0625]
+    """
+
+    mean: jax.Array
+    precision_diag: jax.Array
+
+    structure = "diag"
+
+    @property
+    def dim(self) -> int:
+        return int(self.mean.shape[-1])
+
+    def cov_matvec(self, v):
+        """S⁻¹ v for ``v`` of shape ``(P,)`` or ``(P, k)``."""
+        d = self.precision_diag
+        return v / (d if v.ndim == 1 else d[:, None])
+
+    def cov_diag(self):
+        return 1.0 / self.precision_diag
+
+    def whiten(self, v):
+        d = jnp.sqrt(self.precision_diag)
+        return v / (d if v.ndim == 1 else d[:, None])
+
+    unwhiten = whiten
+
+    def solve(self, v):
+        return self.cov_matvec(v)
+
+    @property
+    def precision(self):
+        _dense_guard(self.dim, "this feature")
+        return jnp.diag(self.precision_diag)
+
+    @property
+    def chol(self):
+        _dense_guard(self.dim, "this feature")
+        return jnp.diag(jnp.sqrt(self.precision_diag))
+
+    def covariance(self):
+        _dense_guard(self.dim, "covariance()")
+        return jnp.diag(1.0 / self.precision_diag)
+
+    def sample(self, rng_key, num_samples: int):
+        z = jax.random.normal(rng_key, (num_samples, self.dim), self.mean.dtype)
+        return self.mean + z / jnp.sqrt(self.precision_diag)
+
+    def log_prob(self, theta):
+        z = (theta - self.mean) * jnp.sqrt(self.precision_diag)
+        logdet = 0.5 * jnp.sum(jnp.log(self.precision_diag))
+        return -0.5 * jnp.sum(z**2, -1) + logdet - 0.5 * self.dim * jnp.log(2 * jnp.pi)
+
+    def dense(self) -> GaussianPosterior:
+        """The same q as a :class:`GaussianPosterior` (P×P)."""
+        return from_precision(self.mean, self.precision)
+
+
+class LowRankGaussianPosterior(NamedTuple):
+    """q(θ) = N(mean, S⁻¹) with S = diag(d) + U Uᵀ, U of shape ``(P, r)``: O(P r) memory.
+
+    With Ũ = D^{-1/2} U = Q R (thin QR) and R Rᵀ = Z diag(τ) Zᵀ, S = D^{1/2} A² D^{1/2} with the symmetric
+    root A = I + Q Z diag(√(1+τ) − 1) Zᵀ Qᵀ; so S⁻¹ v, whitening, draws and log q cost O(P r).
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> q = LowRankGaussianPosterior.build(jnp.zeros(3), jnp.ones(3), jnp.array([[1.0], [0.0], [0.0]]))
+    >>> [round(x, 6) for x in q.cov_matvec(jnp.array([1.0, 0.0, 0.0])).tolist()]
+    [0.5, 0.0, 0.0]
+    """
+
+    mean: jax.Array
+    diag: jax.Array  # d, (P,)
+    factor: jax.Array  # U, (P, r)
+    basis: jax.Array  # Q Z, (P, r): orthonormal columns
+    tau: jax.Array  # (r,): eigenvalues of Ũᵀ Ũ
+
+    structure = "lowrank"
+
+    @classmethod
+    def build(cls, mean, diag, factor) -> LowRankGaussianPosterior:
+        ut = factor / jnp.sqrt(diag)[:, None]
+        q, r = jnp.linalg.qr(ut)
+        tau, z = jnp.linalg.eigh(r @ r.T)
+        return cls(mean, diag, factor, q @ z, jnp.clip(tau, 0.0, None))
+
+    @property
+    def dim(self) -> int:
+        return int(self.mean.shape[-1])
+
+    def _root_pow(self, v, power):
+        """A^power v for the symmetric root A (power = ±1, ±2)."""
+        col = v.ndim == 1
+        v2 = v[:, None] if col else v
+        c = self.basis.T @ v2
+        scale = (1.0 + self.tau) ** (power / 2.0) - 1.0
+        out = v2 + self.basis @ (scale[:, None] * c)
+        return out[:, 0] if col else out
+
+    def _dscale(self, v, power):
+        d = self.diag ** power
+        return v * (d if v.ndim == 1 else d[:, None])
+
+    def cov_matvec(self, v):
+        """S⁻¹ v = D^{-1/2} A⁻² D^{-1/2} v for ``v`` of shape ``(P,)`` or ``(P, k)``."""
+        return self._dscale(self._root_pow(self._dscale(v, -0.5), -2), -0.5)
+
+    def precision_matvec(self, v):
+        return self._dscale(self._root_pow(self._dscale(v, 0.5), 2), 0.5)
+
+    def cov_diag(self):
+        ut = self.basis / jnp.sqrt(self.diag)[:, None]
+        shrink = 1.0 - 1.0 / (1.0 + self.tau)
+        return 1.0 / self.diag - jnp.sum(ut**2 * shrink, axis=1)
+
+    def whiten(self, v):
+        """L⁻¹ v with L = D^{1/2} A (S = L Lᵀ)."""
+        return self._root_pow(self._dscale(v, -0.5), -1)
+
+    def unwhiten(self, u):
+        """L⁻ᵀ u = D^{-1/2} A⁻¹ u."""
+        return self._dscale(self._root_pow(u, -1), -0.5)
+
+    def solve(self, v):
+        return self.cov_matvec(v)
+
+    @property
+    def precision(self):
+        _dense_guard(self.dim, "this feature")
+        return jnp.diag(self.diag) + self.factor @ self.factor.T
+
+    @property
+    def chol(self):
+        _dense_guard(self.dim, "this feature")
+        return jnp.linalg.cholesky(0.5 * (self.precision + self.precision.T))
+
+    def covariance(self):
+        _dense_guard(self.dim, "covariance()")
+        return self.cov_matvec(jnp.eye(self.dim, dtype=self.mean.dtype))
+
+    def sample(self, rng_key, num_samples: int):
+        z = jax.random.normal(rng_key, (num_samples, self.dim), self.mean.dtype)
+        return self.mean + self.unwhiten(z.T).T
+
+    def log_prob(self, theta):
+        z = self._root_pow(self._dscale((theta - self.mean).T, 0.5), 1).T
+        logdet = 0.5 * (jnp.sum(jnp.log(self.diag)) + jnp.sum(jnp.log1p(self.tau)))
+        return -0.5 * jnp.sum(z**2, -1) + logdet - 0.5 * self.dim * jnp.log(2 * jnp.pi)
+
+    def dense(self) -> GaussianPosterior:
+        return from_precision(self.mean, self.precision)
+
+
+def structure_of(post) -> str:
+    """``"full"``, ``"diag"`` or ``"lowrank"``."""
+    return getattr(post, "structure", "full")

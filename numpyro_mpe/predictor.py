@@ -138,20 +138,28 @@ class Predictor:
                     yield f"{s.name}[{','.join(map(str, k))}]"
 
     # ------------------------------------------------------------------ maps
-    def _flat_params(self, fn: dist.Distribution) -> tuple:
-        """(eta (N, K_all), aux dict) of the site distribution ``fn`` at some θ."""
+    def params(self, fn: dist.Distribution, obs_shape: tuple | None = None) -> tuple:
+        """(eta (n, K_all), aux dict) of the site distribution ``fn`` at some θ.
+
+        ``obs_shape`` is the batch shape of ``fn`` when the model ran on a subset of the observations
+        (default: the whole site's).
+        """
+        obs_shape = self.obs_shape if obs_shape is None else tuple(obs_shape)
+        num = int(np.prod(obs_shape, dtype=int))
         base = unwrap(fn)[0]
-        target = self.obs_shape + self.reinterpreted
+        target = obs_shape + self.reinterpreted
         parts = []
         for s in self.specs:
             v = jnp.broadcast_to(jnp.asarray(getattr(base, s.name)), target + s.event_shape)
             uval = biject_to(s.constraint).inv(v)
-            parts.append(jnp.reshape(uval, (self.num_obs, s.size)))
+            parts.append(jnp.reshape(uval, (num, s.size)))
         aux = {}
         for name, p_event in self.aux_names:
             v = jnp.broadcast_to(jnp.asarray(getattr(base, name)), target + p_event)
-            aux[name] = jnp.reshape(v, (self.num_obs,) + self.reinterpreted + p_event)
+            aux[name] = jnp.reshape(v, (num,) + self.reinterpreted + p_event)
         return jnp.concatenate(parts, axis=-1), aux
+
+    _flat_params = params
 
     def eta(self, fn: dist.Distribution):
         """Predictor values ``(N, K_all)`` of the site distribution ``fn``."""

@@ -52,7 +52,14 @@ from jax.scipy.linalg import solve_triangular
 from .errors import ModelError
 from .fit import Fit
 from .model import ModelAdapter
-from .mpe import cavity_k, expected_log_lik_one, factored_memories, predictor_state
+from .mpe import (
+    cavity_k,
+    expected_log_lik_one,
+    factored_memories,
+    predictor_derivs,
+    predictor_nll,
+    predictor_state,
+)
 from .mpe import memories as delta_memories
 from .posterior import GaussianPosterior, from_precision
 from .quadrature import default_rule, psd_sqrt
@@ -398,16 +405,11 @@ class CheckpointMPE:
         aux = adapter.predictor_aux(mean, name)
         y = site.flat_value
 
-        def nll_one(x, eta_all, yi, auxi, wi):
-            e_all = eta_all.at[active].set(x)
-            tree = jax.tree_util.tree_map(lambda a: a[None], (e_all, yi, auxi))
-            return -f(*tree)[0] * wi
+        nll_one = predictor_nll(f, active)
+        derivs3 = predictor_derivs(f, active)
 
         def derivs(eta_all, yi, auxi, wi):
-            x = eta_all[active]
-            g = jax.grad(nll_one)(x, eta_all, yi, auxi, wi)
-            h = jax.hessian(nll_one)(x, eta_all, yi, auxi, wi)
-            return g, 0.5 * (h + h.T)
+            return derivs3(eta_all, yi, auxi, wi)[1:]
 
         e, lam = jax.vmap(derivs)(eta, y, aux, w)
         if self.diagonal:

@@ -30,7 +30,7 @@ import numpy as np
 
 from .errors import MPEError, PosteriorError
 from .model import ModelAdapter
-from .mpe import Memories, PredictorState, predictor_is_linear, predictor_state
+from .mpe import Memories, PredictorState, predictor_derivs, predictor_is_linear, predictor_state
 from .mpe import memories as delta_memories
 from .posterior import GaussianPosterior, from_precision
 
@@ -171,16 +171,10 @@ def _factored_mc(adapter: ModelAdapter, thetas, var_name: str, pred: PredictorSt
     w = jnp.ones(site.num_obs, thetas.dtype) if pred.weights is None else pred.weights
     y = site.flat_value
 
-    def nll_one(eta_act, eta_all, yi, aux, wi):
-        eta = eta_all.at[active].set(eta_act)
-        tree = jax.tree_util.tree_map(lambda a: a[None], (eta, yi, aux))
-        return -f(*tree)[0] * wi
+    derivs3 = predictor_derivs(f, active)
 
     def derivs(eta_all, yi, aux, wi):
-        x = eta_all[active]
-        g = jax.grad(nll_one)(x, eta_all, yi, aux, wi)
-        h = jax.hessian(nll_one)(x, eta_all, yi, aux, wi)
-        return g, 0.5 * (h + h.T)
+        return derivs3(eta_all, yi, aux, wi)[1:]
 
     def at(theta):
         eta = adapter.eta(theta, var_name)

@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.infer import init_to_median
 
-from ..errors import PosteriorError, check_options
+from ..errors import MPEError, PosteriorError, check_options
 from ..fit import Fit
 from ..model import ModelAdapter
-from ..posterior import from_precision
+from ..posterior import DENSE_LIMIT, DiagGaussianPosterior, LowRankGaussianPosterior, from_precision
+from ..streaming import CURVATURES, StreamingSite
 
 
 class NewtonState(NamedTuple):
@@ -98,6 +99,20 @@ class Laplace:
         Monte Carlo draws where ``elpd_loo`` cannot be integrated by Gauss–Hermite.
     progress : bool, default True
         Show progress bars on long per-observation passes.
+    curvature : {"exact", "ggn"}, default "exact"
+        Curvature of the precision and of the memories: the exact Hessian, or the generalized Gauss–Newton
+        Σ_i J_iᵀΛ_iJ_i (+ the prior's Hessian) through each observation's predictor, Λ_i projected onto
+        the PSD cone.  The two agree for canonical-link GLMs.
+    posterior : {"full", "diag", "lowrank"}, default "full"
+        Structure of the precision S: full, its diagonal, or diagonal plus rank ``rank`` (the top
+        eigenpairs of the likelihood curvature, the diagonal kept exact).
+    rank : int, default 10
+        Rank of the ``"lowrank"`` posterior.
+    devices : sequence of jax.Device, optional
+        Devices to shard the observations over (default: all of ``jax.devices()``).
+    optimizer : {"auto", "newton", "lbfgs"}, default "auto"
+        MAP optimizer when the fit streams over chunks: Newton (on the GGN with ``curvature="ggn"``) for
+        P ≤ 2048 where the predictor is linear in θ, else L-BFGS (optax).
 
     Examples
     --------
@@ -113,7 +128,9 @@ class Laplace:
     True
     """
 
-    OPTIONS = {"init_strategy", "max_steps", "gtol", "chunk_size", "num_samples", "progress"}
+    OPTIONS = {"init_strategy", "max_steps", "gtol", "chunk_size", "num_samples", "progress", "curvature",
+               "posterior", "rank", "devices", "optimizer"}
+    STRUCTURES = ("full", "diag", "lowrank")
 
     def __init__(self, model: Callable, **options):
         check_options("Laplace", options, self.OPTIONS)
@@ -121,9 +138,23 @@ class Laplace:
         self.init_strategy = options.get("init_strategy", init_to_median)
         self.max_steps = int(options.get("max_steps", 200))
         self.gtol = options.get("gtol")
-        self.mpe_options = {k: options[k] for k in ("chunk_size", "num_samples", "progress") if k in options}
-        if self.mpe_options.get("chunk_size", 1) < 1:
-            raise ValueError(f"chunk_size must be a positive integer, got {self.mpe_options['chunk_size']}")
+        self.mpe_options = {k: options[k] for k in ("chunk_size", "num_samples", "progress", "curvature",
+                                                     "devices") if k in options}
+        chunk = self.mpe_options.get("chunk_size", 1)
+        if not isinstance(chunk, (int, np.integer)) or chunk < 1:
+            raise MPEError(f"chunk_size must be a positive integer, got {chunk!r}")
+        self.curvature = options.get("curvature", "exact")
+        if self.curvature not in CURVATURES:
+            raise MPEError(f"curvature must be one of {CURVATURES}, got {self.curvature!r}")
+        self.structure = options.get("posterior", "full")
+        if self.structure not in self.STRUCTURES:
+            raise MPEError(f"posterior must be one of {self.STRUCTURES}, got {self.structure!r}")
+        self.rank = int(options.get("rank", 10))
+        if self.rank < 1:
+            raise MPEError(f"rank must be a positive integer, got {self.rank}")
+        self.optimizer = options.get("optimizer", "auto")
+        if self.optimizer not in ("auto", "newton", "lbfgs"):
+            raise MPEError(f"optimizer must be 'auto', 'newton' or 'lbfgs', got {self.optimizer!r}")
 
     def run(self, rng_key, *args, **kwargs) -> Fit:
         """Fit the model to the data ``*args, **kwargs`` (passed to the model unchanged)."""
@@ -132,6 +163,18 @@ class Laplace:
         if gtol is None:
             gtol = 1e-8 if adapter.init_theta.dtype == jnp.float64 else 1e-4
         gtol = float(gtol)
+        p = adapter.num_params
+        if self.structure == "full" and p > DENSE_LIMIT:
+            raise MPEError(
+                f"posterior='full' needs a dense {p}x{p} precision (P = {p} > {DENSE_LIMIT}); use "
+                "posterior='diag' or posterior='lowrank' (with curvature='ggn') for a wide model")
+        eng = self._streaming_engine(adapter)
+        if eng is not None:
+            return self._run_streamed(adapter, eng, gtol)
+        if self.structure != "full" and p > 2048:
+            reason = eng_reason(adapter, self.curvature)
+            raise MPEError(f"posterior={self.structure!r} for P = {p} needs the streamed fit, which is not "
+                           f"available for this model: {reason}")
         state = damped_newton(adapter.potential, adapter.init_theta, max_steps=self.max_steps, gtol=gtol)
         theta = state.theta
         value = float(state.value)
@@ -148,10 +191,135 @@ class Laplace:
                 stacklevel=2,
             )
         precision = jax.jit(jax.hessian(adapter.potential))(theta)
+        if self.curvature == "ggn":
+            precision = ggn_precision(adapter, theta, precision)
         check_precision(adapter, precision)
-        post = from_precision(theta, precision)
+        post = dense_structured(adapter, theta, precision, self.structure, self.rank)
         return Fit(adapter, post, method="laplace", info={"steps": int(state.step), "grad_norm": gnorm,
-                                                           "potential": value}, **self.mpe_options)
+                                                           "potential": value, "streamed": False},
+                   **self.mpe_options)
+
+    # ------------------------------------------------------------ streamed fit
+    def _streaming_engine(self, adapter: ModelAdapter):
+        """The streaming engine when the MAP can stream: one observed site with a predictor whose rows the
+        model can run on, the prior separable from it, and either more than one chunk, curvature='ggn' or
+        a structured posterior; with curvature='exact' the predictor must be linear in θ."""
+        if len(adapter.observed) != 1:
+            return None
+        name = next(iter(adapter.observed))
+        site = adapter.observed[name]
+        chunk = int(self.mpe_options.get("chunk_size", 4096))
+        if site.predictor is None:
+            return None
+        if not (site.num_obs > chunk or self.curvature == "ggn" or self.structure != "full"):
+            return None
+        eng = StreamingSite(adapter, name, chunk_size=chunk, curvature=self.curvature,
+                            devices=self.mpe_options.get("devices"),
+                            progress=self.mpe_options.get("progress", True))
+        if eng.plan is None or not eng.plan.prior_ok:
+            return None
+        if self.curvature == "exact" and not eng.is_linear(adapter.init_theta):
+            return None
+        return eng
+
+    def _run_streamed(self, adapter: ModelAdapter, eng, gtol: float) -> Fit:
+        from .streamed_map import (
+            PriorPart,
+            check_structured,
+            chunked_lbfgs,
+            chunked_newton,
+            structured_precision,
+        )
+
+        prior = PriorPart(eng)
+        p = adapter.num_params
+        opt = self.optimizer
+        if opt == "auto":  # Gauss–Newton converges fast only where η is linear in θ (GLMs)
+            opt = "newton" if p <= 2048 and eng.is_linear(adapter.init_theta) else "lbfgs"
+        progress = self.mpe_options.get("progress", True)
+        if opt == "newton":
+            res = chunked_newton(eng, prior, adapter.init_theta, max_steps=self.max_steps, gtol=gtol,
+                                 progress=progress)
+        else:
+            res = chunked_lbfgs(eng, prior, adapter.init_theta, max_steps=max(self.max_steps, 500), gtol=gtol)
+        if not np.isfinite(res.value) or not np.all(np.isfinite(np.asarray(res.theta))):
+            raise PosteriorError(
+                f"the potential energy is not finite at the optimum (U = {res.value}); check the model's "
+                "priors and data, or pass init_strategy=numpyro.infer.init_to_value(values=...)")
+        gnorm = float(jnp.max(jnp.abs(res.grad)))
+        if gnorm > gtol * max(1.0, abs(res.value)):
+            warnings.warn(
+                f"Laplace: the {opt} optimizer did not converge in {res.steps} steps "
+                f"(max |grad U| = {gnorm:.3g}); raise max_steps or check the model", stacklevel=3)
+        post = structured_precision(eng, prior, res.theta, self.structure, self.rank)
+        if self.structure == "full":
+            check_precision(adapter, post.precision)
+        else:
+            check_structured(adapter, post)
+        fit = Fit(adapter, post, method="laplace", info={"steps": res.steps, "grad_norm": gnorm,
+                                                          "potential": res.value, "streamed": True,
+                                                          "optimizer": opt}, **self.mpe_options)
+        fit._cache[("stream", eng.name)] = eng  # the data are placed once
+        return fit
+
+
+def eng_reason(adapter: ModelAdapter, curvature: str) -> str:
+    names = list(adapter.observed)
+    if len(names) != 1:
+        return f"the model has {len(names)} observed sites (streaming handles one)"
+    site = adapter.observed[names[0]]
+    if site.predictor is None:
+        return f"site '{names[0]}' has no predictor ({site.no_predictor_reason})"
+    from ..streaming import row_plan
+
+    plan, why = row_plan(adapter, names[0])
+    if plan is None:
+        return why
+    if not plan.prior_ok:
+        return "the prior part of the potential could not be separated from the likelihood"
+    return f"curvature={curvature!r} needs a predictor linear in θ; use curvature='ggn'"
+
+
+def ggn_precision(adapter: ModelAdapter, theta, exact):
+    """∇²R(θ) + Σ_sites Σ_i J_iᵀΛ_i⁺J_i: the exact Hessian with each predictor site's likelihood part
+    replaced by its generalized Gauss–Newton (sites without a predictor keep their exact Hessian)."""
+    out = exact
+    for name, site in adapter.observed.items():
+        if site.predictor is None:
+            warnings.warn(f"curvature='ggn': site '{name}' has no predictor ({site.no_predictor_reason}); "
+                          "its exact Hessian is used", stacklevel=3)
+            continue
+        exact_lik = jax.jit(jax.hessian(lambda t, n=name: -jnp.sum(adapter.log_lik(t, n))))(theta)
+        eng = StreamingSite(adapter, name, chunk_size=max(site.num_obs, 1), curvature="ggn", progress=False)
+        _, _, ggn = eng.reduce(theta, "all", "full")
+        out = out - exact_lik + ggn
+    return out
+
+
+def dense_structured(adapter: ModelAdapter, theta, precision, structure: str, rank: int):
+    """The posterior of a dense precision in the requested structure: itself, its diagonal, or its
+    diagonal plus the top-``rank`` eigenpairs of its off-prior part (diagonal kept exact)."""
+    if structure == "full":
+        return from_precision(theta, precision)
+    if structure == "diag":
+        return DiagGaussianPosterior(theta, jnp.diagonal(precision))
+    prior_h = jax.jit(jax.hessian(lambda t: prior_only_potential(adapter, t)))(theta)
+    lik = precision - prior_h
+    lam, vec = jnp.linalg.eigh(0.5 * (lik + lik.T))
+    r = min(rank, theta.shape[0])
+    lam, vec = jnp.clip(lam[::-1][:r], 0.0, None), vec[:, ::-1][:, :r]
+    factor = vec * jnp.sqrt(lam)
+    d = jnp.diagonal(precision) - jnp.sum(factor**2, axis=1)
+    return LowRankGaussianPosterior.build(theta, jnp.maximum(d, 1e-12 * jnp.max(jnp.abs(d))), factor)
+
+
+def prior_only_potential(adapter: ModelAdapter, theta):
+    """R(θ): the potential of the model with every observed site blocked."""
+    from numpyro import handlers
+    from numpyro.infer.util import potential_energy
+
+    blocked = handlers.block(adapter.model, hide=list(adapter.observed))
+    return potential_energy(blocked, adapter.args, adapter.kwargs, adapter.unravel(theta))
 
 
 def check_precision(adapter: ModelAdapter, precision) -> None:

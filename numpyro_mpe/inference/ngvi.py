@@ -256,7 +256,8 @@ class NGVI:
         exceed the number of observations.
     precision : {"diag", "full"}, default "diag"
         Diagonal precision with the reparameterization Hessian estimate (IVON), or a full precision with exact
-        Hessians at the draws (small P).
+        Hessians at the draws (small P).  ``posterior=`` is accepted as the same option (the name Laplace
+        and SVI use); ``posterior="lowrank"`` is refused: NGVI keeps a full or diagonal precision.
     lr_schedule : callable, optional
         A schedule ``step -> lr``; an alternative to passing a callable ``lr`` (give one of them).
     callback : callable, optional
@@ -309,7 +310,8 @@ class NGVI:
 
     OPTIONS = {"antithetic", "heldout", "var_name", "ess", "clip_radius", "init_strategy", "memories",
                "memory_samples", "checkpoint_samples", "refit_steps", "on_divergence", "progress",
-               "chunk_size", "num_samples", "precision_from", "checkpoint_memories"}
+               "chunk_size", "num_samples", "precision_from", "checkpoint_memories", "posterior",
+               "curvature", "devices"}
 
     def __init__(self, model: Callable, num_steps: int = 1000, lr: float | Callable | None = None,
                  hess_init: float | Any = 1.0, beta1: float = 0.9, beta2: float | None = None,
@@ -317,6 +319,15 @@ class NGVI:
                  lr_schedule: Callable | None = None, callback: Callable | None = None,
                  every: int | None = None, **options):
         check_options("NGVI", options, self.OPTIONS)
+        structure = options.pop("posterior", None)  # the name shared with Laplace and SVI
+        if structure == "lowrank":
+            raise ValueError("NGVI cannot provide posterior='lowrank' (its natural-gradient updates keep a "
+                             "full or diagonal precision); use posterior='diag' or 'full', or "
+                             "mpe.SVI(model, posterior='lowrank') / mpe.Laplace(model, posterior='lowrank')")
+        if structure is not None:
+            if structure not in ("diag", "full"):
+                raise ValueError(f"posterior must be 'diag' or 'full' for NGVI, got {structure!r}")
+            precision = structure
         self.model = model
         self.num_steps = int(num_steps)
         if self.num_steps < 1:
@@ -371,7 +382,8 @@ class NGVI:
         if self.on_divergence not in ("warn", "raise"):
             raise ValueError(f"on_divergence must be 'warn' or 'raise', got {self.on_divergence!r}")
         self.progress = bool(options.get("progress", True))
-        self.mpe_options = {k: options[k] for k in ("chunk_size", "num_samples", "progress") if k in options}
+        self.mpe_options = {k: options[k] for k in ("chunk_size", "num_samples", "progress", "curvature",
+                                                     "devices") if k in options}
         if self.mpe_options.get("chunk_size", 1) < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {self.mpe_options['chunk_size']}")
         self.precision_from = options.get("precision_from", "optimizer")

@@ -360,7 +360,7 @@ def _fit_from_guide(adapter: ModelAdapter, guide, params: dict, *, memories: str
                **mpe_options)
 
 
-_MPE_OPTIONS = ("chunk_size", "num_samples", "progress")
+_MPE_OPTIONS = ("chunk_size", "num_samples", "progress", "curvature", "devices")
 
 
 def _check_memories(memories, memory_samples):
@@ -384,7 +384,8 @@ class SVI:
         A NumPyro model with continuous latent sites and at least one observed site.
     guide : {"diag", "full", "lowrank"}, default "diag"
         ``AutoNormal`` (mean-field: diagonal memories and precision), ``AutoMultivariateNormal`` or
-        ``AutoLowRankMultivariateNormal``.
+        ``AutoLowRankMultivariateNormal``; ``posterior=`` is accepted as the same option (the name Laplace
+        and NGVI use).
     optim : numpyro.optim optimizer, optional
         Default: ``ClippedAdam`` with the learning rate decaying geometrically from ``lr`` to ``lr_end``.
     num_steps : int, default 2000
@@ -431,8 +432,9 @@ class SVI:
         Draws from q for the NLLs at checkpoints.
     checkpoint_memories : {"q", "mean"}, default "q"
         Memories of the checkpoints (see :class:`numpyro_mpe.training.CheckpointMPE`).
-    chunk_size, num_samples, progress
-        As for :class:`~numpyro_mpe.Laplace` (``progress`` also shows NumPyro's SVI progress bar).
+    chunk_size, num_samples, progress, curvature, devices
+        As for :class:`~numpyro_mpe.Laplace` (``progress`` also shows NumPyro's SVI progress bar;
+        ``curvature="ggn"`` takes the memories through each observation's predictor at the mean of q).
 
     Examples
     --------
@@ -451,12 +453,16 @@ class SVI:
 
     OPTIONS = {"init_strategy", "init_scale", "lr", "lr_end", "clip_norm", "stable_update", "memories",
                "memory_samples", "diagonal_memories", "refit_steps", "heldout", "var_name",
-               "checkpoint_samples", "checkpoint_memories", *_MPE_OPTIONS}
+               "checkpoint_samples", "checkpoint_memories", "posterior", *_MPE_OPTIONS}
 
-    def __init__(self, model: Callable, guide: str = "diag", optim=None, num_steps: int = 2000,
+    def __init__(self, model: Callable, guide: str | None = None, optim=None, num_steps: int = 2000,
                  num_particles: int = 1, rank: int | None = None, callback: Callable | None = None,
                  every: int | None = None, **options):
         check_options("SVI", options, self.OPTIONS)
+        structure = options.pop("posterior", None)  # the name shared with Laplace and NGVI
+        if structure is not None and guide is not None and structure != guide:
+            raise ValueError(f"posterior={structure!r} and guide={guide!r} disagree; give one of them")
+        guide = guide or structure or "diag"
         if guide not in GUIDES:
             if isinstance(guide, str):
                 raise ValueError(f"guide must be one of {sorted(GUIDES)}, got {guide!r}")

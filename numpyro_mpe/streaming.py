@@ -1,0 +1,487 @@
+"""Prediction-space (GGN) MPE streamed over chunks of observations and sharded over devices.
+
+For an observed site with a predictor η_i(θ) ∈ R^K, every per-observation quantity comes from
+(η_i, J_i = ∂η_i/∂θ, e_i = ∇_η ℓ_i, Λ_i = ∇²_η ℓ_i) at the posterior mean and from the posterior through
+S⁻¹J_iᵀ alone (:meth:`cov_matvec`): V_i = J_i S⁻¹ J_iᵀ, then :func:`numpyro_mpe.mpe.cavity_k` in K dimensions.
+Nothing of size N×P or S×N is formed: the model runs on one chunk of rows at a time (its per-observation
+arguments sliced, see :class:`RowPlan`), J is formed per chunk (``chunk·K·P``), and the sums over
+observations (the GGN precision Σ_i J_iᵀΛ_iJ_i, the gradient) are accumulated in P² (or P) memory.
+
+With ``curvature="ggn"`` Λ_i is projected onto the PSD cone (the generalized Gauss–Newton); with
+``"exact"`` it is kept as it is, which is the exact Hessian of ℓ_i where η_i is linear in θ.
+
+Devices: the per-observation arrays are padded (with weight-0 rows) to a whole number of chunks, laid out
+``(chunks, chunk, ...)`` and placed once with ``NamedSharding`` along the rows of each chunk, so every
+device holds its own rows of every chunk; per-observation work stays local and the sums are collectives
+inserted by XLA.  The outputs are those of one device up to the order of floating-point sums.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as PS
+from numpyro import handlers
+from numpyro.infer.util import potential_energy
+from tqdm.auto import tqdm
+
+from .errors import MPEError
+from .model import ModelAdapter
+from .quadrature import default_rule
+
+CURVATURES = ("exact", "ggn")
+
+
+# ---------------------------------------------------------------- running the model on rows
+class RowPlan(NamedTuple):
+    """How to run the model on a subset of the rows of one observed site.
+
+    ``batched[j]`` says whether leaf j of ``(args, kwargs)`` carries one row per observation along its first
+    axis (it is sliced); the others are passed whole.  ``prior_ok`` says whether the model with the site
+    blocked, run on one row, gives the prior part R(θ) of the potential (so that the MAP can stream).
+    """
+
+    treedef: Any
+    leaves: tuple
+    batched: tuple
+    prior_ok: bool
+
+    def rebuild(self, rows: list):
+        it = iter(rows)
+        leaves = [next(it) if b else leaf for leaf, b in zip(self.leaves, self.batched)]
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+    def batched_leaves(self) -> list:
+        return [jnp.asarray(leaf) for leaf, b in zip(self.leaves, self.batched) if b]
+
+
+def row_plan(adapter: ModelAdapter, var_name: str) -> tuple[RowPlan | None, str | None]:
+    """A :class:`RowPlan` for ``var_name`` if running the model on sliced arguments reproduces its
+    rows (checked at two θ on a few rows), else ``(None, reason)``."""
+    site = adapter.observed[var_name]
+    if len(site.obs_shape) != 1:
+        return None, f"the site's observations have shape {site.obs_shape}; row slicing needs one plate dim"
+    n = site.obs_shape[0]
+    if n < 2:
+        return None, "the site has a single observation"
+    leaves, treedef = jax.tree_util.tree_flatten((adapter.args, adapter.kwargs))
+    batched = tuple(bool(np.ndim(x) >= 1 and np.shape(x)[0] == n) for x in leaves)
+    if not any(batched):
+        return None, f"no model argument has the site's {n} observations along its first axis"
+    plan = RowPlan(treedef, tuple(leaves), batched, False)
+    idx = np.unique(np.array([0, 1, n // 2, n - 1]))
+    rows = [x[idx] for x in plan.batched_leaves()]
+    theta0 = adapter.init_theta
+    thetas = [theta0, theta0 + 0.1 * jax.random.normal(jax.random.PRNGKey(3), theta0.shape, theta0.dtype)]
+    tol = 1e-8 if theta0.dtype == jnp.float64 else 1e-4
+
+    @jax.jit
+    def check(theta):
+        full_eta = adapter.eta(theta, var_name)[idx]
+        full_ll = adapter.log_lik(theta, var_name)[idx]
+        tr = rows_site(adapter, plan, var_name, theta, rows)
+        eta = site.predictor.params(tr["fn"], (len(idx),))[0]
+        ll = adapter._site_log_lik(tr, len(idx))
+        return full_eta, eta, full_ll, ll
+
+    try:
+        for th in thetas:
+            fe, e, fl, ll = check(th)
+            if fe.shape != e.shape or not (bool(jnp.allclose(fe, e, rtol=tol, atol=tol))
+                                           and bool(jnp.allclose(fl, ll, rtol=tol, atol=tol))):
+                return None, ("running the model on a subset of rows (its arguments with "
+                              f"{n} rows sliced) does not reproduce those rows' predictor and log-likelihood")
+    except Exception as err:  # noqa: BLE001 - any failure means the model cannot run on row subsets
+        return None, f"running the model on a subset of rows failed ({type(err).__name__}: {err})"
+    # R(θ) = U(θ) + Σ_i log p(y_i|θ), from the model with the site blocked, run on one row
+    try:
+        prior = jax.jit(lambda t: prior_potential(adapter, plan, var_name, t))
+        full = jax.jit(lambda t: adapter.potential(t) + jnp.sum(adapter.log_lik(t, var_name)))
+        ok = all(bool(jnp.abs(prior(th) - full(th)) <= tol * (1.0 + jnp.abs(full(th)))) for th in thetas)
+    except Exception:  # noqa: BLE001
+        ok = False
+    return plan._replace(prior_ok=ok), None
+
+
+def rows_site(adapter: ModelAdapter, plan: RowPlan, var_name: str, theta, rows: list) -> dict:
+    """The site's trace entry when the model runs at ``theta`` on the given rows."""
+    args, kwargs = plan.rebuild(rows)
+    return adapter.trace_with(theta, args, kwargs)[var_name]
+
+
+def prior_potential(adapter: ModelAdapter, plan: RowPlan, var_name: str, theta):
+    """R(θ): the potential with the site's likelihood removed (model on its first row, site blocked)."""
+    args, kwargs = plan.rebuild([x[:1] for x in plan.batched_leaves()])
+    blocked = handlers.block(adapter.model, hide=[var_name])
+    return potential_energy(blocked, args, kwargs, adapter.unravel(theta))
+
+
+# ---------------------------------------------------------------- layout over chunks and devices
+class Layout(NamedTuple):
+    """``num`` rows padded to ``num_chunks × chunk`` and sharded along each chunk's rows over ``mesh``."""
+
+    num: int
+    chunk: int
+    num_chunks: int
+    mesh: Mesh
+
+    @classmethod
+    def build(cls, num: int, chunk_size: int, devices=None) -> Layout:
+        if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+            raise MPEError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        devices = list(jax.devices() if devices is None else devices)
+        if not devices:
+            raise MPEError("devices= is empty")
+        nd = len(devices)
+        chunk = min(int(chunk_size), num)
+        chunk = nd * math.ceil(chunk / nd)  # every device gets the same number of rows
+        return cls(num, chunk, math.ceil(num / chunk), Mesh(np.array(devices), ("obs",)))
+
+    @property
+    def padded(self) -> int:
+        return self.chunk * self.num_chunks
+
+    def place(self, x):
+        """``(num, ...)`` → ``(num_chunks, chunk, ...)`` padded with the last row, sharded along axis 1."""
+        x = jnp.asarray(x)
+        pad = self.padded - self.num
+        if pad:
+            x = jnp.concatenate([x, jnp.broadcast_to(x[-1:], (pad,) + x.shape[1:])])
+        x = jnp.reshape(x, (self.num_chunks, self.chunk) + x.shape[1:])
+        return jax.device_put(x, NamedSharding(self.mesh, PS(None, "obs")))
+
+    def _weights(self, w, dtype):
+        w = jnp.concatenate([w, jnp.zeros(self.padded - self.num, dtype)])
+        w = jnp.reshape(w, (self.num_chunks, self.chunk))
+        return jax.device_put(w, NamedSharding(self.mesh, PS(None, "obs")))
+
+    def unpad(self, x):
+        """``(num_chunks, chunk, ...)`` → ``(num, ...)``."""
+        return jnp.reshape(x, (self.padded,) + x.shape[2:])[: self.num]
+
+
+# ---------------------------------------------------------------- the per-chunk maths
+class ChunkTerms(NamedTuple):
+    """Per-observation pieces of one chunk: η (c, K_all), J (c, K, P), e (c, K), Λ (c, K, K), aux, y, w."""
+
+    eta: jax.Array
+    jac: jax.Array
+    e: jax.Array
+    lam: jax.Array
+    aux: dict
+    y: jax.Array
+    w: jax.Array
+
+
+def psd_project(lam):
+    """The nearest PSD matrix (eigenvalues clipped at 0) of a symmetric ``(K, K)``."""
+    if lam.shape[-1] == 1:
+        return jnp.clip(lam, 0.0, None)
+    vals, vecs = jnp.linalg.eigh(0.5 * (lam + lam.T))
+    return (vecs * jnp.clip(vals, 0.0, None)) @ vecs.T
+
+
+class StreamingSite:
+    """The prediction-space MPE of one observed site, streamed over chunks (and devices).
+
+    Parameters
+    ----------
+    adapter : ModelAdapter
+    var_name : str
+        An observed site with a predictor.
+    chunk_size : int
+        Rows per chunk (rounded up to a multiple of the number of devices).
+    curvature : {"exact", "ggn"}
+        Λ_i as it is (exact where η is linear in θ) or projected onto the PSD cone (GGN).
+    devices : sequence of jax.Device, optional
+        Devices to shard the rows over (default: all of ``jax.devices()``).
+
+    Examples
+    --------
+    >>> eng = StreamingSite(fit.adapter, "y", chunk_size=4096, curvature="ggn")  # doctest: +SKIP
+    >>> outputs = eng.site_mpe(fit.posterior)  # doctest: +SKIP
+    """
+
+    def __init__(self, adapter: ModelAdapter, var_name: str, *, chunk_size: int = 4096,
+                 curvature: str = "exact", devices=None, progress: bool = True):
+        if curvature not in CURVATURES:
+            raise MPEError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+        site = adapter.observed[var_name]
+        if site.predictor is None:
+            raise MPEError(f"site '{var_name}' has no predictor ({site.no_predictor_reason})")
+        self.adapter, self.name, self.site = adapter, var_name, site
+        self.curvature, self.progress = curvature, progress
+        self.dtype = adapter.init_theta.dtype
+        self.num = site.num_obs
+        self.layout = Layout.build(self.num, chunk_size, devices)
+        self.plan, self.no_plan_reason = row_plan(adapter, var_name)
+        w = adapter.predictor_mask(var_name)
+        self.weights = self.layout._weights(jnp.ones(self.num, self.dtype) if w is None
+                                            else jnp.asarray(w, self.dtype), self.dtype)
+        self.y = self.layout.place(site.flat_value)
+        if self.plan is not None:
+            self.rows = [self.layout.place(x) for x in self.plan.batched_leaves()]
+            self.full = None
+        else:
+            self.rows = None
+            self.full = None  # filled lazily at the first θ (the full-model Jacobian)
+        self._active = None
+        self._fns: dict = {}
+
+    # ------------------------------------------------------------ sources of η, J
+    @property
+    def streams(self) -> bool:
+        """Whether the model runs on chunks of rows (no N×P array); otherwise J is held for all N."""
+        return self.plan is not None
+
+    def _eta_rows(self, theta, rows):
+        tr = rows_site(self.adapter, self.plan, self.name, theta, rows)
+        c = rows[0].shape[0]
+        return self.site.predictor.params(tr["fn"], (c,))
+
+    def _full_source(self, theta):
+        """η, J, aux for every row from the whole model (used when it cannot run on row subsets)."""
+        if self.full is None or not bool(jnp.all(self.full[0] == theta)):
+            if self.num * self.adapter.num_params > 5e7:
+                warnings.warn(
+                    f"site '{self.name}': {self.no_plan_reason}; the predictor Jacobian is held for all "
+                    f"{self.num} observations ({self.num}x{self.adapter.num_params}); pass the "
+                    "per-observation data as model arguments, observations along the first axis, to stream",
+                    stacklevel=4)
+            eta = jax.jit(lambda t: self.adapter.eta(t, self.name))(theta)
+            jac = jax.jit(jax.jacfwd(lambda t: self.adapter.eta(t, self.name)))(theta)
+            aux = self.adapter.predictor_aux(theta, self.name)
+            placed = {"eta": self.layout.place(eta), "jac": self.layout.place(jac),
+                      "aux": {k: self.layout.place(v) for k, v in aux.items()}}
+            self.full = (theta, placed)
+        return self.full[1]
+
+    def active(self, theta) -> np.ndarray:
+        """Predictor components that depend on θ (from the first chunk's Jacobian)."""
+        if self._active is None:
+            k_all = self.site.predictor.num_eta
+            jac = self._chunk_jac_all(theta, 0)
+            nz = np.asarray(jnp.any(jac != 0, axis=(0, 2)))
+            self._active = np.flatnonzero(nz)
+            if self._active.size == 0:
+                raise MPEError(f"the predictor of '{self.name}' does not depend on θ ({k_all} components)")
+        return self._active
+
+    def _chunk_jac_all(self, theta, j):
+        if self.plan is None:
+            return self._full_source(theta)["jac"][j]
+        fn = self._fns.get("jac_all")
+        if fn is None:
+            fn = jax.jit(lambda t, rows: jax.jacfwd(lambda tt: self._eta_rows(tt, rows)[0])(t))
+            self._fns["jac_all"] = fn
+        return fn(theta, [r[j] for r in self.rows])
+
+    def _terms(self, theta, data, active):
+        """η, J (active components), aux of one chunk ``data`` (traceable)."""
+        if self.plan is None:
+            return data["eta"], data["jac"][:, active, :], data["aux"]
+        rows = data["rows"]
+        eta, aux = self._eta_rows(theta, rows)
+        p = theta.shape[0]
+        if p <= 256:
+            jac = jax.jacfwd(lambda t: self._eta_rows(t, rows)[0][:, active])(theta)
+        else:  # per-observation reverse mode: one backward pass per row, no (c·K)² work
+            def one(row):
+                return jax.jacrev(lambda t: self._eta_rows(t, [x[None] for x in row])[0][0, active])(theta)
+            jac = jax.vmap(one)(rows)
+        return eta, jac, aux
+
+    def chunk_data(self, theta, j) -> dict:
+        """The stored arrays of chunk ``j`` (rows or the full-model η, J), with y and weights."""
+        d = {"y": self.y[j], "w": self.weights[j]}
+        if self.plan is None:
+            src = self._full_source(theta)
+            d.update(eta=src["eta"][j], jac=src["jac"][j], aux={k: v[j] for k, v in src["aux"].items()})
+        else:
+            d["rows"] = [r[j] for r in self.rows]
+        return d
+
+    def _derivs_fn(self, active):
+        from .mpe import predictor_derivs
+
+        derivs = predictor_derivs(self.site.predictor.log_lik, active)
+        if self.curvature != "ggn":
+            return jax.vmap(derivs)
+
+        def ggn(eta_all, y, aux, wi):
+            val, g, h = derivs(eta_all, y, aux, wi)
+            return val, g, psd_project(h)
+
+        return jax.vmap(ggn)
+
+    def terms(self, theta, data, active) -> tuple[ChunkTerms, jax.Array]:
+        """:class:`ChunkTerms` of one chunk and w_i ℓ_i of each row (traceable)."""
+        eta, jac, aux = self._terms(theta, data, active)
+        val, e, lam = self._derivs_fn(active)(eta, data["y"], aux, data["w"])
+        val = jnp.where(data["w"] != 0, val, 0.0)
+        return ChunkTerms(eta, jac, e, lam, aux, data["y"], data["w"]), val
+
+    def _per_device(self, x):
+        """Rows ``(c, ...)`` → ``(devices, c / devices, ...)``, each device's rows on its own device."""
+        nd = self.layout.mesh.size
+        x = jnp.reshape(x, (nd, -1) + x.shape[1:])
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.layout.mesh, PS("obs")))
+
+    # ------------------------------------------------------------ passes
+    def chunk_indices(self, desc: str):
+        n = self.layout.num_chunks
+        bar = tqdm(range(n), desc=desc, disable=not self.progress or n < 2, leave=False)
+        return bar
+
+    def reduce(self, theta, kind: str, structure: str = "full", probe=None):
+        """Σ over observations at ``theta``: value Σ w ℓ, gradient Σ J ᵀ e and the curvature
+        Σ JᵀΛJ — ``"full"`` (P×P), ``"diag"`` (P) or ``"matvec"`` (P×r, times ``probe``).
+
+        ``kind="value"`` returns the value only.
+        """
+        active = self.active(theta)
+        key = ("reduce", kind, structure, tuple(active.tolist()), probe is None)
+        if key not in self._fns:
+            def fn(t, data, probe):
+                # sums per device (no collective inside the pass); the devices are summed once at the end
+                tm, val = self.terms(t, data, active)
+                val = jnp.sum(self._per_device(val), axis=1)
+                if kind == "value":
+                    return val
+                jac, e, lam = (self._per_device(x) for x in (tm.jac, tm.e, tm.lam))
+                grad = jnp.einsum("dckp,dck->dp", jac, e)
+                if structure == "full":
+                    curv = jnp.einsum("dckp,dckl,dclq->dpq", jac, lam, jac)
+                elif structure == "diag":
+                    curv = jnp.einsum("dckp,dckl,dclp->dp", jac, lam, jac)
+                else:
+                    jv = jnp.einsum("dckp,pr->dckr", jac, probe)
+                    curv = jnp.einsum("dckp,dckl,dclr->dpr", jac, lam, jv)
+                return val, grad, curv
+            self._fns[key] = jax.jit(fn)
+        fn = self._fns[key]
+        acc = None
+        for j in range(self.layout.num_chunks):
+            out = fn(theta, self.chunk_data(theta, j), probe)
+            acc = out if acc is None else jax.tree_util.tree_map(jnp.add, acc, out)
+        return jax.tree_util.tree_map(lambda a: jnp.asarray(np.sum(np.asarray(a), axis=0)), acc)
+
+    def memories(self, theta):
+        """Factored memories (J_i, Λ_i, e_i) of every observation (N×K×P: for moderate N only)."""
+        from .mpe import Memories
+
+        active = self.active(theta)
+        key = ("memories", tuple(active.tolist()))
+        if key not in self._fns:
+            def fn(t, data):
+                tm, _ = self.terms(t, data, active)
+                return tm.jac, tm.lam, tm.e
+            self._fns[key] = jax.jit(fn)
+        outs = [self._fns[key](theta, self.chunk_data(theta, j)) for j in range(self.layout.num_chunks)]
+        jac, lam, e = (self.layout.unpad(jnp.stack(x)) for x in zip(*outs))
+        return Memories(jnp.einsum("nkp,nk->np", jac, e), jac=jac, lam=lam, resid=e)
+
+    def site_mpe(self, post, *, num_samples: int = 2000, rng_key=None, keep_shift: bool | None = None):
+        """All per-observation MPE outputs (:class:`numpyro_mpe.mpe.SiteMPE`) under ``post``.
+
+        ``keep_shift``: also return Δm_i = S⁻¹J_iᵀu_i for every observation (N×P); by default only
+        when N·P ≤ 5·10⁷.
+        """
+        from .mpe import SiteMPE, cavity_k, expected_log_lik_one
+
+        theta = post.mean
+        active = self.active(theta)
+        k = len(active)
+        p = theta.shape[0]
+        if keep_shift is None:
+            keep_shift = self.num * p <= 5e7
+        rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
+        rule = default_rule(k, rng_key, self.dtype, num_samples)
+        f = self.site.predictor.log_lik
+        act = jnp.asarray(active)
+
+        def one(jac_i, sj_i, e, lam, eta_all, y, aux, w):
+            v = jac_i @ sj_i  # (K, K): J S⁻¹ Jᵀ
+            out = cavity_k(e, lam, v=v)
+            args = (eta_all, act, y, aux, w)
+            eta_a = eta_all[act]
+            lpd = expected_log_lik_one(f, rule, eta_a, out["v"], *args)
+            elpd = expected_log_lik_one(f, rule, eta_a + out["dEta"], out["v_cav"], *args)
+            res = {"lpd": lpd, "elpd_loo": elpd, "leverage": out["leverage"], "valid": out["valid"],
+                   "sensitivity": out["sensitivity"], "dEta": out["dEta"], "v": out["v"]}
+            if keep_shift:
+                res["shift"] = sj_i @ out["w"]
+            return res
+
+        def fn(t, data, post):
+            tm, _ = self.terms(t, data, active)
+            c = tm.jac.shape[0]
+            flat = jnp.reshape(tm.jac, (c * k, p)).T  # (P, c·K)
+            sj = jnp.reshape(post.cov_matvec(flat).T, (c, k, p))
+            sj = jnp.swapaxes(sj, 1, 2)  # (c, P, K): S⁻¹ J_iᵀ
+            return jax.vmap(one)(tm.jac, sj, tm.e, tm.lam, tm.eta, tm.y, tm.aux, tm.w)
+
+        key = ("mpe", tuple(active.tolist()), keep_shift, rule.nodes.shape, type(post).__name__)
+        if key not in self._fns:
+            self._fns[key] = jax.jit(fn)
+        jfn = self._fns[key]
+        outs = [jfn(theta, self.chunk_data(theta, j), post)
+                for j in self.chunk_indices(f"MPE {self.name}")]
+        res = {name: self.layout.unpad(jnp.stack([o[name] for o in outs])) for name in outs[0]}
+        labels = tuple(self.site.predictor.labels[i] for i in active)
+        method = f"{rule.kind} in predictor space (K={k}, {rule.nodes.shape[0]} nodes)"
+        return SiteMPE.from_outputs(self.name, res, labels, method, self.num)
+
+    def is_linear(self, theta) -> bool:
+        """Whether the active components of η are linear in θ: ∇²(Σ_ik c_ik η_ik)·v = 0 for random c, v
+        on the first chunk (zero for every c, v only if each ∇²η_ik vanishes, but for a null set)."""
+        if self.plan is None:
+            from .mpe import predictor_is_linear
+
+            return predictor_is_linear(self.adapter, theta, self.name, self.active(theta))
+        active = self.active(theta)
+        rows = self.chunk_data(theta, 0)["rows"]
+        k1, k2 = jax.random.split(jax.random.PRNGKey(7))
+        c = jax.random.normal(k1, (rows[0].shape[0], len(active)), theta.dtype)
+        v = jax.random.normal(k2, (2, theta.shape[0]), theta.dtype)
+
+        def weighted(t):
+            return jnp.sum(self._eta_rows(t, rows)[0][:, active] * c)
+
+        @jax.jit
+        def probe(t):
+            g = jax.grad(weighted)(t)
+            hv = jax.vmap(lambda d: jax.jvp(jax.grad(weighted), (t,), (d,))[1])(v)
+            return g, hv
+
+        g, hv = probe(theta)
+        eps = 1e-9 if theta.dtype == jnp.float64 else 1e-3
+        tol = eps * (1.0 + jnp.max(jnp.abs(g))) * (1.0 + jnp.max(jnp.abs(theta)))
+        tol = tol * (1.0 + jnp.max(jnp.abs(v)))
+        return bool(jnp.all(jnp.isfinite(hv)) & (jnp.max(jnp.abs(hv)) <= tol))
+
+    def total_loss_fn(self):
+        """θ ↦ Σ_i w_i ℓ_i(θ) over every chunk inside one program (``lax.map`` over the chunk axis, each
+        chunk rematerialized in the backward pass), for optimizers that need a traceable objective."""
+        if self.plan is None:
+            raise MPEError(f"site '{self.name}': {self.no_plan_reason}")
+        f = self.site.predictor.log_lik
+
+        @jax.checkpoint
+        def chunk_loss(t, data):
+            eta, aux = self._eta_rows(t, data["rows"])
+            ll = f(eta, data["y"], aux)
+            return -jnp.sum(jnp.where(data["w"] != 0, ll * data["w"], 0.0))
+
+        data = {"rows": self.rows, "y": self.y, "w": self.weights}
+
+        def total(t):
+            return jnp.sum(jax.lax.map(lambda d: chunk_loss(t, d), data))
+
+        return total

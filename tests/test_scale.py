@@ -1,0 +1,327 @@
+"""Scale (issue #4): prediction-space (GGN) MPE, structured posteriors, streaming over chunks, sharding.
+
+Independent truths: the dense exact path (forward-over-forward Hessians of each ℓ_i and whitened P×P
+cavities, :func:`numpyro_mpe.mpe.exact_memories` + :func:`numpyro_mpe.mpe.site_mpe`), the full-model
+damped Newton, and the same computation on one device in another process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+from scipy.stats import spearmanr
+
+import numpyro_mpe as mpe
+from numpyro_mpe.mpe import exact_memories, site_mpe
+from numpyro_mpe.streaming import StreamingSite, row_plan
+
+KEY = jax.random.PRNGKey(0)
+OUTS = ("lpd", "elpd_loo", "p_loo", "sensitivity", "leverage", "prediction_shift", "prediction_var", "shift")
+
+
+def logistic(X, y=None):
+    b = numpyro.sample("b", dist.Normal(0, 2.5).expand([X.shape[1]]).to_event(1))
+    with numpyro.plate("data", X.shape[0]):
+        numpyro.sample("y", dist.Bernoulli(logits=X @ b), obs=y)
+
+
+def poisson(X, y=None):
+    b = numpyro.sample("b", dist.Normal(0, 1).expand([X.shape[1]]).to_event(1))
+    with numpyro.plate("data", X.shape[0]):
+        numpyro.sample("y", dist.Poisson(jnp.exp(X @ b)), obs=y)
+
+
+def probit(X, y=None):
+    b = numpyro.sample("b", dist.Normal(0, 2.5).expand([X.shape[1]]).to_event(1))
+    with numpyro.plate("data", X.shape[0]):
+        p = jax.scipy.stats.norm.cdf(X @ b)
+        numpyro.sample("y", dist.Bernoulli(probs=p), obs=y)
+
+
+def normal_scale(X, y=None):
+    b = numpyro.sample("b", dist.Normal(0, 5).expand([X.shape[1]]).to_event(1))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(2))
+    with numpyro.plate("data", X.shape[0]):
+        numpyro.sample("y", dist.Normal(X @ b, sigma), obs=y)
+
+
+def data(n=300, p=4, seed=0, kind="bernoulli"):
+    rng = np.random.default_rng(seed)
+    X = np.column_stack([np.ones(n), rng.normal(size=(n, p - 1))])
+    lin = X @ np.linspace(0.8, -0.5, p)
+    if kind == "bernoulli":
+        y = (rng.random(n) < 1 / (1 + np.exp(-lin))).astype(float)
+    elif kind == "poisson":
+        y = rng.poisson(np.exp(0.5 * lin)).astype(float)
+    else:
+        y = lin + rng.standard_t(3, n)
+    return X, y
+
+
+def dense_exact(fit, name="y"):
+    """The dense exact path: exact per-observation Hessians, whitened P×P eigendecompositions."""
+    mem = exact_memories(fit.adapter, fit.posterior.mean, name)
+    pred = fit.predictor_state(name)
+    return site_mpe(fit.adapter, fit.posterior, name, mem, pred=pred, progress=False)
+
+
+def max_err(a, b, fields=OUTS):
+    return {f: float(np.nanmax(np.abs(np.asarray(getattr(a, f)) - np.asarray(getattr(b, f)))))
+            for f in fields}
+
+
+# ===================================================================== GGN vs exact
+@pytest.mark.parametrize("model,kind", [(logistic, "bernoulli"), (poisson, "poisson")])
+def test_ggn_equals_exact_on_canonical_glms(model, kind):
+    X, y = data(kind=kind)
+    fit = mpe.Laplace(model, curvature="ggn", chunk_size=64, progress=False).run(KEY, X, y=y)
+    assert fit.info["streamed"] and fit.stream("y").streams
+    ref = mpe.Laplace(model, progress=False).run(KEY, X, y=y)
+    # same MAP and precision as the full-model damped Newton with the exact Hessian
+    np.testing.assert_allclose(fit.posterior.mean, ref.posterior.mean, atol=1e-9)
+    np.testing.assert_allclose(fit.posterior.precision, ref.posterior.precision, rtol=1e-9)
+    err = max_err(fit.site_mpe("y"), dense_exact(ref))
+    print(f"\n  {model.__name__}: GGN vs dense exact, max abs error per output {err}")
+    assert max(err.values()) < 1e-8
+
+
+def test_ggn_close_to_exact_elsewhere():
+    """Non-canonical links and an indefinite Λ_i (Normal with unknown σ): GGN is an approximation."""
+    figures = {}
+    for model, kind in [(probit, "bernoulli"), (normal_scale, "t")]:
+        X, y = data(kind=kind, seed=1)
+        ggn = mpe.Laplace(model, curvature="ggn", progress=False).run(KEY, X, y=y)
+        ex = mpe.Laplace(model, progress=False).run(KEY, X, y=y)
+        a, b = ggn.site_mpe("y"), dense_exact(ex)
+        d_elpd = np.abs(np.asarray(a.elpd_loo) - np.asarray(b.elpd_loo))
+        rho = spearmanr(a.sensitivity, b.sensitivity)[0]
+        figures[model.__name__] = dict(max_d_elpd=float(d_elpd.max()), median_d_elpd=float(np.median(d_elpd)),
+                                       spearman_sensitivity=float(rho),
+                                       spearman_leverage=float(spearmanr(a.leverage, b.leverage)[0]),
+                                       total_elpd=(float(a.elpd_loo.sum()), float(b.elpd_loo.sum())))
+        assert rho > 0.95 and np.median(d_elpd) < 0.01 and d_elpd.max() < 0.2
+        # the GGN really differs from the exact Hessian here (the test is not vacuous)
+        assert float(jnp.max(jnp.abs(ggn.posterior.precision - ex.posterior.precision))) > 1e-3
+    print(f"\n  GGN vs exact (non-canonical): {json.dumps(figures, indent=1)}")
+
+
+# ===================================================================== streaming
+def test_streaming_same_outputs_for_any_chunk_size():
+    X, y = data(n=61)
+    fits = [mpe.Laplace(logistic, curvature="ggn", chunk_size=c, progress=False).run(KEY, X, y=y)
+            for c in (1, 7, 10_000)]
+    ref = fits[-1].site_mpe("y")
+    for f in fits[:-1]:
+        assert max(max_err(f.site_mpe("y"), ref).values()) < 1e-10
+        np.testing.assert_allclose(f.posterior.mean, fits[-1].posterior.mean, atol=1e-10)
+    assert fits[0].stream("y").layout.num_chunks == 61
+
+
+def test_streaming_memory_is_per_chunk():
+    """The per-chunk Jacobian is chunk×K×P; no array of the pass is N×P (shift is not kept when asked)."""
+    X, y = data(n=500)
+    fit = mpe.Laplace(logistic, curvature="ggn", chunk_size=50, progress=False).run(KEY, X, y=y)
+    eng = fit.stream("y")
+    res = eng.site_mpe(fit.posterior, keep_shift=False)
+    assert res.shift is None and res.elpd_loo.shape == (500,)
+    data0 = eng.chunk_data(fit.posterior.mean, 0)
+    tm, _ = eng.terms(fit.posterior.mean, data0, eng.active(fit.posterior.mean))
+    assert tm.jac.shape == (50, 1, 4)
+    np.testing.assert_allclose(res.elpd_loo, fit.site_mpe("y").elpd_loo, atol=1e-12)
+
+
+def closure_model_factory(X):
+    def model(y=None):  # X is a constant of the model, not an argument: rows cannot be sliced
+        b = numpyro.sample("b", dist.Normal(0, 2.5).expand([X.shape[1]]).to_event(1))
+        with numpyro.plate("data", X.shape[0]):
+            numpyro.sample("y", dist.Bernoulli(logits=X @ b), obs=y)
+    return model
+
+
+def test_model_that_cannot_run_on_rows_falls_back():
+    X, y = data(n=120)
+    model = closure_model_factory(jnp.asarray(X))
+    fit = mpe.Laplace(model, curvature="ggn", chunk_size=32, progress=False).run(KEY, y=y)
+    plan, why = row_plan(fit.adapter, "y")
+    assert plan is None and "subset of rows" in why
+    assert not fit.info["streamed"] and not fit.stream("y").streams
+    ref = mpe.Laplace(logistic, curvature="ggn", chunk_size=32, progress=False).run(KEY, X, y=y)
+    assert max(max_err(fit.site_mpe("y"), ref.site_mpe("y")).values()) < 1e-9
+
+
+# ===================================================================== posterior structures
+def test_structured_posteriors_match_the_dense_path():
+    """diag and lowrank precisions: the streamed K-space pass equals the whitened P×P path under the same
+    (densified) posterior; lowrank of full rank is the full posterior."""
+    X, y = data(n=150, p=5)
+    full = mpe.Laplace(logistic, curvature="ggn", progress=False).run(KEY, X, y=y)
+    s = np.asarray(full.posterior.precision)
+    for kw in (dict(posterior="diag"), dict(posterior="lowrank", rank=2), dict(posterior="lowrank", rank=5)):
+        fit = mpe.Laplace(logistic, curvature="ggn", progress=False, **kw).run(KEY, X, y=y)
+        post = fit.posterior
+        assert post.structure == kw["posterior"]
+        dense = site_mpe(fit.adapter, post.dense(), "y", fit.memories("y"), pred=fit.predictor_state("y"),
+                         progress=False)
+        assert max(max_err(fit.site_mpe("y"), dense).values()) < 1e-10
+        # the structure keeps the exact diagonal of S
+        np.testing.assert_allclose(np.diag(np.asarray(post.precision)), np.diag(s), rtol=1e-10)
+    lr = mpe.Laplace(logistic, curvature="ggn", posterior="lowrank", rank=5, progress=False).run(KEY, X, y=y)
+    np.testing.assert_allclose(lr.posterior.precision, s, rtol=1e-9, atol=1e-9)
+    assert max(max_err(lr.site_mpe("y"), full.site_mpe("y")).values()) < 1e-9
+
+
+def mlp(X, y=None, hidden=12):
+    d = X.shape[1]
+    w1 = numpyro.sample("w1", dist.Normal(0, 1 / np.sqrt(d)).expand([d, hidden]).to_event(2))
+    b1 = numpyro.sample("b1", dist.Normal(0, 1).expand([hidden]).to_event(1))
+    w2 = numpyro.sample("w2", dist.Normal(0, 1 / np.sqrt(hidden)).expand([hidden]).to_event(1))
+    b2 = numpyro.sample("b2", dist.Normal(0, 1))
+    with numpyro.plate("data", X.shape[0]):
+        numpyro.sample("y", dist.Bernoulli(logits=jnp.tanh(X @ w1 + b1) @ w2 + b2), obs=y)
+
+
+def test_lbfgs_over_chunks_finds_the_newton_map():
+    X, y = data(n=150, p=5)
+    kw = dict(curvature="ggn", chunk_size=40, progress=False)
+    a = mpe.Laplace(logistic, optimizer="lbfgs", **kw).run(KEY, X, y=y)
+    b = mpe.Laplace(logistic, optimizer="newton", **kw).run(KEY, X, y=y)
+    assert a.info["optimizer"] == "lbfgs" and b.info["optimizer"] == "newton"
+    np.testing.assert_allclose(a.posterior.mean, b.posterior.mean, atol=1e-6)
+
+
+def test_wide_model_diag_per_observation_reverse_mode():
+    """A nonlinear predictor with P = 361 > 256 (per-observation reverse-mode Jacobians), the MAP by
+    L-BFGS over chunks (the default above P = 2048 is forced here): a stationary point, and the same
+    outputs as the dense whitened path under the diag q."""
+    X, y = data(n=200, p=28, seed=3)
+    fit = mpe.Laplace(mlp, optimizer="lbfgs", curvature="ggn", posterior="diag", chunk_size=64,
+                      progress=False, init_strategy=numpyro.infer.init_to_sample).run(KEY, X, y=y)
+    assert fit.adapter.num_params == 361 and fit.info["optimizer"] == "lbfgs"
+    grad = jax.grad(fit.adapter.potential)(fit.posterior.mean)
+    assert float(jnp.max(jnp.abs(grad))) < 1e-5
+    assert not fit.stream("y").is_linear(fit.posterior.mean)
+    res = fit.site_mpe("y")
+    dense = site_mpe(fit.adapter, fit.posterior.dense(), "y", fit.memories("y"),
+                     pred=fit.predictor_state("y"), progress=False)
+    assert max(max_err(res, dense).values()) < 1e-9
+
+
+# ===================================================================== devices
+SHARD_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np, numpyro
+    numpyro.enable_x64()
+    sys.path.insert(0, {tests!r})
+    import numpyro_mpe as mpe
+    from test_scale import KEY, OUTS, data, logistic, mlp
+    X, y = data(n=203)
+    out = {{"devices": len(jax.devices())}}
+    for tag, model, kw, (Xd, yd) in [
+            ("logistic", logistic, dict(chunk_size=24), (X, y)),
+            ("mlp_diag", mlp, dict(chunk_size=30, posterior="diag", gtol=1e-12), data(n=101, p=28, seed=3))]:
+        fit = mpe.Laplace(model, curvature="ggn", progress=False, init_strategy=numpyro.infer.init_to_sample,
+                          **kw).run(KEY, Xd, y=yd)
+        res = fit.site_mpe("y")
+        d = {{f: np.asarray(getattr(res, f)).tolist() for f in OUTS}}
+        d["mean"] = np.asarray(fit.posterior.mean).tolist()
+        d["layout"] = [fit.stream("y").layout.chunk, fit.stream("y").layout.num_chunks]
+        out[tag] = d
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def run_on_devices(n_devices: int) -> dict:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
+               JAX_PLATFORMS="cpu")
+    code = SHARD_SCRIPT.format(tests=os.path.dirname(__file__))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [s for s in proc.stdout.splitlines() if s.startswith("RESULT")][-1]
+    return json.loads(line[len("RESULT"):])
+
+
+def test_sharded_equals_single_device():
+    """4 CPU devices (chunks of 24 rows, 203 = 8·24 + 11 observations: padded, not refused) against one."""
+    four, one = run_on_devices(4), run_on_devices(1)
+    assert four["devices"] == 4 and one["devices"] == 1
+    assert four["logistic"]["layout"] == [24, 9]
+    assert four["mlp_diag"]["layout"][0] % 4 == 0
+    for tag in ("logistic", "mlp_diag"):
+        for f in (*OUTS, "mean"):
+            a, b = np.asarray(four[tag][f], float), np.asarray(one[tag][f], float)
+            assert a.shape == b.shape and np.all(np.isfinite(a) == np.isfinite(b))
+            assert np.nanmax(np.abs(a - b)) <= 1e-10, (tag, f, np.nanmax(np.abs(a - b)))
+
+
+# ===================================================================== other backends
+def test_vi_backends_take_posterior_and_curvature():
+    X, y = data(n=120)
+    fit = mpe.SVI(logistic, posterior="full", num_steps=300, progress=False, curvature="ggn").run(KEY, X, y=y)
+    assert fit.curvature == "ggn" and fit.streaming_site("y") is not None
+    ref = site_mpe(fit.adapter, fit.posterior, "y", fit.memories("y"), pred=fit.predictor_state("y"),
+                   progress=False)
+    assert max(max_err(fit.site_mpe("y"), ref).values()) < 1e-10
+    with pytest.raises(ValueError, match="NGVI cannot provide posterior='lowrank'"):
+        mpe.NGVI(logistic, posterior="lowrank")
+    with pytest.raises(ValueError, match="posterior='full' and guide='diag' disagree"):
+        mpe.SVI(logistic, guide="diag", posterior="full")
+
+
+# ===================================================================== bad input
+@pytest.mark.parametrize("chunk", [0, -3, 2.5])
+def test_bad_chunk_size(chunk):
+    with pytest.raises(mpe.MPEError, match="chunk_size must be a positive integer"):
+        mpe.Laplace(logistic, chunk_size=chunk)
+
+
+def test_bad_options():
+    with pytest.raises(mpe.MPEError, match=r"curvature must be one of \('exact', 'ggn'\), got 'hessian'"):
+        mpe.Laplace(logistic, curvature="hessian")
+    with pytest.raises(mpe.MPEError, match=r"posterior must be one of \('full', 'diag', 'lowrank'\), got"):
+        mpe.Laplace(logistic, posterior="kron")
+    with pytest.raises(mpe.MPEError, match="rank must be a positive integer"):
+        mpe.Laplace(logistic, posterior="lowrank", rank=0)
+    X, y = data(n=50)
+    with pytest.raises(mpe.MPEError, match="devices= is empty"):
+        mpe.Laplace(logistic, curvature="ggn", devices=[], progress=False).run(KEY, X, y=y)
+
+
+def test_full_posterior_refused_when_too_wide(monkeypatch):
+    import numpyro_mpe.inference.laplace as lap
+
+    monkeypatch.setattr(lap, "DENSE_LIMIT", 3)
+    X, y = data(n=50)
+    with pytest.raises(mpe.MPEError, match=r"posterior='full' needs a dense 4x4 precision \(P = 4 > 3\)"):
+        mpe.Laplace(logistic, progress=False).run(KEY, X, y=y)
+
+
+def test_ggn_without_predictor_warns_and_uses_exact():
+    def mixture(y=None):
+        mu = numpyro.sample("mu", dist.Normal(0, 5))
+        with numpyro.plate("data", y.shape[0]):
+            mix = dist.MixtureSameFamily(dist.Categorical(jnp.array([0.5, 0.5])),
+                                         dist.Normal(jnp.stack([mu, mu + 3.0]), 1.0))
+            numpyro.sample("y", mix, obs=y)
+
+    y = np.random.default_rng(0).normal(size=40)
+    fit = mpe.Laplace(mixture, curvature="ggn", progress=False).run(KEY, y=y)
+    with pytest.warns(UserWarning, match="curvature='ggn': site 'y' has no predictor"):
+        res = fit.site_mpe("y")
+    assert np.all(np.isfinite(np.asarray(res.elpd_loo)))
+
+
+def test_streaming_site_needs_a_predictor():
+    X, y = data(n=30)
+    fit = mpe.Laplace(logistic, progress=False).run(KEY, X, y=y)
+    with pytest.raises(mpe.MPEError, match="curvature must be one of"):
+        StreamingSite(fit.adapter, "y", curvature="fisher")
