@@ -4,7 +4,8 @@
   removing every observation returns the prior.
 * Leave-one-firm-out in a hierarchical model on statsmodels' Grunfeld panel (11 firms x 20 years) and
   leave-one-class-out in a multinomial logistic regression on scikit-learn's digits (10 classes, the paper's
-  Fig. 3a), both against brute-force group refits (:func:`numpyro_mpe.exact_group_loo`).
+  Fig. 3a), both against brute-force group refits (:func:`numpyro_mpe.exact_group_loo`); for the classes,
+  also the paper's own quantity: the rise of the held-out test NLL when a class is removed.
 * Bad input: labels of the wrong length, an empty group, missing labels, a group whose removal leaves no
   valid cavity.
 
@@ -219,9 +220,9 @@ def test_grunfeld_leave_one_firm_out():
 N_PCA = 5
 
 
-def softmax_model(Z, y=None):
-    W = numpyro.sample("W", dist.Normal(0, 1).expand([Z.shape[1], 10]).to_event(2))
-    b = numpyro.sample("b", dist.Normal(0, 1).expand([10]).to_event(1))
+def softmax_model(Z, y=None, prior_sd=1.0):
+    W = numpyro.sample("W", dist.Normal(0, prior_sd).expand([Z.shape[1], 10]).to_event(2))
+    b = numpyro.sample("b", dist.Normal(0, prior_sd).expand([10]).to_event(1))
     with numpyro.plate("obs", Z.shape[0]):
         numpyro.sample("y", dist.Categorical(logits=Z @ W + b), obs=y)
 
@@ -262,10 +263,95 @@ def test_digits_leave_one_class_out(digits):
     "known limitation: removing a whole class is far outside the MPE's one-Newton-step regime; the MPE shift "
     "is 35-50% of the converged refit's and the ratio varies across classes by more than the sensitivities "
     "themselves (18-32 posterior sds), so their ranks disagree (Spearman 0.75 here; 0.36-0.92 over "
-    "prior scales 0.3-3 and 2-8 PCA features)"))
+    "prior scales 0.3-3 and 2-8 PCA features).  On half the data they are 0.29 at prior sd 0.2 and agree "
+    "(0.98) at the paper's prior precision 100 (sd 0.1), as do the test-NLL rises the paper plots: see "
+    "test_digits_class_removal_predicts_test_nll"))
 def test_digits_class_removal_sensitivity_ranks(digits):
     _, _, ds, ex = digits
     assert spearmanr(ds.sensitivity, ex.sensitivity)[0] >= 0.9
+
+
+def class_removal_nll(fit, Z, y, shifts):
+    """Mean NLL of labels ``y`` at inputs ``Z``, plug-in softmax at m + each shift, minus that at m."""
+    m = np.asarray(fit.posterior.mean)
+
+    def nll(theta):
+        par = fit.adapter.constrain(jax.numpy.asarray(theta), deterministic=False)
+        logp = jax.nn.log_softmax(Z @ par["W"] + par["b"], -1)
+        return -float(np.mean(np.asarray(logp)[np.arange(len(y)), y]))
+
+    base = nll(m)
+    return np.array([nll(m + s) - base for s in shifts])
+
+
+@pytest.fixture(scope="module")
+def digits_heldout():
+    """The paper's Fig. 3a set-up: train / test split, prior precision δ = 100, one fit, refits per class."""
+    from sklearn.datasets import load_digits
+    from sklearn.decomposition import PCA
+    from sklearn.model_selection import train_test_split
+
+    X, y = load_digits(return_X_y=True)
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.5, random_state=0, stratify=y)
+    pca = PCA(N_PCA, random_state=0).fit(Xtr)
+    sd = pca.transform(Xtr).std(0)
+    Ztr, Zte = pca.transform(Xtr) / sd, pca.transform(Xte) / sd
+    # The official code (team-approx-bayes/memory-perturbation, examples/5_loco.py, README "Fig. 3 (a)")
+    # trains with `--delta 100`: mean cross-entropy + δ/(2N)·‖θ‖², i.e. a Gaussian prior of precision
+    # δ = 100 on every weight, sd 0.1.  (Relative to the data it is stronger here, N = 898 against their
+    # 60000.)  At this prior the class leverages are about 0.1-0.5 (printed): the regime in which one Newton
+    # step is a fair approximation of the refit; with sd 1 (the `digits` fixture) they are about 0.5-0.8.
+    # Exploration with this split: the Spearman asserted below is 0.99-1.0 at sd 0.1 over 2-10 PCA features
+    # and 3 split seeds, 0.99 at sd 0.2, 0.87 at sd 0.3 and 0.53 at sd 1: it degrades as the prior weakens.
+    fit = mpe.Laplace(softmax_model, progress=False).run(KEY, Ztr, y=ytr, prior_sd=0.1)
+    ds = fit.sensitivities(groups=ytr)
+    ex = mpe.exact_group_loo(fit, ytr, progress=False, num_samples=0)
+    return fit, (Ztr, ytr), (Zte, yte), ds, ex
+
+
+def test_digits_class_removal_predicts_test_nll(digits_heldout, digits):
+    """Fig. 3a: how much the held-out test NLL rises when a whole class is removed from training.
+
+    The paper's truth (examples/5_loco.py) is the test-set NLL of the network retrained without the class,
+    on the whole test set (all classes), plotted against an MPE estimate.  Here the truth is the same
+    quantity for the brute-force Laplace refit without the class (``exact_group_loo``: Newton to convergence,
+    independent of the memories) and the estimate is the same plug-in prediction at the closed-form MPE
+    mean m₋G = m + ``ds["shift"]``: the test NLL is a function of the shift only through the logits, so this
+    checks the MPE's shifts in prediction space, where the paper evaluates them.
+    """
+    fit, (Ztr, ytr), (Zte, yte), ds, ex = digits_heldout
+    assert bool(ds.valid.all()) and bool(ex.converged.all())
+    true = class_removal_nll(fit, Zte, yte, ex["shift"].values)
+    est = class_removal_nll(fit, Zte, yte, ds["shift"].values)
+    rho = spearmanr(est, true)[0]
+    # the same estimate with the shifts of the wrong classes: the rank agreement must be lost
+    rho_wrong = [spearmanr(class_removal_nll(fit, Zte, yte, np.roll(ds["shift"].values, k, 0)), true)[0]
+                 for k in range(1, 10)]
+    rel = est / true - 1
+    # the paper's own y-axis: the mean over the class's training members of the per-example MPE LOO NLL
+    # (−elpd_loo here; the paper's plug-in softmax(η_i + Δη_i) ranks the classes the same way).  It is a
+    # proxy, not an estimate of the same quantity, and it does not carry over to this linear model: the
+    # classes whose members are hard (8, 9) are the ones whose removal costs least (printed, not asserted)
+    loo_nll = -fit.sensitivities().elpd_loo.values
+    proxy = np.array([loo_nll[ytr == c].mean() for c in range(10)])
+    rho_sens = spearmanr(ds.sensitivity, ex.sensitivity)[0]
+    # the module's prior sd 1 (no split: the class's own rows are held out from its refit, the rest in-sample)
+    fit1, y1, ds1, ex1 = digits
+    Z1 = np.asarray(fit1.adapter.args[0])
+    rho1 = spearmanr(class_removal_nll(fit1, Z1, y1, ds1["shift"].values),
+                     class_removal_nll(fit1, Z1, y1, ex1["shift"].values))[0]
+    print(f"\n[digits, leave one class out, test NLL (Fig. 3a), prior precision 100] refit rise per class "
+          f"{np.round(true, 3).tolist()}, MPE {np.round(est, 3).tolist()}; Spearman {rho:.3f} (shifts of the "
+          f"wrong classes: {np.round(rho_wrong, 3).tolist()}); relative error median "
+          f"{np.median(np.abs(rel)):.3f}, range {rel.min():.3f} to {rel.max():.3f}; sensitivity Spearman "
+          f"{rho_sens:.3f}; paper's proxy (mean per-example LOO NLL) vs truth Spearman "
+          f"{spearmanr(proxy, true)[0]:.3f}; prior precision 1 (module fixture, all data) Spearman "
+          f"{rho1:.3f}; leverage {float(ds.leverage.min()):.2f}-{float(ds.leverage.max()):.2f} "
+          f"(prior precision 1: {float(ds1.leverage.min()):.2f}-{float(ds1.leverage.max()):.2f})")
+    assert rho >= 0.9
+    assert max(rho_wrong) < 0.9 and np.mean(rho_wrong) < 0.3
+    assert np.all(rel < 0) and np.median(np.abs(rel)) < 0.2  # one Newton step falls short, by < 20%
+    assert rho_sens >= 0.9  # at this prior the θ-space ranks hold as well (compare the xfail above)
 
 
 # ===================================================================== bad input
