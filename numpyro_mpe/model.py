@@ -13,9 +13,10 @@ Data reach the model as ``*args, **kwargs``, exactly as in NumPyro.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -77,30 +78,61 @@ def _obs_dims(name: str, site: dict) -> tuple:
     return tuple(dims)
 
 
+class DataBinding(NamedTuple):
+    """The model's data ``(args, kwargs)`` split into numeric arrays (passed to jitted functions as arguments,
+    so that XLA neither embeds nor constant-folds them: compile time and memory independent of N) and the
+    other leaves (Python numbers, strings, None: closed over)."""
+
+    treedef: Any
+    leaves: tuple
+    dynamic: tuple  # indices of the array leaves
+
+    @classmethod
+    def of(cls, args: tuple, kwargs: dict) -> DataBinding:
+        leaves, treedef = jax.tree_util.tree_flatten((tuple(args), dict(kwargs)))
+        dyn = tuple(i for i, x in enumerate(leaves)
+                    if hasattr(x, "shape") and hasattr(x, "dtype") and np.ndim(x) > 0
+                    and np.dtype(x.dtype).kind in "biufc")
+        return cls(treedef, tuple(leaves), dyn)
+
+    def values(self) -> list:
+        return [self.leaves[i] for i in self.dynamic]
+
+    def rebuild(self, values) -> tuple:
+        leaves = list(self.leaves)
+        for i, v in zip(self.dynamic, values):
+            leaves[i] = v
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+
+def jit_with_data(fn: Callable, args: tuple, kwargs: dict) -> Callable:
+    """``fn(args, kwargs, *rest)`` jitted with the data arrays as arguments: returns ``g(*rest)``."""
+    binding = DataBinding.of(args, kwargs)
+    jitted = jax.jit(lambda values, *rest: fn(*binding.rebuild(values), *rest))
+    return lambda *rest: jitted(binding.values(), *rest)
+
+
 def _initial_point(model, args, kwargs, rng_key, init_strategy, latent_names, max_tries: int = 20):
-    """A finite initial point in unconstrained space and the potential function.
+    """A finite initial point in unconstrained space.
 
     Like ``numpyro.infer.util.initialize_model`` but compiled as one program (NumPyro's version runs op by
-    op, which costs one XLA compilation per operation).  Returns ``(None, fn)`` if no try is finite.
+    op, which costs one XLA compilation per operation).  Returns ``None`` if no try is finite.
     """
 
-    def potential_fn(z):
-        return potential_energy(model, args, kwargs, z)
-
-    @jax.jit
-    def attempt(key):
+    def attempt(a, kw, key):
         traced = handlers.substitute(handlers.seed(model, key), substitute_fn=init_strategy)
-        tr = handlers.trace(traced).get_trace(*args, **kwargs)
+        tr = handlers.trace(traced).get_trace(*a, **kw)
         z = {n: biject_to(tr[n]["fn"].support).inv(tr[n]["value"]) for n in latent_names}
-        value, grad = jax.value_and_grad(potential_fn)(z)
+        value, grad = jax.value_and_grad(lambda zz: potential_energy(model, a, kw, zz))(z)
         flat_grad = ravel_pytree(grad)[0]
         return z, jnp.isfinite(value) & jnp.all(jnp.isfinite(flat_grad))
 
+    attempt = jit_with_data(attempt, args, kwargs)
     for key in jax.random.split(rng_key, max_tries):
         z, ok = attempt(key)
         if bool(ok):
-            return z, potential_fn
-    return None, potential_fn
+            return z
+    return None
 
 
 def _non_finite_sites(tr) -> list[str]:
@@ -147,7 +179,6 @@ class ModelAdapter:
     latent: tuple  # of LatentSite
     observed: dict  # name -> ObservedSite
     deterministic: tuple  # names of deterministic sites
-    _potential_fn: Callable = field(repr=False)
 
     # ----------------------------------------------------------- building
     @classmethod
@@ -192,7 +223,7 @@ class ModelAdapter:
                     f"observed site '{name}' has {bad} non-finite value(s) (NaN or inf) in data of shape "
                     f"{value.shape}; remove them or model them as missing (obs_mask=...)"
                 )
-        z0, potential_fn = _initial_point(model, args, kwargs, rng_key, init_strategy, latent_names)
+        z0 = _initial_point(model, args, kwargs, rng_key, init_strategy, latent_names)
         if z0 is None:
             bad = _non_finite_sites(tr)
             raise PosteriorError(
@@ -222,8 +253,7 @@ class ModelAdapter:
                 predictor=pred,
                 no_predictor_reason=why,
             )
-        ad = cls(model, tuple(args), kwargs, theta0, unravel, tuple(latent), sites, tuple(det),
-                 potential_fn)
+        ad = cls(model, tuple(args), kwargs, theta0, unravel, tuple(latent), sites, tuple(det))
         return ad._validated_predictors(theta0)
 
     def _validated_predictors(self, theta0) -> ModelAdapter:
@@ -235,7 +265,7 @@ class ModelAdapter:
             if site.predictor is None:
                 continue
             ok, why = True, None
-            both = jax.jit(lambda th, name=name: (self.log_lik(th, name), self._predictor_log_lik(th, name)))
+            both = self.jit(lambda ad, th, name=name: (ad.log_lik(th, name), ad._predictor_log_lik(th, name)))
             try:
                 for th in thetas:
                     ref, got = both(th)
@@ -253,7 +283,7 @@ class ModelAdapter:
         obs = dict(self.observed)
         obs.update(changed)
         return ModelAdapter(self.model, self.args, self.kwargs, self.init_theta, self.unravel,
-                            self.latent, obs, self.deterministic, self._potential_fn)
+                            self.latent, obs, self.deterministic)
 
     # ------------------------------------------------------------- views
     @property
@@ -295,7 +325,16 @@ class ModelAdapter:
     # ------------------------------------------------------------ functions of θ
     def potential(self, theta):
         """U(θ): NumPyro's potential energy at the flat unconstrained ``theta``."""
-        return self._potential_fn(self.unravel(theta))
+        return potential_energy(self.model, self.args, self.kwargs, self.unravel(theta))
+
+    def jit(self, fn: Callable) -> Callable:
+        """``fn(adapter, *rest)`` jitted with the data as arguments (not constants): returns ``g(*rest)``.
+
+        Use it for every function that runs the whole model, so that compile time and memory do not grow
+        with N.
+        """
+        return jit_with_data(lambda a, kw, *rest: fn(dataclasses.replace(self, args=a, kwargs=kw), *rest),
+                             self.args, self.kwargs)
 
     def _trace(self, theta):
         return self.trace_with(theta, self.args, self.kwargs)

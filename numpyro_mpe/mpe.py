@@ -265,18 +265,22 @@ def cavity_k(e, lam, b_w=None, v=None):
     k = e.shape[0]
     if v is None:
         v = b_w @ b_w.T
-    r = psd_sqrt(v)
-    lev_mat = r.T @ lam @ r
-    if k == 1:
-        leverage = lev_mat[0, 0]
-    else:
-        leverage = jnp.linalg.eigvalsh(0.5 * (lev_mat + lev_mat.T))[-1]
-    valid = leverage < 1.0
-    a = jnp.eye(k, dtype=e.dtype) - lam @ v
-    a = jnp.where(valid, a, jnp.eye(k, dtype=e.dtype))
-    w = jnp.linalg.solve(a, e)
-    v_cav = jnp.linalg.solve(a.T, v).T
     nan = jnp.asarray(jnp.nan, e.dtype)
+    if k == 1:  # scalars: λv, e / (1 − λv), v / (1 − λv) — no batched 1×1 factorizations
+        leverage = lam[0, 0] * v[0, 0]
+        valid = leverage < 1.0
+        denom = jnp.where(valid, 1.0 - leverage, 1.0)
+        w = e / denom
+        v_cav = v / denom
+    else:
+        r = psd_sqrt(v)
+        lev_mat = r.T @ lam @ r
+        leverage = jnp.linalg.eigvalsh(0.5 * (lev_mat + lev_mat.T))[-1]
+        valid = leverage < 1.0
+        a = jnp.eye(k, dtype=e.dtype) - lam @ v
+        a = jnp.where(valid, a, jnp.eye(k, dtype=e.dtype))
+        w = jnp.linalg.solve(a, e)
+        v_cav = jnp.linalg.solve(a.T, v).T
     out = {
         "leverage": leverage,
         "valid": valid,

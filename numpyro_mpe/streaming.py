@@ -81,18 +81,18 @@ def row_plan(adapter: ModelAdapter, var_name: str) -> tuple[RowPlan | None, str 
     thetas = [theta0, theta0 + 0.1 * jax.random.normal(jax.random.PRNGKey(3), theta0.shape, theta0.dtype)]
     tol = 1e-8 if theta0.dtype == jnp.float64 else 1e-4
 
-    @jax.jit
-    def check(theta):
-        full_eta = adapter.eta(theta, var_name)[idx]
-        full_ll = adapter.log_lik(theta, var_name)[idx]
-        tr = rows_site(adapter, plan, var_name, theta, rows)
+    def check(ad, theta, rows):
+        full_eta = ad.eta(theta, var_name)[idx]
+        full_ll = ad.log_lik(theta, var_name)[idx]
+        tr = rows_site(ad, plan, var_name, theta, rows)
         eta = site.predictor.params(tr["fn"], (len(idx),))[0]
-        ll = adapter._site_log_lik(tr, len(idx))
+        ll = ad._site_log_lik(tr, len(idx))
         return full_eta, eta, full_ll, ll
 
+    check = adapter.jit(check)
     try:
         for th in thetas:
-            fe, e, fl, ll = check(th)
+            fe, e, fl, ll = check(th, rows)
             if fe.shape != e.shape or not (bool(jnp.allclose(fe, e, rtol=tol, atol=tol))
                                            and bool(jnp.allclose(fl, ll, rtol=tol, atol=tol))):
                 return None, ("running the model on a subset of rows (its arguments with "
@@ -102,7 +102,7 @@ def row_plan(adapter: ModelAdapter, var_name: str) -> tuple[RowPlan | None, str 
     # R(θ) = U(θ) + Σ_i log p(y_i|θ), from the model with the site blocked, run on one row
     try:
         prior = jax.jit(lambda t: prior_potential(adapter, plan, var_name, t))
-        full = jax.jit(lambda t: adapter.potential(t) + jnp.sum(adapter.log_lik(t, var_name)))
+        full = adapter.jit(lambda ad, t: ad.potential(t) + jnp.sum(ad.log_lik(t, var_name)))
         ok = all(bool(jnp.abs(prior(th) - full(th)) <= tol * (1.0 + jnp.abs(full(th)))) for th in thetas)
     except Exception:  # noqa: BLE001
         ok = False
@@ -254,8 +254,8 @@ class StreamingSite:
                     f"{self.num} observations ({self.num}x{self.adapter.num_params}); pass the "
                     "per-observation data as model arguments, observations along the first axis, to stream",
                     stacklevel=4)
-            eta = jax.jit(lambda t: self.adapter.eta(t, self.name))(theta)
-            jac = jax.jit(jax.jacfwd(lambda t: self.adapter.eta(t, self.name)))(theta)
+            eta = self.adapter.jit(lambda ad, t: ad.eta(t, self.name))(theta)
+            jac = self.adapter.jit(lambda ad, t: jax.jacfwd(lambda tt: ad.eta(tt, self.name))(t))(theta)
             aux = self.adapter.predictor_aux(theta, self.name)
             placed = {"eta": self.layout.place(eta), "jac": self.layout.place(jac),
                       "aux": {k: self.layout.place(v) for k, v in aux.items()}}
