@@ -263,24 +263,25 @@ class StreamingSite:
         return self.full[1]
 
     def active(self, theta) -> np.ndarray:
-        """Predictor components that depend on θ (from the first chunk's Jacobian)."""
+        """Predictor components that depend on θ: those that move along two random directions of θ on the
+        first chunk (two forward-mode products, ``chunk·K`` memory; a zero by coincidence has probability
+        0)."""
         if self._active is None:
             k_all = self.site.predictor.num_eta
-            jac = self._chunk_jac_all(theta, 0)
-            nz = np.asarray(jnp.any(jac != 0, axis=(0, 2)))
+            if self.plan is None:
+                moved = self._full_source(theta)["jac"][0]
+            else:
+                rows = [r[0] for r in self.rows]
+                dirs = jax.random.normal(jax.random.PRNGKey(13), (2, theta.shape[0]), theta.dtype)
+                moved = jax.jit(lambda t, rows, dirs: jax.vmap(
+                    lambda d: jax.jvp(lambda tt: self._eta_rows(tt, rows)[0], (t,), (d,))[1])(dirs))(
+                        theta, rows, dirs)  # (2, chunk, K_all)
+                moved = jnp.moveaxis(moved, 0, -1)
+            nz = np.asarray(jnp.any(moved != 0, axis=(0, 2)))
             self._active = np.flatnonzero(nz)
             if self._active.size == 0:
                 raise MPEError(f"the predictor of '{self.name}' does not depend on θ ({k_all} components)")
         return self._active
-
-    def _chunk_jac_all(self, theta, j):
-        if self.plan is None:
-            return self._full_source(theta)["jac"][j]
-        fn = self._fns.get("jac_all")
-        if fn is None:
-            fn = jax.jit(lambda t, rows: jax.jacfwd(lambda tt: self._eta_rows(tt, rows)[0])(t))
-            self._fns["jac_all"] = fn
-        return fn(theta, [r[j] for r in self.rows])
 
     def _terms(self, theta, data, active):
         """η, J (active components), aux of one chunk ``data`` (traceable)."""
