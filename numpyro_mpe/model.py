@@ -105,11 +105,34 @@ class DataBinding(NamedTuple):
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
 
+#: Errors raised when a model uses its data as concrete values (e.g. ``np.unique(group)``) while tracing.
+_CONCRETE_DATA_ERRORS = (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError,
+                         jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError)
+
+
 def jit_with_data(fn: Callable, args: tuple, kwargs: dict) -> Callable:
-    """``fn(args, kwargs, *rest)`` jitted with the data arrays as arguments: returns ``g(*rest)``."""
+    """``fn(args, kwargs, *rest)`` jitted with the data arrays as arguments: returns ``g(*rest)``.
+
+    A model that needs its data as concrete values while tracing (NumPy calls on them) cannot take them as
+    arguments; for it the data are closed over as constants instead (compile time then grows with N).
+    """
     binding = DataBinding.of(args, kwargs)
-    jitted = jax.jit(lambda values, *rest: fn(*binding.rebuild(values), *rest))
-    return lambda *rest: jitted(binding.values(), *rest)
+    dynamic = jax.jit(lambda values, *rest: fn(*binding.rebuild(values), *rest))
+    mode: list = []
+
+    def call(*rest):
+        if not mode:
+            try:
+                out = dynamic(binding.values(), *rest)
+                mode.append("arguments")
+                return out
+            except _CONCRETE_DATA_ERRORS:
+                mode.append(jax.jit(lambda *r: fn(args, kwargs, *r)))
+        if mode[0] == "arguments":
+            return dynamic(binding.values(), *rest)
+        return mode[0](*rest)
+
+    return call
 
 
 def _initial_point(model, args, kwargs, rng_key, init_strategy, latent_names, max_tries: int = 20):
