@@ -225,12 +225,9 @@ class StreamingSite:
         self.weights = self.layout._weights(jnp.ones(self.num, self.dtype) if w is None
                                             else jnp.asarray(w, self.dtype), self.dtype)
         self.y = self.layout.place(site.flat_value)
-        if self.plan is not None:
-            self.rows = [self.layout.place(x) for x in self.plan.batched_leaves()]
-            self.full = None
-        else:
-            self.rows = None
-            self.full = None  # filled lazily at the first θ (the full-model Jacobian)
+        # rows of the per-observation arguments, or (without a plan) the whole-model η, J filled at first use
+        self.rows = None if self.plan is None else [self.layout.place(x) for x in self.plan.batched_leaves()]
+        self.full = None
         self._active = None
         self._fns: dict = {}
 
