@@ -177,13 +177,6 @@ def parameter_shift(fit: Fit, var_names=None, var_name: str | None = None,
     names, with_det = _resolve_names(fit, var_names)
     chunk_size = int(fit.chunk_size if chunk_size is None else chunk_size)
     res = fit.site_mpe(site.name)
-    if res.shift is None:
-        from .errors import MPEError
-
-        raise MPEError(
-            f"parameter_shift needs the N×P shifts of '{site.name}', which the streamed pass does not keep "
-            f"at N·P = {site.num_obs}·{ad.num_params} > 5e7; take a subset of the observations or call "
-            f"fit.stream('{site.name}').site_mpe(fit.posterior, keep_shift=True)")
     dtype = fit.posterior.mean.dtype
 
     jac_t, shapes = constrained_jacobian(fit, names, deterministic=with_det)  # (P, P_c)
@@ -191,12 +184,16 @@ def parameter_shift(fit: Fit, var_names=None, var_name: str | None = None,
     sd = jnp.sqrt(jnp.sum(b * b, axis=0))
     inv_sd = jnp.where(sd > 0, 1.0 / jnp.where(sd > 0, sd, 1.0), 0.0).astype(dtype)
 
-    def standardized(a):
-        return (a["d"] @ jac_t) * inv_sd
+    def standardized(d):
+        return (d @ jac_t) * inv_sd
 
     n = site.num_obs
-    out = map_chunks(jax.jit(standardized), {"d": jnp.asarray(res.shift, dtype)}, n, chunk_size,
-                     f"parameter shift {site.name}", fit.progress)
+    if res.shift is None:  # the streamed pass did not keep the N×P shifts: recompute them chunk by chunk
+        out = fit.streaming_site(site.name).map_shifts(fit.posterior, standardized,
+                                                        f"parameter shift {site.name}")
+    else:
+        out = map_chunks(jax.jit(lambda a: standardized(a["d"])), {"d": jnp.asarray(res.shift, dtype)}, n,
+                         chunk_size, f"parameter shift {site.name}", fit.progress)
     out = np.asarray(out)
 
     from .arviz import _latent_dims, _named_dims

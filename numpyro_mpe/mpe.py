@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .errors import MPEError
 from .model import ModelAdapter
 from .posterior import GaussianPosterior
-from .quadrature import Rule, default_rule, psd_sqrt
+from .quadrature import default_rule, expected_log_lik_one, psd_sqrt
 
 
 class Memories:
@@ -295,18 +295,6 @@ def cavity_k(e, lam, b_w=None, v=None):
     return out
 
 
-def expected_log_lik_one(log_lik_fn, rule: Rule, mean, cov, eta_all, active, y, aux, weight):
-    """log E_{η ~ N(mean, cov)} p(y | η) for one observation, by ``rule`` in the active components."""
-    c = psd_sqrt(cov)
-    pts = mean + rule.nodes @ c.T  # (Q, K)
-    q = pts.shape[0]
-    eta_q = jnp.broadcast_to(eta_all, (q,) + eta_all.shape).at[:, active].set(pts)
-    y_q = jnp.broadcast_to(y, (q,) + y.shape)
-    aux_q = {k: jnp.broadcast_to(v, (q,) + v.shape) for k, v in aux.items()}
-    ll = log_lik_fn(eta_q, y_q, aux_q) * weight
-    return logsumexp(rule.log_weights + ll)
-
-
 # ---------------------------------------------------------------- chunked driver
 def map_chunks(fn, arrays: dict, num: int, chunk_size: int, desc: str, progress: bool):
     """Apply the jitted ``fn`` to consecutive chunks of the leading axis of ``arrays`` (padding the
@@ -321,7 +309,7 @@ def map_chunks(fn, arrays: dict, num: int, chunk_size: int, desc: str, progress:
         lo, hi = c * chunk_size, min((c + 1) * chunk_size, num)
         idx = jnp.minimum(jnp.arange(lo, lo + chunk_size), num - 1)
         chunk = jax.tree_util.tree_map(lambda a, idx=idx: a[idx], arrays)
-        out = fn(chunk)
+        out = jax.block_until_ready(fn(chunk))  # one chunk in flight: see StreamingSite.map
         outs.append(jax.tree_util.tree_map(lambda a, k=hi - lo: a[:k], out))
         bar.update(hi - lo)
     bar.close()

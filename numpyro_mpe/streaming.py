@@ -27,15 +27,22 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
+
+try:
+    from jax import shard_map
+except ImportError:  # jax < 0.7
+    from jax.experimental.shard_map import shard_map
 from numpyro import handlers
 from numpyro.infer.util import potential_energy
 from tqdm.auto import tqdm
 
 from .errors import MPEError
 from .model import ModelAdapter
-from .quadrature import default_rule
+from .quadrature import GAUSS_HERMITE_TIERS, default_tol, expected_log_lik_block, gauss_hermite, monte_carlo
 
 CURVATURES = ("exact", "ggn")
+#: The per-observation pass keeps the N×P shifts by default up to this N·P (80 MB in float64).
+KEEP_SHIFT_LIMIT = 10_000_000
 
 
 # ---------------------------------------------------------------- running the model on rows
@@ -63,7 +70,7 @@ class RowPlan(NamedTuple):
 
 def row_plan(adapter: ModelAdapter, var_name: str) -> tuple[RowPlan | None, str | None]:
     """A :class:`RowPlan` for ``var_name`` if running the model on sliced arguments reproduces its
-    rows (checked at two θ on a few rows), else ``(None, reason)``."""
+    rows (checked at two θ on four rows together and one at a time), else ``(None, reason)``."""
     site = adapter.observed[var_name]
     if len(site.obs_shape) != 1:
         return None, f"the site's observations have shape {site.obs_shape}; row slicing needs one plate dim"
@@ -87,14 +94,20 @@ def row_plan(adapter: ModelAdapter, var_name: str) -> tuple[RowPlan | None, str 
         tr = rows_site(ad, plan, var_name, theta, rows)
         eta = site.predictor.params(tr["fn"], (len(idx),))[0]
         ll = ad._site_log_lik(tr, len(idx))
-        return full_eta, eta, full_ll, ll
+
+        def single(row):  # the engine also runs the model on one row at a time (vmapped)
+            tr1 = rows_site(ad, plan, var_name, theta, [x[None] for x in row])
+            return site.predictor.params(tr1["fn"], (1,))[0][0]
+
+        return full_eta, eta, full_ll, ll, jax.vmap(single)(rows)
 
     check = adapter.jit(check)
     try:
         for th in thetas:
-            fe, e, fl, ll = check(th, rows)
-            if fe.shape != e.shape or not (bool(jnp.allclose(fe, e, rtol=tol, atol=tol))
-                                           and bool(jnp.allclose(fl, ll, rtol=tol, atol=tol))):
+            fe, e, fl, ll, e1 = check(th, rows)
+            same = [a.shape == b.shape and bool(jnp.allclose(a, b, rtol=tol, atol=tol))
+                    for a, b in ((fe, e), (fe, e1), (fl, ll))]
+            if not all(same):
                 return None, ("running the model on a subset of rows (its arguments with "
                               f"{n} rows sliced) does not reproduce those rows' predictor and log-likelihood")
     except Exception as err:  # noqa: BLE001 - any failure means the model cannot run on row subsets
@@ -147,28 +160,36 @@ class Layout(NamedTuple):
     def padded(self) -> int:
         return self.chunk * self.num_chunks
 
-    def place(self, x):
-        """``(num, ...)`` → ``(num_chunks, chunk, ...)`` padded with the last row, sharded along axis 1."""
-        x = jnp.asarray(x)
-        pad = self.padded - self.num
-        if pad:
-            x = jnp.concatenate([x, jnp.broadcast_to(x[-1:], (pad,) + x.shape[1:])])
-        x = jnp.reshape(x, (self.num_chunks, self.chunk) + x.shape[1:])
-        return jax.device_put(x, NamedSharding(self.mesh, PS(None, "obs")))
+    def place(self, x, pad_value=None) -> list:
+        """``(num, ...)`` → ``num_chunks`` arrays ``(chunk, ...)``, each sharded along its rows; the last is
+        padded with its last row (or ``pad_value``).  One array per chunk: a chunk sliced out of a stacked
+        array inside a program is copied first, which costs more than the chunk's maths."""
+        sharding = NamedSharding(self.mesh, PS("obs"))
+        out = []
+        for j in range(self.num_chunks):
+            lo, hi = j * self.chunk, min((j + 1) * self.chunk, self.num)
+            part = x[lo:hi]
+            if hi - lo < self.chunk:
+                shape = (self.chunk - (hi - lo),) + part.shape[1:]
+                fill = part[-1:] if pad_value is None else jnp.full(shape, pad_value, part.dtype)
+                part = jnp.concatenate([jnp.asarray(part), jnp.broadcast_to(fill, shape)])
+            out.append(jax.device_put(part, sharding))
+        return out
 
-    def _weights(self, w, dtype):
-        w = jnp.concatenate([w, jnp.zeros(self.padded - self.num, dtype)])
-        w = jnp.reshape(w, (self.num_chunks, self.chunk))
-        return jax.device_put(w, NamedSharding(self.mesh, PS(None, "obs")))
-
-    def unpad(self, x):
-        """``(num_chunks, chunk, ...)`` → ``(num, ...)``."""
-        return jnp.reshape(x, (self.padded,) + x.shape[2:])[: self.num]
+    def unpad(self, parts: list):
+        """Per-chunk outputs ``(chunk, ...)`` → ``(num, ...)``."""
+        last = self.num - (self.num_chunks - 1) * self.chunk
+        return jnp.concatenate(list(parts[:-1]) + [parts[-1][:last]])
 
 
 # ---------------------------------------------------------------- the per-chunk maths
 class ChunkTerms(NamedTuple):
-    """Per-observation pieces of one chunk: η (c, K_all), J (c, K, P), e (c, K), Λ (c, K, K), aux, y, w."""
+    """Per-observation pieces of one chunk of c rows: η (c, K_all), ``jac`` (c, K, r), e (c, K),
+    Λ (c, K, K), aux, y, w.
+
+    ``jac[i]`` = J_i T for a P×r matrix T: T = I (the Jacobian of the active components) or T = L⁻ᵀ under a
+    posterior with precision S = L Lᵀ (then ``jac[i]`` = B_i = J_i L⁻ᵀ and B_i B_iᵀ = J_i S⁻¹ J_iᵀ).
+    """
 
     eta: jax.Array
     jac: jax.Array
@@ -222,13 +243,14 @@ class StreamingSite:
         self.layout = Layout.build(self.num, chunk_size, devices)
         self.plan, self.no_plan_reason = row_plan(adapter, var_name)
         w = adapter.predictor_mask(var_name)
-        self.weights = self.layout._weights(jnp.ones(self.num, self.dtype) if w is None
-                                            else jnp.asarray(w, self.dtype), self.dtype)
+        self.weights = self.layout.place(np.ones(self.num, self.dtype) if w is None
+                                         else np.asarray(w, self.dtype), pad_value=0)
         self.y = self.layout.place(site.flat_value)
         # rows of the per-observation arguments, or (without a plan) the whole-model η, J filled at first use
         self.rows = None if self.plan is None else [self.layout.place(x) for x in self.plan.batched_leaves()]
         self.full = None
         self._active = None
+        self._stacked = None
         self._fns: dict = {}
 
     # ------------------------------------------------------------ sources of η, J
@@ -280,20 +302,41 @@ class StreamingSite:
                 raise MPEError(f"the predictor of '{self.name}' does not depend on θ ({k_all} components)")
         return self._active
 
-    def _terms(self, theta, data, active):
-        """η, J (active components), aux of one chunk ``data`` (traceable)."""
-        if self.plan is None:
-            return data["eta"], data["jac"][:, active, :], data["aux"]
-        rows = data["rows"]
-        eta, aux = self._eta_rows(theta, rows)
+    def _row_fn(self, active):
+        """θ, one row's arguments ↦ that row's active predictor components (K,)."""
+        def f(t, row):
+            return self._eta_rows(t, [x[None] for x in row])[0][0, active]
+        return f
+
+    def _terms(self, theta, data, active, post=None):
+        """η, aux and J_i T (see :class:`ChunkTerms`) of one chunk ``data``, traceable.
+
+        P ≤ 256: forward mode along the columns of T, vmapped over rows outside the tangents, so the
+        products come out row-major (c, K, P) — vmapping the tangents over the whole chunk instead gives a
+        tangent-major array that XLA on CPU reduces ~15× slower.  P > 256: reverse mode per row.
+        """
         p = theta.shape[0]
-        if p <= 256:
-            jac = jax.jacfwd(lambda t: self._eta_rows(t, rows)[0][:, active])(theta)
-        else:  # per-observation reverse mode: one backward pass per row, no (c·K)² work
-            def one(row):
-                return jax.jacrev(lambda t: self._eta_rows(t, [x[None] for x in row])[0][0, active])(theta)
-            jac = jax.vmap(one)(rows)
-        return eta, jac, aux
+        if self.plan is None:
+            eta, aux, jac = data["eta"], data["aux"], data["jac"][:, active, :]
+        else:
+            rows = data["rows"]
+            eta, aux = self._eta_rows(theta, rows)
+            f = self._row_fn(active)
+            if p <= 256:
+                eye = jnp.eye(p, dtype=theta.dtype)
+                tangents = eye if post is None else post.unwhiten(eye)  # columns of T = I or L⁻ᵀ
+
+                def one(row):
+                    return jax.vmap(lambda d: jax.jvp(lambda t: f(t, row), (theta,), (d,))[1],
+                                    out_axes=-1)(tangents.T)
+
+                return eta, aux, jax.vmap(one)(rows)
+            jac = jax.vmap(lambda row: jax.jacrev(f)(theta, row))(rows)
+        if post is None:
+            return eta, aux, jac
+        c, k = jac.shape[:2]
+        b_t = post.whiten(jnp.reshape(jac, (c * k, p)).T)  # L⁻¹ J_iᵀ = B_iᵀ, (P, c·K)
+        return eta, aux, jnp.reshape(b_t.T, (c, k, p))
 
     def chunk_data(self, theta, j) -> dict:
         """The stored arrays of chunk ``j`` (rows or the full-model η, J), with y and weights."""
@@ -318,9 +361,9 @@ class StreamingSite:
 
         return jax.vmap(ggn)
 
-    def terms(self, theta, data, active) -> tuple[ChunkTerms, jax.Array]:
+    def terms(self, theta, data, active, post=None) -> tuple[ChunkTerms, jax.Array]:
         """:class:`ChunkTerms` of one chunk and w_i ℓ_i of each row (traceable)."""
-        eta, jac, aux = self._terms(theta, data, active)
+        eta, aux, jac = self._terms(theta, data, active, post)
         val, e, lam = self._derivs_fn(active)(eta, data["y"], aux, data["w"])
         val = jnp.where(data["w"] != 0, val, 0.0)
         return ChunkTerms(eta, jac, e, lam, aux, data["y"], data["w"]), val
@@ -332,6 +375,16 @@ class StreamingSite:
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.layout.mesh, PS("obs")))
 
     # ------------------------------------------------------------ passes
+    def map(self, fn, desc: str | None = None) -> list:
+        """``[fn(j) for j in chunks]``, waiting for each chunk's result before the next is dispatched.
+
+        Asynchronous dispatch of many large programs at once can leave the XLA CPU runtime stuck
+        (jax-ml/jax#25861, seen here twice in ~100 passes on 2 cores); one chunk in flight costs nothing
+        measurable at these chunk sizes.
+        """
+        idx = range(self.layout.num_chunks) if desc is None else self.chunk_indices(desc)
+        return [jax.block_until_ready(fn(j)) for j in idx]
+
     def chunk_indices(self, desc: str):
         n = self.layout.num_chunks
         bar = tqdm(range(n), desc=desc, disable=not self.progress or n < 2, leave=False)
@@ -354,21 +407,22 @@ class StreamingSite:
                     return val
                 jac, e, lam = (self._per_device(x) for x in (tm.jac, tm.e, tm.lam))
                 grad = jnp.einsum("dckp,dck->dp", jac, e)
+                lam_jac = jnp.sum(lam[..., None] * jac[:, :, None, :, :], axis=3)  # Λ_i J_i, (d, c, K, P)
                 if structure == "full":
-                    curv = jnp.einsum("dckp,dckl,dclq->dpq", jac, lam, jac)
+                    curv = jnp.einsum("dckp,dckq->dpq", jac, lam_jac)
                 elif structure == "diag":
-                    curv = jnp.einsum("dckp,dckl,dclp->dp", jac, lam, jac)
+                    curv = jnp.sum(jac * lam_jac, axis=(1, 2))
                 else:
-                    jv = jnp.einsum("dckp,pr->dckr", jac, probe)
-                    curv = jnp.einsum("dckp,dckl,dclr->dpr", jac, lam, jv)
+                    curv = jnp.einsum("dckp,dckr->dpr", lam_jac, jnp.einsum("dckp,pr->dckr", jac, probe))
                 return val, grad, curv
             self._fns[key] = jax.jit(fn)
         fn = self._fns[key]
-        acc = None
-        for j in range(self.layout.num_chunks):
-            out = fn(theta, self.chunk_data(theta, j), probe)
-            acc = out if acc is None else jax.tree_util.tree_map(jnp.add, acc, out)
-        return jax.tree_util.tree_map(lambda a: jnp.asarray(np.sum(np.asarray(a), axis=0)), acc)
+        outs = self.map(lambda j: fn(theta, self.chunk_data(theta, j), probe))
+
+        def total(*parts):  # per chunk and per device partial sums, added on the host
+            return jnp.asarray(np.sum([np.sum(np.asarray(x), axis=0) for x in parts], axis=0))
+
+        return jax.tree_util.tree_map(total, *outs)
 
     def memories(self, theta):
         """Factored memories (J_i, Λ_i, e_i) of every observation (N×K×P: for moderate N only)."""
@@ -381,59 +435,119 @@ class StreamingSite:
                 tm, _ = self.terms(t, data, active)
                 return tm.jac, tm.lam, tm.e
             self._fns[key] = jax.jit(fn)
-        outs = [self._fns[key](theta, self.chunk_data(theta, j)) for j in range(self.layout.num_chunks)]
-        jac, lam, e = (self.layout.unpad(jnp.stack(x)) for x in zip(*outs))
+        outs = self.map(lambda j: self._fns[key](theta, self.chunk_data(theta, j)))
+        jac, lam, e = (self.layout.unpad(x) for x in zip(*outs))
         return Memories(jnp.einsum("nkp,nk->np", jac, e), jac=jac, lam=lam, resid=e)
 
-    def site_mpe(self, post, *, num_samples: int = 2000, rng_key=None, keep_shift: bool | None = None):
+    def _expectation(self, rules, tol, mean, cov, tm: ChunkTerms, active):
+        """log E p(y_i | η_i), η_i ~ N(mean_i, cov_i), for the rows of one chunk; each device picks its own
+        rule (:func:`numpyro_mpe.quadrature.expected_log_lik_block`) on its own rows, no collective."""
+        f = self.site.predictor.log_lik
+
+        def block(mean, cov, eta, y, aux, w, e, lam):
+            vals, pts = expected_log_lik_block(f, mean, cov, eta, active, y, aux, w, e, lam,
+                                               tol=tol, rules=rules)
+            return vals, jnp.reshape(pts, (1,))
+
+        spec = PS("obs")
+        fn = shard_map(block, mesh=self.layout.mesh, in_specs=spec, out_specs=(spec, spec))
+        return fn(mean, cov, tm.eta, tm.y, tm.aux, tm.w, tm.e, tm.lam)
+
+    def _cavities(self, t, data, post, active):
+        """:class:`ChunkTerms` of one chunk under ``post`` (``jac`` = B_i) and the cavities of its rows
+        (:func:`numpyro_mpe.mpe.cavity_k` with V_i = B_i B_iᵀ)."""
+        from .mpe import cavity_k
+
+        tm, _ = self.terms(t, data, active, post)
+        b = tm.jac
+        v = jnp.sum(b[:, :, None, :] * b[:, None, :, :], axis=-1)  # V_i = B_i B_iᵀ = J_i S⁻¹ J_iᵀ
+        return tm, jax.vmap(lambda e, lam, v: cavity_k(e, lam, v=v))(tm.e, tm.lam, v)
+
+    @staticmethod
+    def _shift_rows(post, b, w):
+        """Δm_i = L⁻ᵀ B_iᵀ w_i = S⁻¹ J_iᵀ w_i as rows (c, P)."""
+        bw = jnp.sum(b * w[:, :, None], axis=1)  # B_iᵀ w_i
+        p = bw.shape[-1]
+        if p <= 256:
+            return bw @ post.unwhiten(jnp.eye(p, dtype=bw.dtype)).T
+        return post.unwhiten(bw.T).T
+
+    def map_shifts(self, post, fn, desc: str = "shifts"):
+        """``fn`` applied to the MPE shifts Δm_i = S⁻¹J_iᵀw_i of every observation, chunk by chunk: the
+        N×P shifts are never held at once, only ``fn``'s outputs (``fn``: rows (c, P) → (c, ...),
+        traceable).
+
+        Examples
+        --------
+        >>> norms = eng.map_shifts(fit.posterior, lambda d: jnp.linalg.norm(d, axis=1))  # doctest: +SKIP
+        """
+        theta = post.mean
+        active = self.active(theta)
+
+        def chunk_fn(t, data, post):
+            tm, out = self._cavities(t, data, post, active)
+            return fn(self._shift_rows(post, tm.jac, out["w"]))
+
+        jfn = jax.jit(chunk_fn)
+        return self.layout.unpad(self.map(lambda j: jfn(theta, self.chunk_data(theta, j), post), desc))
+
+    def site_mpe(self, post, *, num_samples: int = 2000, rng_key=None, keep_shift: bool | None = None,
+                 quadrature_tol: float | None = None):
         """All per-observation MPE outputs (:class:`numpyro_mpe.mpe.SiteMPE`) under ``post``.
 
-        ``keep_shift``: also return Δm_i = S⁻¹J_iᵀu_i for every observation (N×P); by default only
-        when N·P ≤ 5·10⁷.
+        Per chunk: B_i = J_i L⁻ᵀ by forward mode along the columns of L⁻ᵀ (or reverse mode per row for
+        P > 256), V_i = B_i B_iᵀ, the cavity in K dimensions (:func:`numpyro_mpe.mpe.cavity_k`), then
+        ``lpd`` and ``elpd_loo`` by Gauss–Hermite in η (K ≤ 3; the fewest points within
+        ``quadrature_tol`` of the full rule, see :func:`numpyro_mpe.quadrature.expected_log_lik_block`) or
+        Monte Carlo with ``num_samples`` common draws (K > 3).
+
+        ``keep_shift``: also return Δm_i = L⁻ᵀB_iᵀw_i = S⁻¹J_iᵀw_i for every observation (N×P); by default
+        only when N·P ≤ 10⁷ (:meth:`map_shifts` streams them otherwise).  ``quadrature_tol``: default
+        1e-10 (float64) or 1e-5 (float32); 0 always uses the full rule.
         """
-        from .mpe import SiteMPE, cavity_k, expected_log_lik_one
+        from .mpe import SiteMPE
 
         theta = post.mean
         active = self.active(theta)
         k = len(active)
         p = theta.shape[0]
         if keep_shift is None:
-            keep_shift = self.num * p <= 5e7
-        rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
-        rule = default_rule(k, rng_key, self.dtype, num_samples)
-        f = self.site.predictor.log_lik
+            keep_shift = self.num * p <= KEEP_SHIFT_LIMIT
+        tol = default_tol(self.dtype) if quadrature_tol is None else float(quadrature_tol)
+        if k in GAUSS_HERMITE_TIERS:
+            rules = tuple(gauss_hermite(k, n, self.dtype) for n in GAUSS_HERMITE_TIERS[k])
+        else:
+            rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
+            rules = (monte_carlo(k, num_samples, rng_key, self.dtype),)
         act = jnp.asarray(active)
 
-        def one(jac_i, sj_i, e, lam, eta_all, y, aux, w):
-            v = jac_i @ sj_i  # (K, K): J S⁻¹ Jᵀ
-            out = cavity_k(e, lam, v=v)
-            args = (eta_all, act, y, aux, w)
-            eta_a = eta_all[act]
-            lpd = expected_log_lik_one(f, rule, eta_a, out["v"], *args)
-            elpd = expected_log_lik_one(f, rule, eta_a + out["dEta"], out["v_cav"], *args)
+        def fn(t, data, post):
+            tm, out = self._cavities(t, data, post, active)
+            eta_a = tm.eta[:, act]
+            lpd, pts_lpd = self._expectation(rules, tol, eta_a, out["v"], tm, act)
+            elpd, pts_elpd = self._expectation(rules, tol, eta_a + out["dEta"], out["v_cav"], tm, act)
             res = {"lpd": lpd, "elpd_loo": elpd, "leverage": out["leverage"], "valid": out["valid"],
                    "sensitivity": out["sensitivity"], "dEta": out["dEta"], "v": out["v"]}
             if keep_shift:
-                res["shift"] = sj_i @ out["w"]
-            return res
+                res["shift"] = self._shift_rows(post, tm.jac, out["w"])
+            return res, jnp.stack([pts_lpd, pts_elpd])
 
-        def fn(t, data, post):
-            tm, _ = self.terms(t, data, active)
-            c = tm.jac.shape[0]
-            flat = jnp.reshape(tm.jac, (c * k, p)).T  # (P, c·K)
-            sj = jnp.reshape(post.cov_matvec(flat).T, (c, k, p))
-            sj = jnp.swapaxes(sj, 1, 2)  # (c, P, K): S⁻¹ J_iᵀ
-            return jax.vmap(one)(tm.jac, sj, tm.e, tm.lam, tm.eta, tm.y, tm.aux, tm.w)
-
-        key = ("mpe", tuple(active.tolist()), keep_shift, rule.nodes.shape, type(post).__name__)
+        key = ("mpe", tuple(active.tolist()), keep_shift, tuple(r.nodes.shape for r in rules), tol,
+               type(post).__name__)
         if key not in self._fns:
             self._fns[key] = jax.jit(fn)
         jfn = self._fns[key]
-        outs = [jfn(theta, self.chunk_data(theta, j), post)
-                for j in self.chunk_indices(f"MPE {self.name}")]
-        res = {name: self.layout.unpad(jnp.stack([o[name] for o in outs])) for name in outs[0]}
+        outs = self.map(lambda j: jfn(theta, self.chunk_data(theta, j), post), f"MPE {self.name}")
+        res = {name: self.layout.unpad([o[0][name] for o in outs]) for name in outs[0][0]}
         labels = tuple(self.site.predictor.labels[i] for i in active)
-        method = f"{rule.kind} in predictor space (K={k}, {rule.nodes.shape[0]} nodes)"
+        if rules[0].kind == "monte-carlo":
+            method = f"monte-carlo in predictor space (K={k}, {num_samples} common draws)"
+        else:
+            pts = np.asarray(jnp.stack([o[1] for o in outs]))
+            full = GAUSS_HERMITE_TIERS[k][-1]
+            used = f"{pts.min()}" if pts.min() == pts.max() else f"{pts.min()} to {pts.max()}"
+            method = (f"gauss-hermite in predictor space (K={k}, {used} points per dimension, "
+                      f"within {tol:g} of {full} points)")
         return SiteMPE.from_outputs(self.name, res, labels, method, self.num)
 
     def is_linear(self, theta) -> bool:
@@ -477,7 +591,10 @@ class StreamingSite:
             ll = f(eta, data["y"], aux)
             return -jnp.sum(jnp.where(data["w"] != 0, ll * data["w"], 0.0))
 
-        data = {"rows": self.rows, "y": self.y, "w": self.weights}
+        if self._stacked is None:  # lax.map needs the chunks stacked: a second copy of the rows
+            self._stacked = {"rows": [jnp.stack(r) for r in self.rows], "y": jnp.stack(self.y),
+                             "w": jnp.stack(self.weights)}
+        data = self._stacked
 
         def total(t):
             return jnp.sum(jax.lax.map(lambda d: chunk_loss(t, d), data))
