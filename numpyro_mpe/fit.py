@@ -57,6 +57,8 @@ class Fit:
         self.memories_fn = memories_fn
         self.refit_fn = refit_fn
         self.chunk_size = int(mpe_options.get("chunk_size", 4096))
+        # the streaming engine sizes its chunks by memory unless told (streaming.auto_chunk_size)
+        self.stream_chunk_size = mpe_options.get("chunk_size")
         self.num_samples = int(mpe_options.get("num_samples", 2000))
         self.progress = bool(mpe_options.get("progress", True))
         self.curvature = mpe_options.get("curvature", "exact")
@@ -105,7 +107,7 @@ class Fit:
         site = self.adapter.observed_site(var_name)
         key = ("stream", site.name)
         if key not in self._cache:
-            self._cache[key] = StreamingSite(self.adapter, site.name, chunk_size=self.chunk_size,
+            self._cache[key] = StreamingSite(self.adapter, site.name, chunk_size=self.stream_chunk_size,
                                              curvature=self.curvature, devices=self.devices,
                                              progress=self.progress)
         return self._cache[key]

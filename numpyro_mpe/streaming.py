@@ -45,6 +45,25 @@ CURVATURES = ("exact", "ggn")
 KEEP_SHIFT_LIMIT = 10_000_000
 
 
+def auto_chunk_size(num_params: int, num_eta: int, itemsize: int = 8) -> int:
+    """Rows per chunk when none is given: the largest power of two in [256, 65536] whose chunk·K·P
+    Jacobian takes at most 16 MiB.
+
+    Larger per-chunk arrays are mapped fresh from the OS at every call (glibc's mmap threshold is at most
+    32 MiB) and their page faults then cost more than the chunk's maths: at N = 10⁶, P = 20 the pass took
+    0.38 s with chunks of 4096 rows, 0.20 s with 65536 and 0.26 s with 262144, and a Newton pass 0.19,
+    0.11 and 0.28 s.
+
+    Examples
+    --------
+    >>> auto_chunk_size(20, 1), auto_chunk_size(100_001, 1)
+    (65536, 256)
+    """
+    rows = (16 << 20) // max(1, num_params * num_eta * itemsize)
+    return int(min(65536, max(256, 1 << max(0, rows.bit_length() - 1))))
+
+
+
 # ---------------------------------------------------------------- running the model on rows
 class RowPlan(NamedTuple):
     """How to run the model on a subset of the rows of one observed site.
@@ -216,8 +235,9 @@ class StreamingSite:
     adapter : ModelAdapter
     var_name : str
         An observed site with a predictor.
-    chunk_size : int
-        Rows per chunk (rounded up to a multiple of the number of devices).
+    chunk_size : int, optional
+        Rows per chunk (rounded up to a multiple of the number of devices); default
+        :func:`auto_chunk_size`.
     curvature : {"exact", "ggn"}
         Λ_i as it is (exact where η is linear in θ) or projected onto the PSD cone (GGN).
     devices : sequence of jax.Device, optional
@@ -229,7 +249,7 @@ class StreamingSite:
     >>> outputs = eng.site_mpe(fit.posterior)  # doctest: +SKIP
     """
 
-    def __init__(self, adapter: ModelAdapter, var_name: str, *, chunk_size: int = 4096,
+    def __init__(self, adapter: ModelAdapter, var_name: str, *, chunk_size: int | None = None,
                  curvature: str = "exact", devices=None, progress: bool = True):
         if curvature not in CURVATURES:
             raise MPEError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
@@ -240,6 +260,8 @@ class StreamingSite:
         self.curvature, self.progress = curvature, progress
         self.dtype = adapter.init_theta.dtype
         self.num = site.num_obs
+        if chunk_size is None:
+            chunk_size = auto_chunk_size(adapter.num_params, site.predictor.num_eta, self.dtype.itemsize)
         self.layout = Layout.build(self.num, chunk_size, devices)
         self.plan, self.no_plan_reason = row_plan(adapter, var_name)
         w = adapter.predictor_mask(var_name)

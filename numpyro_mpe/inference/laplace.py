@@ -15,7 +15,7 @@ from ..errors import MPEError, PosteriorError, check_options
 from ..fit import Fit
 from ..model import ModelAdapter
 from ..posterior import DENSE_LIMIT, DiagGaussianPosterior, LowRankGaussianPosterior, from_precision
-from ..streaming import CURVATURES, StreamingSite
+from ..streaming import CURVATURES, StreamingSite, auto_chunk_size
 
 
 class NewtonState(NamedTuple):
@@ -93,8 +93,10 @@ class Laplace:
     gtol : float, optional
         Convergence tolerance on ‖∇U‖_∞ relative to max(1, |U|): 1e-8 in float64, 1e-4 in float32
         by default; not converging warns with the gradient norm.
-    chunk_size : int, default 4096
-        Observations per chunk in the per-observation MPE pass.
+    chunk_size : int, optional
+        Observations per chunk in the per-observation MPE pass: 4096 on the dense path; where the fit
+        streams, by default as many rows as keep a chunk's Jacobian within 16 MiB
+        (:func:`numpyro_mpe.streaming.auto_chunk_size`, 65536 for P = 20).
     num_samples : int, default 2000
         Monte Carlo draws where ``elpd_loo`` cannot be integrated by Gauss–Hermite.
     progress : bool, default True
@@ -208,9 +210,12 @@ class Laplace:
             return None
         name = next(iter(adapter.observed))
         site = adapter.observed[name]
-        chunk = int(self.mpe_options.get("chunk_size", 4096))
         if site.predictor is None:
             return None
+        chunk = self.mpe_options.get("chunk_size")
+        if chunk is None:
+            itemsize = adapter.init_theta.dtype.itemsize
+            chunk = auto_chunk_size(adapter.num_params, site.predictor.num_eta, itemsize)
         if not (site.num_obs > chunk or self.curvature == "ggn" or self.structure != "full"):
             return None
         eng = StreamingSite(adapter, name, chunk_size=chunk, curvature=self.curvature,
