@@ -56,7 +56,7 @@ class Fit:
         self.info = dict(info or {})
         self.memories_fn = memories_fn
         self.refit_fn = refit_fn
-        self.chunk_size = int(mpe_options.get("chunk_size", 4096))
+        self.chunk_size = 4096 if mpe_options.get("chunk_size") is None else int(mpe_options["chunk_size"])
         # the streaming engine sizes its chunks by memory unless told (streaming.auto_chunk_size)
         self.stream_chunk_size = mpe_options.get("chunk_size")
         self.num_samples = int(mpe_options.get("num_samples", 2000))

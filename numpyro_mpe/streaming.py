@@ -525,7 +525,7 @@ class StreamingSite:
 
         ``keep_shift``: also return Δm_i = L⁻ᵀB_iᵀw_i = S⁻¹J_iᵀw_i for every observation (N×P); by default
         only when N·P ≤ 10⁷ (:meth:`map_shifts` streams them otherwise).  ``quadrature_tol``: default
-        1e-10 (float64) or 1e-5 (float32); 0 always uses the full rule.
+        1e-11 (float64) or 1e-5 (float32); 0 always uses the full rule.
         """
         from .mpe import SiteMPE
 

@@ -197,6 +197,10 @@ def test_lbfgs_over_chunks_finds_the_newton_map():
     b = mpe.Laplace(logistic, optimizer="newton", **kw).run(KEY, X, y=y)
     assert a.info["optimizer"] == "lbfgs" and b.info["optimizer"] == "newton"
     np.testing.assert_allclose(a.posterior.mean, b.posterior.mean, atol=1e-6)
+    # a smaller max_steps is honoured (it used to be raised to 500), and not converging warns
+    with pytest.warns(UserWarning, match="did not converge in 3 steps"):
+        c = mpe.Laplace(logistic, optimizer="lbfgs", max_steps=3, **kw).run(KEY, X, y=y)
+    assert c.info["steps"] == 3
 
 
 def test_wide_model_diag_per_observation_reverse_mode():

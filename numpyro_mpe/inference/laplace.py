@@ -88,8 +88,8 @@ class Laplace:
         A NumPyro model with continuous latent sites and at least one observed site.
     init_strategy : callable, default ``init_to_median``
         NumPyro initialization strategy for the optimizer.
-    max_steps : int, default 200
-        Maximum damped-Newton steps.
+    max_steps : int, optional
+        Maximum optimizer steps: 200 for (damped) Newton, 500 for L-BFGS where the fit streams with it.
     gtol : float, optional
         Convergence tolerance on ‖∇U‖_∞ relative to max(1, |U|): 1e-8 in float64, 1e-4 in float32
         by default; not converging warns with the gradient norm.
@@ -138,10 +138,11 @@ class Laplace:
         check_options("Laplace", options, self.OPTIONS)
         self.model = model
         self.init_strategy = options.get("init_strategy", init_to_median)
+        self.max_steps_given = options.get("max_steps")
         self.max_steps = int(options.get("max_steps", 200))
         self.gtol = options.get("gtol")
         self.mpe_options = {k: options[k] for k in ("chunk_size", "num_samples", "progress", "curvature",
-                                                     "devices") if k in options}
+                                                     "devices") if options.get(k) is not None}
         chunk = self.mpe_options.get("chunk_size", 1)
         if not isinstance(chunk, (int, np.integer)) or chunk < 1:
             raise MPEError(f"chunk_size must be a positive integer, got {chunk!r}")
@@ -246,7 +247,8 @@ class Laplace:
             res = chunked_newton(eng, prior, adapter.init_theta, max_steps=self.max_steps, gtol=gtol,
                                  progress=progress)
         else:
-            res = chunked_lbfgs(eng, prior, adapter.init_theta, max_steps=max(self.max_steps, 500), gtol=gtol)
+            steps = 500 if self.max_steps_given is None else self.max_steps
+            res = chunked_lbfgs(eng, prior, adapter.init_theta, max_steps=steps, gtol=gtol)
         if not np.isfinite(res.value) or not np.all(np.isfinite(np.asarray(res.theta))):
             raise PosteriorError(
                 f"the potential energy is not finite at the optimum (U = {res.value}); check the model's "
