@@ -24,7 +24,7 @@ Parts, each phase in its own subprocess (peak memory = ``ru_maxrss`` of that pro
 
 Usage::
 
-    python benchmarks/bench_scale.py                     # full run: ~11 min idle, ~18 loaded (2 cores)
+    python benchmarks/bench_scale.py                     # full run: ~9 min (2 cores, load 2)
     python benchmarks/bench_scale.py --sizes 1000 10000 --mlp-runs float32:diag
     python benchmarks/bench_scale.py --device-label h200               # writes bench_scale_h200.{md,json}
 
