@@ -401,8 +401,8 @@ class StreamingSite:
         """``[fn(j) for j in chunks]``, waiting for each chunk's result before the next is dispatched.
 
         Asynchronous dispatch of many large programs at once can leave the XLA CPU runtime stuck
-        (jax-ml/jax#25861, seen here twice in ~100 passes on 2 cores); one chunk in flight costs nothing
-        measurable at these chunk sizes.
+        (jax-ml/jax#25861; seen three times on a 2-core machine, in benchmark and test runs); one chunk in
+        flight costs nothing measurable at these chunk sizes.
         """
         idx = range(self.layout.num_chunks) if desc is None else self.chunk_indices(desc)
         return [jax.block_until_ready(fn(j)) for j in idx]
@@ -568,8 +568,8 @@ class StreamingSite:
             pts = np.asarray(jnp.stack([o[1] for o in outs]))
             full = GAUSS_HERMITE_TIERS[k][-1]
             used = f"{pts.min()}" if pts.min() == pts.max() else f"{pts.min()} to {pts.max()}"
-            method = (f"gauss-hermite in predictor space (K={k}, {used} points per dimension, "
-                      f"within {tol:g} of {full} points)")
+            within = f", within {tol:g} of {full} points" if tol > 0 else ""
+            method = f"gauss-hermite in predictor space (K={k}, {used} points per dimension{within})"
         return SiteMPE.from_outputs(self.name, res, labels, method, self.num)
 
     def is_linear(self, theta) -> bool:
