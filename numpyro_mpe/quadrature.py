@@ -130,14 +130,11 @@ def expected_log_lik_block(log_lik_fn, mean, cov, eta_all, active, y, aux, weigh
         rules = tuple(gauss_hermite(k, n, mean.dtype) for n in GAUSS_HERMITE_TIERS[k])
     points = jnp.asarray([round(r.nodes.shape[0] ** (1.0 / k)) for r in rules])
 
-    def rows(rule, idx=None):
-        take = (lambda a: a) if idx is None else (lambda a: a[idx])
-        args = jax.tree_util.tree_map(take, (mean, cov, eta_all, y, aux, weight))
-        m, c, ea, yy, ax, w = args
+    def rows(rule):
         def one(m, c, ea, yy, ax, w):
             return expected_log_lik_one(log_lik_fn, rule, m, c, ea, active, yy, ax, w)
 
-        return jax.vmap(one)(m, c, ea, yy, ax, w)
+        return jax.vmap(one)(mean, cov, eta_all, y, aux, weight)
 
     n = mean.shape[0]
     if len(rules) == 1 or tol <= 0:
@@ -145,6 +142,7 @@ def expected_log_lik_block(log_lik_fn, mean, cov, eta_all, active, y, aux, weigh
     tr = jnp.trace(cov, axis1=-2, axis2=-1)
     spread = (jnp.linalg.norm(e, axis=-1) * jnp.sqrt(jnp.clip(tr, 0.0, None))
               + jnp.linalg.norm(lam, axis=(-2, -1)) * tr)
+
     def hardest(score):  # the largest of each of PROBE_ROWS/2 segments (so the overall largest too): O(n)
         seg = min(PROBE_ROWS // 2, n)
         score = jnp.where(jnp.isfinite(score), score, -jnp.inf)
@@ -165,8 +163,13 @@ def expected_log_lik_block(log_lik_fn, mean, cov, eta_all, active, y, aux, weigh
     ll = jax.vmap(at_nodes)(*sub)
     ends = np.cumsum([r.nodes.shape[0] for r in rules])
     probes = [logsumexp(r.log_weights + ll[:, e - r.nodes.shape[0]:e], axis=1) for r, e in zip(rules, ends)]
-    errs = jnp.stack([jnp.max(jnp.where(jnp.isfinite(p - probes[-1]), jnp.abs(p - probes[-1]), 0.0))
-                      for p in probes])
+
+    def error(p, ref):  # equal values (both −inf, or both NaN: invalid rows) agree; one non-finite does not
+        same = (p == ref) | (jnp.isnan(p) & jnp.isnan(ref))
+        d = jnp.where(same, 0.0, jnp.abs(p - ref))
+        return jnp.max(jnp.where(jnp.isnan(d), jnp.inf, d))
+
+    errs = jnp.stack([error(p, probes[-1]) for p in probes])
     tier = jnp.argmax(errs <= tol)  # the full rule's own error is 0
     branches = [lambda rule=r: rows(rule) for r in rules]
     return jax.lax.switch(tier, branches), points[tier]

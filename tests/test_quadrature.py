@@ -60,6 +60,20 @@ def test_block_rule_finds_one_hard_row_among_easy_ones():
     assert abs(vals[12_345] - exact[12_345]) < 1e-9
 
 
+def test_block_rule_rejects_a_rule_whose_nodes_all_miss_the_support():
+    """log p = −inf on |η| < 0.5: the 2- and 3-point rules put every node there at v = 0.1 (log E p = −inf)
+    while the mass outside is 0.11; such a rule must not pass as 'within tol'."""
+    def f(eta, y, aux):
+        return jnp.where(jnp.abs(eta[:, 0]) > 0.5, 0.0, -jnp.inf)
+
+    n = 64
+    m = jnp.zeros((n, 1))
+    vals, pts = expected_log_lik_block(f, m, jnp.full((n, 1, 1), 0.1), m, jnp.array([0]), jnp.zeros(n), {},
+                                       jnp.ones(n), jnp.zeros((n, 1)), jnp.ones((n, 1, 1)), tol=1e-10)
+    assert int(pts) == GAUSS_HERMITE_TIERS[1][-1]
+    assert np.all(np.isfinite(np.asarray(vals)))
+
+
 def logistic(X, y=None):
     b = numpyro.sample("b", dist.Normal(0, 2.5).expand([X.shape[1]]).to_event(1))
     with numpyro.plate("data", X.shape[0]):
