@@ -38,7 +38,6 @@ import functools
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from _common import CompileClock, max_rss_mb, source_state
 
 HERE = Path(__file__).resolve().parent
 P_FEATURES = 19  # + intercept column = 20 parameters
@@ -54,11 +54,6 @@ MLP_IN, MLP_HIDDEN = 48, 2000
 
 
 # ----------------------------------------------------------------------------- helpers
-def max_rss_mb() -> float:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
-
-
 def make_glm_data(n: int, seed: int):
     """Intercept column + 19 standardized Gaussian features, Bernoulli-logit responses, float64."""
     rng = np.random.default_rng(seed)
@@ -106,26 +101,6 @@ def mlp_model(X, y=None):
     logits = jnp.tanh(X @ W1 + b1) @ w2 + b2
     with numpyro.plate("data", X.shape[0]):
         numpyro.sample("y", dist.Bernoulli(logits=logits), obs=y)
-
-
-class CompileClock:
-    """Sums JAX's tracing / lowering / XLA-compile durations (``jax.monitoring`` events)."""
-
-    EVENTS = {
-        "/jax/core/compile/jaxpr_trace_duration": "trace",
-        "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
-        "/jax/core/compile/backend_compile_duration": "xla",
-    }
-
-    def __init__(self):
-        import jax.monitoring
-
-        self.total = 0.0
-        jax.monitoring.register_event_duration_secs_listener(self._listen)
-
-    def _listen(self, event, duration, **_):
-        if event in self.EVENTS:
-            self.total += duration
 
 
 class Profiler:
@@ -184,25 +159,6 @@ class Profiler:
 
     def snapshot(self) -> dict:
         return {k: dict(v) for k, v in self.rec.items()}
-
-
-def source_state() -> str:
-    import hashlib
-
-    import numpyro_mpe
-
-    pkg = Path(numpyro_mpe.__file__).resolve().parent
-    digest = hashlib.sha256()
-    for f in sorted(pkg.rglob("*.py")):
-        digest.update(f.read_bytes())
-    try:
-        head = subprocess.run(["git", "-C", str(pkg.parent), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(pkg.parent), "status", "--porcelain", "--", "numpyro_mpe"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        head, dirty = "unknown", ""
-    return f"{head}{'+uncommitted' if dirty else ''} (sources sha256 {digest.hexdigest()[:12]})"
 
 
 def setup_jax(x64: bool = True):
