@@ -96,10 +96,10 @@ class SiteMPE(NamedTuple):
     @classmethod
     def from_outputs(cls, var_name: str, res: dict, labels: tuple, method: str, n: int) -> SiteMPE:
         """Assemble from per-observation arrays (``lpd, elpd_loo, sensitivity, leverage, valid`` and
-        optionally ``shift``, ``dEta``, ``v``); invalid cavities get NaN and one warning naming them."""
+        optionally ``shift``, ``dEta``, ``v``); invalid cavities get NaN and one warning naming them.
+        ``res`` with ``p_loo``: the caller has set NaN on the invalid rows already (p_loo = lpd − elpd)."""
         valid = res["valid"]
-        elpd = jnp.where(valid, res["elpd_loo"], jnp.nan)
-        n_bad = int(n - jnp.sum(valid))
+        n_bad = int(n - np.count_nonzero(np.asarray(valid)))
         if n_bad:
             bad = np.flatnonzero(~np.asarray(valid))
             warnings.warn(
@@ -110,8 +110,13 @@ class SiteMPE(NamedTuple):
                 stacklevel=4,
             )
         lpd = res["lpd"]
-        return cls(lpd, elpd, lpd - elpd, jnp.where(valid, res["sensitivity"], jnp.nan), res["leverage"],
-                   valid, res.get("shift"), res.get("dEta"), res.get("v"), labels, method)
+        if "p_loo" in res:
+            elpd, p_loo, sens = res["elpd_loo"], res["p_loo"], res["sensitivity"]
+        else:
+            elpd = jnp.where(valid, res["elpd_loo"], jnp.nan)
+            p_loo, sens = lpd - elpd, jnp.where(valid, res["sensitivity"], jnp.nan)
+        return cls(lpd, elpd, p_loo, sens, res["leverage"], valid, res.get("shift"), res.get("dEta"),
+                   res.get("v"), labels, method)
 
 
 # ---------------------------------------------------------------- memories

@@ -18,6 +18,7 @@ inserted by XLA.  The outputs are those of one device up to the order of floatin
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Any, NamedTuple
@@ -38,7 +39,15 @@ from tqdm.auto import tqdm
 
 from .errors import MPEError
 from .model import ModelAdapter
-from .quadrature import GAUSS_HERMITE_TIERS, default_tol, expected_log_lik_block, gauss_hermite, monte_carlo
+from .quadrature import (
+    GAUSS_HERMITE_TIERS,
+    TAYLOR_ORDER,
+    default_tol,
+    expected_log_lik_block,
+    gauss_hermite,
+    log_lik_series,
+    monte_carlo,
+)
 
 CURVATURES = ("exact", "ggn")
 #: The per-observation pass keeps the N×P shifts by default up to this N·P (80 MB in float64).
@@ -196,15 +205,29 @@ class Layout(NamedTuple):
         return out
 
     def unpad(self, parts: list):
-        """Per-chunk outputs ``(chunk, ...)`` → ``(num, ...)``."""
-        last = self.num - (self.num_chunks - 1) * self.chunk
-        return jnp.concatenate(list(parts[:-1]) + [parts[-1][:last]])
+        """Per-chunk outputs (pytrees of ``(chunk, ...)`` arrays, one per chunk) → one pytree of
+        ``(num, ...)`` arrays, assembled in one program."""
+        return _assemble(list(parts), self.num, self.chunk)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _assemble(parts: list, num: int, chunk: int):
+    """Each leaf's chunks written in place into one ``(num, ...)`` buffer (the padding of the last chunk
+    left out): XLA's concatenate of many operands copies about 3× slower on CPU."""
+    def one(*leaves):
+        out = jnp.zeros((num,) + leaves[0].shape[1:], leaves[0].dtype)
+        for j, x in enumerate(leaves):
+            out = jax.lax.dynamic_update_slice_in_dim(out, x[:min(chunk, num - j * chunk)], j * chunk, axis=0)
+        return out
+
+    return jax.tree_util.tree_map(one, *parts)
 
 
 # ---------------------------------------------------------------- the per-chunk maths
 class ChunkTerms(NamedTuple):
     """Per-observation pieces of one chunk of c rows: η (c, K_all), ``jac`` (c, K, r), e (c, K),
-    Λ (c, K, K), aux, y, w.
+    Λ (c, K, K), aux, y, w, and for K = 1 optionally the Taylor coefficients a₀ … a₄ of w·log p at η
+    (``series``, five (c,) arrays; then ℓ = −a₀, e = −a₁, Λ = −2a₂).
 
     ``jac[i]`` = J_i T for a P×r matrix T: T = I (the Jacobian of the active components) or T = L⁻ᵀ under a
     posterior with precision S = L Lᵀ (then ``jac[i]`` = B_i = J_i L⁻ᵀ and B_i B_iᵀ = J_i S⁻¹ J_iᵀ).
@@ -217,6 +240,7 @@ class ChunkTerms(NamedTuple):
     aux: dict
     y: jax.Array
     w: jax.Array
+    series: tuple | None = None
 
 
 def psd_project(lam):
@@ -342,17 +366,25 @@ class StreamingSite:
             eta, aux, jac = data["eta"], data["aux"], data["jac"][:, active, :]
         else:
             rows = data["rows"]
-            eta, aux = self._eta_rows(theta, rows)
-            f = self._row_fn(active)
             if p <= 256:
                 eye = jnp.eye(p, dtype=theta.dtype)
                 tangents = eye if post is None else post.unwhiten(eye)  # columns of T = I or L⁻ᵀ
 
-                def one(row):
-                    return jax.vmap(lambda d: jax.jvp(lambda t: f(t, row), (theta,), (d,))[1],
-                                    out_axes=-1)(tangents.T)
+                def row_fn(t, row):  # active components, with all components and aux riding along
+                    eta, aux = self._eta_rows(t, [x[None] for x in row])
+                    return eta[0, active], (eta[0], jax.tree_util.tree_map(lambda a: a[0], aux))
 
-                return eta, aux, jax.vmap(one)(rows)
+                def one(row):  # η and aux of the row are the primal of its forward passes: computed once
+                    def along(d):
+                        _, tangent, primal = jax.jvp(lambda t: row_fn(t, row), (theta,), (d,), has_aux=True)
+                        return tangent, primal
+
+                    jac, (eta, aux) = jax.vmap(along, out_axes=(-1, None))(tangents.T)
+                    return eta, aux, jac
+
+                return jax.vmap(one)(rows)
+            eta, aux = self._eta_rows(theta, rows)
+            f = self._row_fn(active)
             jac = jax.vmap(lambda row: jax.jacrev(f)(theta, row))(rows)
         if post is None:
             return eta, aux, jac
@@ -383,12 +415,22 @@ class StreamingSite:
 
         return jax.vmap(ggn)
 
-    def terms(self, theta, data, active, post=None) -> tuple[ChunkTerms, jax.Array]:
-        """:class:`ChunkTerms` of one chunk and w_i ℓ_i of each row (traceable)."""
+    def terms(self, theta, data, active, post=None, series: bool = False) -> tuple[ChunkTerms, jax.Array]:
+        """:class:`ChunkTerms` of one chunk and w_i ℓ_i of each row (traceable).  ``series`` (K = 1): ℓ, e
+        and Λ from the Taylor coefficients of w·log p (:func:`numpyro_mpe.quadrature.log_lik_series`),
+        which the expansion tier of the integrals needs anyway, instead of a separate differentiation."""
         eta, aux, jac = self._terms(theta, data, active, post)
-        val, e, lam = self._derivs_fn(active)(eta, data["y"], aux, data["w"])
+        coeffs = None
+        if series:
+            coeffs = log_lik_series(self.site.predictor.log_lik, int(active[0]), eta, data["y"], aux,
+                                    data["w"], TAYLOR_ORDER)
+            val, e, lam = -coeffs[0], -coeffs[1][:, None], -2.0 * coeffs[2][:, None, None]
+            if self.curvature == "ggn":
+                lam = jnp.clip(lam, 0.0, None)
+        else:
+            val, e, lam = self._derivs_fn(active)(eta, data["y"], aux, data["w"])
         val = jnp.where(data["w"] != 0, val, 0.0)
-        return ChunkTerms(eta, jac, e, lam, aux, data["y"], data["w"]), val
+        return ChunkTerms(eta, jac, e, lam, aux, data["y"], data["w"], coeffs), val
 
     def _per_device(self, x):
         """Rows ``(c, ...)`` → ``(devices, c / devices, ...)``, each device's rows on its own device."""
@@ -458,29 +500,31 @@ class StreamingSite:
                 return tm.jac, tm.lam, tm.e
             self._fns[key] = jax.jit(fn)
         outs = self.map(lambda j: self._fns[key](theta, self.chunk_data(theta, j)))
-        jac, lam, e = (self.layout.unpad(x) for x in zip(*outs))
+        jac, lam, e = self.layout.unpad(outs)
         return Memories(jnp.einsum("nkp,nk->np", jac, e), jac=jac, lam=lam, resid=e)
 
     def _expectation(self, rules, tol, mean, cov, tm: ChunkTerms, active):
-        """log E p(y_i | η_i), η_i ~ N(mean_i, cov_i), for the rows of one chunk; each device picks its own
-        rule (:func:`numpyro_mpe.quadrature.expected_log_lik_block`) on its own rows, no collective."""
+        """log E p(y_i | η_i), η_i ~ N(mean_i, cov_i) (or tuples of integrals sharing one rule), for the rows
+        of one chunk; each device picks its own rule (:func:`numpyro_mpe.quadrature.expected_log_lik_block`,
+        with the Taylor tier when ``tm`` carries the coefficients) on its own rows, no collective."""
         f = self.site.predictor.log_lik
 
-        def block(mean, cov, eta, y, aux, w, e, lam):
+        def block(mean, cov, eta, y, aux, w, e, lam, *series):  # mean, cov: one integral or a tuple
             vals, pts = expected_log_lik_block(f, mean, cov, eta, active, y, aux, w, e, lam,
-                                               tol=tol, rules=rules)
+                                               tol=tol, rules=rules, series=series[0] if series else None)
             return vals, jnp.reshape(pts, (1,))
 
         spec = PS("obs")
         fn = shard_map(block, mesh=self.layout.mesh, in_specs=spec, out_specs=(spec, spec))
-        return fn(mean, cov, tm.eta, tm.y, tm.aux, tm.w, tm.e, tm.lam)
+        extra = () if tm.series is None else (tm.series,)
+        return fn(mean, cov, tm.eta, tm.y, tm.aux, tm.w, tm.e, tm.lam, *extra)
 
-    def _cavities(self, t, data, post, active):
+    def _cavities(self, t, data, post, active, series: bool = False):
         """:class:`ChunkTerms` of one chunk under ``post`` (``jac`` = B_i) and the cavities of its rows
         (:func:`numpyro_mpe.mpe.cavity_k` with V_i = B_i B_iᵀ)."""
         from .mpe import cavity_k
 
-        tm, _ = self.terms(t, data, active, post)
+        tm, _ = self.terms(t, data, active, post, series)
         b = tm.jac
         v = jnp.sum(b[:, :, None, :] * b[:, None, :, :], axis=-1)  # V_i = B_i B_iᵀ = J_i S⁻¹ J_iᵀ
         return tm, jax.vmap(lambda e, lam, v: cavity_k(e, lam, v=v))(tm.e, tm.lam, v)
@@ -519,9 +563,11 @@ class StreamingSite:
 
         Per chunk: B_i = J_i L⁻ᵀ by forward mode along the columns of L⁻ᵀ (or reverse mode per row for
         P > 256), V_i = B_i B_iᵀ, the cavity in K dimensions (:func:`numpyro_mpe.mpe.cavity_k`), then
-        ``lpd`` and ``elpd_loo`` by Gauss–Hermite in η (K ≤ 3; the fewest points within
-        ``quadrature_tol`` of the full rule, see :func:`numpyro_mpe.quadrature.expected_log_lik_block`) or
-        Monte Carlo with ``num_samples`` common draws (K > 3).
+        ``lpd`` and ``elpd_loo`` in η: for K = 1 by the expansion in the Taylor coefficients of log p at η̂
+        where it is within ``quadrature_tol`` of the full Gauss–Hermite rule, else (and for K ≤ 3) by
+        Gauss–Hermite with the fewest points within ``quadrature_tol`` of the full rule (see
+        :func:`numpyro_mpe.quadrature.expected_log_lik_block`), or Monte Carlo with ``num_samples`` common
+        draws (K > 3).
 
         ``keep_shift``: also return Δm_i = L⁻ᵀB_iᵀw_i = S⁻¹J_iᵀw_i for every observation (N×P); by default
         only when N·P ≤ 10⁷ (:meth:`map_shifts` streams them otherwise).  ``quadrature_tol``: default
@@ -542,17 +588,20 @@ class StreamingSite:
             rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
             rules = (monte_carlo(k, num_samples, rng_key, self.dtype),)
         act = jnp.asarray(active)
+        series = k == 1 and rules[0].kind == "gauss-hermite" and tol > 0
 
         def fn(t, data, post):
-            tm, out = self._cavities(t, data, post, active)
-            eta_a = tm.eta[:, act]
-            lpd, pts_lpd = self._expectation(rules, tol, eta_a, out["v"], tm, act)
-            elpd, pts_elpd = self._expectation(rules, tol, eta_a + out["dEta"], out["v_cav"], tm, act)
-            res = {"lpd": lpd, "elpd_loo": elpd, "leverage": out["leverage"], "valid": out["valid"],
-                   "sensitivity": out["sensitivity"], "dEta": out["dEta"], "v": out["v"]}
+            tm, out = self._cavities(t, data, post, active, series)
+            eta_a = tm.eta[:, act]  # both integrals share the probed rows and the rule
+            (lpd, elpd), pts = self._expectation(rules, tol, (eta_a, eta_a + out["dEta"]),
+                                                 (out["v"], out["v_cav"]), tm, act)
+            elpd = jnp.where(out["valid"], elpd, jnp.nan)
+            res = {"lpd": lpd, "elpd_loo": elpd, "p_loo": lpd - elpd, "leverage": out["leverage"],
+                   "valid": out["valid"], "sensitivity": jnp.where(out["valid"], out["sensitivity"], jnp.nan),
+                   "dEta": out["dEta"], "v": out["v"]}
             if keep_shift:
                 res["shift"] = self._shift_rows(post, tm.jac, out["w"])
-            return res, jnp.stack([pts_lpd, pts_elpd])
+            return res, pts
 
         key = ("mpe", tuple(active.tolist()), keep_shift, tuple(r.nodes.shape for r in rules), tol,
                type(post).__name__)
@@ -560,16 +609,21 @@ class StreamingSite:
             self._fns[key] = jax.jit(fn)
         jfn = self._fns[key]
         outs = self.map(lambda j: jfn(theta, self.chunk_data(theta, j), post), f"MPE {self.name}")
-        res = {name: self.layout.unpad([o[0][name] for o in outs]) for name in outs[0][0]}
+        res = self.layout.unpad([o[0] for o in outs])
         labels = tuple(self.site.predictor.labels[i] for i in active)
         if rules[0].kind == "monte-carlo":
             method = f"monte-carlo in predictor space (K={k}, {num_samples} common draws)"
         else:
             pts = np.asarray(jnp.stack([o[1] for o in outs]))
             full = GAUSS_HERMITE_TIERS[k][-1]
-            used = f"{pts.min()}" if pts.min() == pts.max() else f"{pts.min()} to {pts.max()}"
             within = f", within {tol:g} of {full} points" if tol > 0 else ""
-            method = f"gauss-hermite in predictor space (K={k}, {used} points per dimension{within})"
+            if pts.max() == 0:
+                method = (f"taylor expansion in predictor space (K={k}, order {TAYLOR_ORDER}, within {tol:g} "
+                          f"of {full}-point gauss-hermite)")
+            else:
+                lo = "taylor expansion" if pts.min() == 0 else f"{pts.min()}"
+                used = lo if pts.min() == pts.max() else f"{lo} to {pts.max()}"
+                method = f"gauss-hermite in predictor space (K={k}, {used} points per dimension{within})"
         return SiteMPE.from_outputs(self.name, res, labels, method, self.num)
 
     def is_linear(self, theta) -> bool:
