@@ -220,9 +220,9 @@ def expected_log_lik_block(log_lik_fn, mean, cov, eta_all, active, y, aux, weigh
     if series is not None:
         taylor = tuple(expected_log_lik_taylor(series, m[:, 0] - eta_all[:, active[0]], c[:, 0, 0])
                        for m, c in zip(means, covs))
-        fine = functools.reduce(jnp.logical_and, [
-            jnp.all(jnp.isfinite(t) | ~jnp.isfinite(m[:, 0] + c[:, 0, 0]) | (weight == 0))
-            for t, m, c in zip(taylor, means, covs)])
+        fine = jnp.all(functools.reduce(jnp.logical_and, [  # one reduction over the rows
+            jnp.isfinite(t) | ~jnp.isfinite(m[:, 0] + c[:, 0, 0]) | (weight == 0)
+            for t, m, c in zip(taylor, means, covs)]))
         errs = [jnp.where(fine, worst([t[idx] for t in taylor]), jnp.inf)] + errs
         branches = [lambda: taylor] + branches
         points = jnp.concatenate([jnp.zeros(1, points.dtype), points])
@@ -261,7 +261,7 @@ def log_lik_series(log_lik_fn, active: int, eta_all, y, aux, weight, order: int 
     >>> bool(jnp.allclose(jnp.stack(a)[:, 0], jnp.array([norm.logpdf(1.0), 1.0, -0.5, 0.0, 0.0])))
     True
     """
-    fact = [float(math.factorial(k)) for k in range(order + 1)]
+    inv_fact = [1.0 / math.factorial(k) for k in range(order + 1)]
 
     def coefficients(derivatives):
         def one(ea, yy, ax, w):
@@ -272,7 +272,7 @@ def log_lik_series(log_lik_fn, active: int, eta_all, y, aux, weight, order: int 
                 tree = jax.tree_util.tree_map(lambda a: a[None], (eta, yy, ax))
                 return log_lik_fn(*tree)[0] * w
 
-            return tuple(d / f for d, f in zip(derivatives(g, ea[active], order), fact))
+            return tuple(d * f for d, f in zip(derivatives(g, ea[active], order), inv_fact))
 
         return jax.vmap(one)(eta_all, y, aux, weight)
 

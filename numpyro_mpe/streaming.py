@@ -206,8 +206,63 @@ class Layout(NamedTuple):
 
     def unpad(self, parts: list):
         """Per-chunk outputs (pytrees of ``(chunk, ...)`` arrays, one per chunk) → one pytree of
-        ``(num, ...)`` arrays, assembled in one program."""
-        return _assemble(list(parts), self.num, self.chunk)
+        ``(num, ...)`` arrays."""
+        into = self.assembly()
+        for j, part in enumerate(parts):
+            into.add(j, part)
+        return into.result()
+
+    def assembly(self) -> Assembly:
+        """An :class:`Assembly` of per-chunk outputs into ``(num, ...)`` arrays."""
+        return Assembly(self)
+
+
+class Assembly:
+    """Per-chunk outputs written into ``(num, ...)`` arrays as they arrive (``add``), padding left out.
+
+    On CPU devices each chunk is copied into 64-byte-aligned NumPy buffers, which become JAX arrays without
+    another copy (``device_put(..., may_alias=True)``); XLA's own assembly (a concatenate, or a chain of
+    in-place updates) copies several times slower.  Elsewhere the chunks are assembled in one program.
+    """
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+        self.on_host = all(d.platform == "cpu" for d in layout.mesh.devices.flat)
+        self.parts, self.bufs, self.treedef = [], None, None
+
+    def add(self, j: int, out) -> None:
+        if not self.on_host:
+            self.parts.append(out)
+            return
+        leaves, self.treedef = jax.tree_util.tree_flatten(out)
+        num, chunk = self.layout.num, self.layout.chunk
+        if self.bufs is None:
+            self.bufs = [_aligned_empty((num,) + x.shape[1:], x.dtype) for x in leaves]
+        lo, hi = j * chunk, min((j + 1) * chunk, num)
+        for buf, x in zip(self.bufs, leaves):
+            buf[lo:hi] = np.asarray(x)[:hi - lo]
+
+    def result(self):
+        if not self.on_host:
+            return _assemble(self.parts, self.layout.num, self.layout.chunk)
+        device = self.layout.mesh.devices.flat[0]
+        return jax.tree_util.tree_unflatten(self.treedef, [_wrap(b, device) for b in self.bufs])
+
+
+def _aligned_empty(shape: tuple, dtype, align: int = 64) -> np.ndarray:
+    """An uninitialized array whose data start on an ``align``-byte boundary (zero-copy into XLA)."""
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(size + align, dtype=np.uint8)
+    off = (-raw.ctypes.data) % align
+    return raw[off:off + size].view(dtype).reshape(shape)
+
+
+def _wrap(buf: np.ndarray, device) -> jax.Array:
+    try:
+        return jax.device_put(buf, device, may_alias=True)
+    except TypeError:  # jax without may_alias: one copy
+        return jax.device_put(buf, device)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -241,6 +296,13 @@ class ChunkTerms(NamedTuple):
     y: jax.Array
     w: jax.Array
     series: tuple | None = None
+
+
+def _index(active: np.ndarray):
+    """A static slice for contiguous ``active`` components (a gather otherwise): indexing with an array,
+    even a constant one, compiles to a gather."""
+    lo, hi = int(active[0]), int(active[-1]) + 1
+    return slice(lo, hi) if hi - lo == len(active) else np.asarray(active)
 
 
 def psd_project(lam):
@@ -370,9 +432,11 @@ class StreamingSite:
                 eye = jnp.eye(p, dtype=theta.dtype)
                 tangents = eye if post is None else post.unwhiten(eye)  # columns of T = I or L⁻ᵀ
 
+                idx = _index(active)
+
                 def row_fn(t, row):  # active components, with all components and aux riding along
                     eta, aux = self._eta_rows(t, [x[None] for x in row])
-                    return eta[0, active], (eta[0], jax.tree_util.tree_map(lambda a: a[0], aux))
+                    return eta[0, idx], (eta[0], jax.tree_util.tree_map(lambda a: a[0], aux))
 
                 def one(row):  # η and aux of the row are the primal of its forward passes: computed once
                     def along(d):
@@ -439,15 +503,29 @@ class StreamingSite:
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.layout.mesh, PS("obs")))
 
     # ------------------------------------------------------------ passes
-    def map(self, fn, desc: str | None = None) -> list:
-        """``[fn(j) for j in chunks]``, waiting for each chunk's result before the next is dispatched.
+    def map(self, fn, desc: str | None = None, into: Any = None):
+        """``[fn(j) for j in chunks]``, waiting for each chunk's result before the next is dispatched; with
+        ``into``, each result goes to ``into.add`` while the next chunk runs, and ``into.result()`` is
+        returned.
 
         Asynchronous dispatch of many large programs at once can leave the XLA CPU runtime stuck
         (jax-ml/jax#25861; seen three times on a 2-core machine, in benchmark and test runs); one chunk in
         flight costs nothing measurable at these chunk sizes.
         """
         idx = range(self.layout.num_chunks) if desc is None else self.chunk_indices(desc)
-        return [jax.block_until_ready(fn(j)) for j in idx]
+        outs, prev = [], None
+        for j in idx:
+            out = fn(j)  # in flight while the previous result is consumed on the host
+            if prev is not None and into is not None:
+                into.add(*prev)
+            prev = (j, jax.block_until_ready(out))
+            if into is None:
+                outs.append(prev[1])
+        if into is None:
+            return outs
+        if prev is not None:
+            into.add(*prev)
+        return into.result()
 
     def chunk_indices(self, desc: str):
         n = self.layout.num_chunks
@@ -499,8 +577,8 @@ class StreamingSite:
                 tm, _ = self.terms(t, data, active)
                 return tm.jac, tm.lam, tm.e
             self._fns[key] = jax.jit(fn)
-        outs = self.map(lambda j: self._fns[key](theta, self.chunk_data(theta, j)))
-        jac, lam, e = self.layout.unpad(outs)
+        jac, lam, e = self.map(lambda j: self._fns[key](theta, self.chunk_data(theta, j)), None,
+                               self.layout.assembly())
         return Memories(jnp.einsum("nkp,nk->np", jac, e), jac=jac, lam=lam, resid=e)
 
     def _expectation(self, rules, tol, mean, cov, tm: ChunkTerms, active):
@@ -555,7 +633,7 @@ class StreamingSite:
             return fn(self._shift_rows(post, tm.jac, out["w"]))
 
         jfn = jax.jit(chunk_fn)
-        return self.layout.unpad(self.map(lambda j: jfn(theta, self.chunk_data(theta, j), post), desc))
+        return self.map(lambda j: jfn(theta, self.chunk_data(theta, j), post), desc, self.layout.assembly())
 
     def site_mpe(self, post, *, num_samples: int = 2000, rng_key=None, keep_shift: bool | None = None,
                  quadrature_tol: float | None = None):
@@ -587,14 +665,14 @@ class StreamingSite:
         else:
             rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
             rules = (monte_carlo(k, num_samples, rng_key, self.dtype),)
-        act = jnp.asarray(active)
+        act = _index(active)
         series = k == 1 and rules[0].kind == "gauss-hermite" and tol > 0
 
         def fn(t, data, post):
             tm, out = self._cavities(t, data, post, active, series)
             eta_a = tm.eta[:, act]  # both integrals share the probed rows and the rule
             (lpd, elpd), pts = self._expectation(rules, tol, (eta_a, eta_a + out["dEta"]),
-                                                 (out["v"], out["v_cav"]), tm, act)
+                                                 (out["v"], out["v_cav"]), tm, active)
             elpd = jnp.where(out["valid"], elpd, jnp.nan)
             res = {"lpd": lpd, "elpd_loo": elpd, "p_loo": lpd - elpd, "leverage": out["leverage"],
                    "valid": out["valid"], "sensitivity": jnp.where(out["valid"], out["sensitivity"], jnp.nan),
@@ -608,13 +686,22 @@ class StreamingSite:
         if key not in self._fns:
             self._fns[key] = jax.jit(fn)
         jfn = self._fns[key]
-        outs = self.map(lambda j: jfn(theta, self.chunk_data(theta, j), post), f"MPE {self.name}")
-        res = self.layout.unpad([o[0] for o in outs])
+        rows, tiers = self.layout.assembly(), []
+
+        class Into:  # the rows of every output assembled; the rule each device used, per chunk
+            def add(self, j, out):
+                rows.add(j, out[0])
+                tiers.append(np.asarray(out[1]))
+
+            def result(self):
+                return rows.result()
+
+        res = self.map(lambda j: jfn(theta, self.chunk_data(theta, j), post), f"MPE {self.name}", Into())
         labels = tuple(self.site.predictor.labels[i] for i in active)
         if rules[0].kind == "monte-carlo":
             method = f"monte-carlo in predictor space (K={k}, {num_samples} common draws)"
         else:
-            pts = np.asarray(jnp.stack([o[1] for o in outs]))
+            pts = np.concatenate(tiers)
             full = GAUSS_HERMITE_TIERS[k][-1]
             within = f", within {tol:g} of {full} points" if tol > 0 else ""
             if pts.max() == 0:
