@@ -165,7 +165,9 @@ def prior_potential(adapter: ModelAdapter, plan: RowPlan, var_name: str, theta):
 
 # ---------------------------------------------------------------- layout over chunks and devices
 class Layout(NamedTuple):
-    """``num`` rows padded to ``num_chunks × chunk`` and sharded along each chunk's rows over ``mesh``."""
+    """``num`` rows padded to ``num_chunks × chunk`` and sharded along each chunk's rows over ``mesh``; the
+    chunks are balanced (at most ``chunk_size`` rows each, as many as that needs, as even as the devices
+    allow), so that the last chunk wastes little work on padding."""
 
     num: int
     chunk: int
@@ -181,6 +183,7 @@ class Layout(NamedTuple):
             raise MPEError("devices= is empty")
         nd = len(devices)
         chunk = min(int(chunk_size), num)
+        chunk = math.ceil(num / math.ceil(num / chunk))  # balanced: the padding is less than one row a chunk
         chunk = nd * math.ceil(chunk / nd)  # every device gets the same number of rows
         return cls(num, chunk, math.ceil(num / chunk), Mesh(np.array(devices), ("obs",)))
 
