@@ -39,7 +39,7 @@ GAUSS_HERMITE_TIERS = {1: (2, 3, 5, 12, 48), 2: (2, 3, 6, 20), 3: (2, 3, 10)}
 #: each of PROBE_ROWS segments.
 PROBE_ROWS = 32
 #: Rows × nodes per batch of a Gauss–Hermite branch (XLA sizes the temporaries of every branch of the
-#: tier switch at each call, taken or not: 48 nodes over 65536 rows cost ~0.6 ms per chunk unbatched).
+#: tier switch at each call, taken or not: 48 nodes over 65536 rows unbatched cost ~0.6 ms per chunk).
 NODE_BATCH = 1 << 16
 #: Order of the Taylor coefficients of log p used by :func:`expected_log_lik_taylor`.
 TAYLOR_ORDER = 4
@@ -166,8 +166,8 @@ def expected_log_lik_block(log_lik_fn, mean, cov, eta_all, active, y, aux, weigh
         def one(args):
             return expected_log_lik_one(log_lik_fn, rule, *args[:2], args[2], active, *args[3:])
 
-        batch = max(1, NODE_BATCH // rule.nodes.shape[0])
-        return tuple(jax.lax.map(one, (m, c, eta_all, y, aux, weight), batch_size=min(batch, m.shape[0]))
+        batch = _batch_size(means[0].shape[0], NODE_BATCH // rule.nodes.shape[0])
+        return tuple(jax.lax.map(one, (m, c, eta_all, y, aux, weight), batch_size=batch)
                      for m, c in zip(means, covs))
 
     def result(vals, pts):
@@ -228,6 +228,16 @@ def expected_log_lik_block(log_lik_fn, mean, cov, eta_all, active, y, aux, weigh
         points = jnp.concatenate([jnp.zeros(1, points.dtype), points])
     tier = jnp.argmax(jnp.stack(errs) <= tol)  # the full rule's own error is 0
     return result(jax.lax.switch(tier, branches), points[tier])
+
+
+def _batch_size(n: int, target: int) -> int:
+    """Rows per batch, at most ``target``: the largest divisor of ``n`` if it is at least half of
+    ``target`` (no remainder batch: one compiled body, not two), else ``target``."""
+    target = max(1, min(n, target))
+    for d in range(target, (target + 1) // 2 - 1, -1):
+        if n % d == 0:
+            return d
+    return target
 
 
 def _jet_derivatives(g, x, order):
