@@ -270,7 +270,7 @@ def test_pass_at_large_n_takes_the_taylor_expansion_and_matches_the_full_rule():
         eng = fit.stream("y")
         fast = eng.site_mpe(fit.posterior)
         full = eng.site_mpe(fit.posterior, quadrature_tol=0)
-        # logistic: every block; Poisson (rates ≈ 0.6): the blocks without large counts (e^η varies fast there)
+        # logistic: every block; Poisson (rates ≈ 0.6): blocks without large counts (e^η varies fast there)
         assert "taylor expansion" in fast.method, (name, fast.method)
         assert name != "logistic" or fast.method.startswith("taylor expansion"), fast.method
         assert "48 points" in full.method
