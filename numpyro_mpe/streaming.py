@@ -414,9 +414,13 @@ class StreamingSite:
         return self._active
 
     def _row_fn(self, active):
-        """θ, one row's arguments ↦ that row's active predictor components (K,)."""
+        """θ, one row's arguments ↦ that row's active predictor components (K,), with its whole predictor
+        and aux as the auxiliary output (the primal of a forward or backward pass: computed once)."""
+        idx = _index(active)
+
         def f(t, row):
-            return self._eta_rows(t, [x[None] for x in row])[0][0, active]
+            eta, aux = self._eta_rows(t, [x[None] for x in row])
+            return eta[0, idx], (eta[0], jax.tree_util.tree_map(lambda a: a[0], aux))
         return f
 
     def _terms(self, theta, data, active, post=None):
@@ -430,29 +434,26 @@ class StreamingSite:
         if self.plan is None:
             eta, aux, jac = data["eta"], data["aux"], data["jac"][:, active, :]
         else:
-            rows = data["rows"]
+            f = self._row_fn(active)
             if p <= 256:
                 eye = jnp.eye(p, dtype=theta.dtype)
                 tangents = eye if post is None else post.unwhiten(eye)  # columns of T = I or L⁻ᵀ
 
-                idx = _index(active)
-
-                def row_fn(t, row):  # active components, with all components and aux riding along
-                    eta, aux = self._eta_rows(t, [x[None] for x in row])
-                    return eta[0, idx], (eta[0], jax.tree_util.tree_map(lambda a: a[0], aux))
-
-                def one(row):  # η and aux of the row are the primal of its forward passes: computed once
+                def one(row):
                     def along(d):
-                        _, tangent, primal = jax.jvp(lambda t: row_fn(t, row), (theta,), (d,), has_aux=True)
+                        _, tangent, primal = jax.jvp(lambda t: f(t, row), (theta,), (d,), has_aux=True)
                         return tangent, primal
 
                     jac, (eta, aux) = jax.vmap(along, out_axes=(-1, None))(tangents.T)
                     return eta, aux, jac
 
-                return jax.vmap(one)(rows)
-            eta, aux = self._eta_rows(theta, rows)
-            f = self._row_fn(active)
-            jac = jax.vmap(lambda row: jax.jacrev(f)(theta, row))(rows)
+                return jax.vmap(one)(data["rows"])
+
+            def one_reverse(row):
+                jac, (eta, aux) = jax.jacrev(f, has_aux=True)(theta, row)
+                return eta, aux, jac
+
+            eta, aux, jac = jax.vmap(one_reverse)(data["rows"])
         if post is None:
             return eta, aux, jac
         c, k = jac.shape[:2]
@@ -678,7 +679,7 @@ class StreamingSite:
                                                  (out["v"], out["v_cav"]), tm, active)
             elpd = jnp.where(out["valid"], elpd, jnp.nan)
             res = {"lpd": lpd, "elpd_loo": elpd, "p_loo": lpd - elpd, "leverage": out["leverage"],
-                   "valid": out["valid"], "sensitivity": jnp.where(out["valid"], out["sensitivity"], jnp.nan),
+                   "valid": out["valid"], "sensitivity": out["sensitivity"],  # NaN where invalid (cavity_k)
                    "dEta": out["dEta"], "v": out["v"]}
             if keep_shift:
                 res["shift"] = self._shift_rows(post, tm.jac, out["w"])
