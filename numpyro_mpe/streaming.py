@@ -508,28 +508,23 @@ class StreamingSite:
 
     # ------------------------------------------------------------ passes
     def map(self, fn, desc: str | None = None, into: Any = None):
-        """``[fn(j) for j in chunks]``, waiting for each chunk's result before the next is dispatched; with
-        ``into``, each result goes to ``into.add`` while the next chunk runs, and ``into.result()`` is
-        returned.
+        """``[fn(j) for j in chunks]``, waiting for each chunk's result (and, with ``into``, handing it to
+        ``into.add``) before the next is dispatched; with ``into``, ``into.result()`` is returned.
 
         Asynchronous dispatch of many large programs at once can leave the XLA CPU runtime stuck
-        (jax-ml/jax#25861; seen three times on a 2-core machine, in benchmark and test runs); one chunk in
-        flight costs nothing measurable at these chunk sizes.
+        (jax-ml/jax#25861; seen three times on a 2-core machine, in benchmark and test runs), and so did
+        copying one chunk's result to the host while the next chunk ran (once, in the test suite); one chunk
+        in flight and nothing else costs nothing measurable at these chunk sizes.
         """
         idx = range(self.layout.num_chunks) if desc is None else self.chunk_indices(desc)
-        outs, prev = [], None
+        outs = []
         for j in idx:
-            out = fn(j)  # in flight while the previous result is consumed on the host
-            if prev is not None and into is not None:
-                into.add(*prev)
-            prev = (j, jax.block_until_ready(out))
+            out = jax.block_until_ready(fn(j))
             if into is None:
-                outs.append(prev[1])
-        if into is None:
-            return outs
-        if prev is not None:
-            into.add(*prev)
-        return into.result()
+                outs.append(out)
+            else:
+                into.add(j, out)
+        return outs if into is None else into.result()
 
     def chunk_indices(self, desc: str):
         n = self.layout.num_chunks
