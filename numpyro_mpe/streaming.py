@@ -18,7 +18,6 @@ inserted by XLA.  The outputs are those of one device up to the order of floatin
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from typing import Any, NamedTuple
@@ -37,6 +36,7 @@ from numpyro import handlers
 from numpyro.infer.util import potential_energy
 from tqdm.auto import tqdm
 
+from .assembly import Assembly, HostPool
 from .errors import MPEError
 from .model import ModelAdapter
 from .quadrature import (
@@ -215,70 +215,10 @@ class Layout(NamedTuple):
             into.add(j, part)
         return into.result()
 
-    def assembly(self) -> Assembly:
-        """An :class:`Assembly` of per-chunk outputs into ``(num, ...)`` arrays."""
-        return Assembly(self)
-
-
-class Assembly:
-    """Per-chunk outputs written into ``(num, ...)`` arrays as they arrive (``add``), padding left out.
-
-    On CPU devices each chunk is copied into 64-byte-aligned NumPy buffers, which become JAX arrays without
-    another copy (``device_put(..., may_alias=True)``); XLA's own assembly (a concatenate, or a chain of
-    in-place updates) copies several times slower.  Elsewhere the chunks are assembled in one program.
-    """
-
-    def __init__(self, layout: Layout):
-        self.layout = layout
-        self.on_host = all(d.platform == "cpu" for d in layout.mesh.devices.flat)
-        self.parts, self.bufs, self.treedef = [], None, None
-
-    def add(self, j: int, out) -> None:
-        if not self.on_host:
-            self.parts.append(out)
-            return
-        leaves, self.treedef = jax.tree_util.tree_flatten(out)
-        num, chunk = self.layout.num, self.layout.chunk
-        if self.bufs is None:
-            self.bufs = [_aligned_empty((num,) + x.shape[1:], x.dtype) for x in leaves]
-        lo, hi = j * chunk, min((j + 1) * chunk, num)
-        for buf, x in zip(self.bufs, leaves):
-            buf[lo:hi] = np.asarray(x)[:hi - lo]
-
-    def result(self):
-        if not self.on_host:
-            return _assemble(self.parts, self.layout.num, self.layout.chunk)
-        device = self.layout.mesh.devices.flat[0]
-        return jax.tree_util.tree_unflatten(self.treedef, [_wrap(b, device) for b in self.bufs])
-
-
-def _aligned_empty(shape: tuple, dtype, align: int = 64) -> np.ndarray:
-    """An uninitialized array whose data start on an ``align``-byte boundary (zero-copy into XLA)."""
-    dtype = np.dtype(dtype)
-    size = int(np.prod(shape)) * dtype.itemsize
-    raw = np.empty(size + align, dtype=np.uint8)
-    off = (-raw.ctypes.data) % align
-    return raw[off:off + size].view(dtype).reshape(shape)
-
-
-def _wrap(buf: np.ndarray, device) -> jax.Array:
-    try:
-        return jax.device_put(buf, device, may_alias=True)
-    except TypeError:  # jax without may_alias: one copy
-        return jax.device_put(buf, device)
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _assemble(parts: list, num: int, chunk: int):
-    """Each leaf's chunks written in place into one ``(num, ...)`` buffer (the padding of the last chunk
-    left out): XLA's concatenate of many operands copies about 3× slower on CPU."""
-    def one(*leaves):
-        out = jnp.zeros((num,) + leaves[0].shape[1:], leaves[0].dtype)
-        for j, x in enumerate(leaves):
-            out = jax.lax.dynamic_update_slice_in_dim(out, x[:min(chunk, num - j * chunk)], j * chunk, axis=0)
-        return out
-
-    return jax.tree_util.tree_map(one, *parts)
+    def assembly(self, pool: HostPool | None = None) -> Assembly:
+        """An :class:`numpyro_mpe.assembly.Assembly` of per-chunk outputs into ``(num, ...)`` arrays (on
+        CPU in host buffers from ``pool``)."""
+        return Assembly(self, pool)
 
 
 # ---------------------------------------------------------------- the per-chunk maths
@@ -332,6 +272,13 @@ class StreamingSite:
     devices : sequence of jax.Device, optional
         Devices to shard the rows over (default: all of ``jax.devices()``).
 
+    Notes
+    -----
+    On CPU the per-observation outputs are written into host buffers from ``pool``
+    (:class:`numpyro_mpe.assembly.HostPool`): once a result is released its memory serves the next pass
+    instead of fresh, page-faulted memory.  The pool keeps at most one pass's outputs (about 57 bytes per
+    observation for a K = 1 site) while the engine lives; ``eng.pool.clear()`` hands them back.
+
     Examples
     --------
     >>> eng = StreamingSite(fit.adapter, "y", chunk_size=4096, curvature="ggn")  # doctest: +SKIP
@@ -363,6 +310,7 @@ class StreamingSite:
         self._active = None
         self._stacked = None
         self._fns: dict = {}
+        self.pool = HostPool()  # host buffers of the outputs, reused once a result is released
 
     # ------------------------------------------------------------ sources of η, J
     @property
@@ -577,7 +525,7 @@ class StreamingSite:
                 return tm.jac, tm.lam, tm.e
             self._fns[key] = jax.jit(fn)
         jac, lam, e = self.map(lambda j: self._fns[key](theta, self.chunk_data(theta, j)), None,
-                               self.layout.assembly())
+                               self.layout.assembly(self.pool))
         return Memories(jnp.einsum("nkp,nk->np", jac, e), jac=jac, lam=lam, resid=e)
 
     def _expectation(self, rules, tol, mean, cov, tm: ChunkTerms, active):
@@ -632,7 +580,8 @@ class StreamingSite:
             return fn(self._shift_rows(post, tm.jac, out["w"]))
 
         jfn = jax.jit(chunk_fn)
-        return self.map(lambda j: jfn(theta, self.chunk_data(theta, j), post), desc, self.layout.assembly())
+        into = self.layout.assembly(self.pool)
+        return self.map(lambda j: jfn(theta, self.chunk_data(theta, j), post), desc, into)
 
     def site_mpe(self, post, *, num_samples: int = 2000, rng_key=None, keep_shift: bool | None = None,
                  quadrature_tol: float | None = None):
@@ -685,7 +634,7 @@ class StreamingSite:
         if key not in self._fns:
             self._fns[key] = jax.jit(fn)
         jfn = self._fns[key]
-        rows, tiers = self.layout.assembly(), []
+        rows, tiers = self.layout.assembly(self.pool), []
 
         class Into:  # the rows of every output assembled; the rule each device used, per chunk
             def add(self, j, out):

@@ -146,7 +146,8 @@ def test_assembly_on_host_equals_one_program_and_outlives_its_buffers():
     NumPy reference is gone."""
     import gc
 
-    from numpyro_mpe.streaming import Layout, _assemble
+    from numpyro_mpe.assembly import _assemble
+    from numpyro_mpe.streaming import Layout
 
     lay = Layout.build(10_003, 512)
     rng = np.random.default_rng(0)
@@ -160,6 +161,52 @@ def test_assembly_on_host_equals_one_program_and_outlives_its_buffers():
     for k in ("a", "b", "ok"):
         assert out[k].shape == ref[k].shape == (10_003,) + ref[k].shape[1:] and out[k].dtype == ref[k].dtype
         np.testing.assert_array_equal(np.asarray(out[k]), np.asarray(ref[k]))
+
+
+def test_pooled_buffers_are_reused_only_once_released():
+    """An assembly from a pool writes into the memory of a released result, never into one still held
+    (as a JAX array or as a NumPy view of one), and the pool keeps at most one assembly's bytes."""
+    import gc
+
+    from numpyro_mpe.assembly import HostPool
+    from numpyro_mpe.streaming import Layout
+
+    if jax.devices()[0].platform != "cpu":
+        pytest.skip("host buffers are used on CPU devices only")
+    lay, pool = Layout.build(5_000, 1024), HostPool()
+
+    def assemble(value):
+        into = lay.assembly(pool)
+        for j in range(lay.num_chunks):
+            into.add(j, {"x": jnp.full(lay.chunk, value), "m": jnp.full((lay.chunk, 3), value)})
+        return into.result()
+
+    def ptr(a):
+        return np.asarray(a).ctypes.data
+
+    a = assemble(1.0)
+    held = np.asarray(a["x"])  # a NumPy view keeps the memory of a["x"] as much as a["x"] does
+    b = assemble(2.0)
+    assert ptr(b["x"]) != ptr(a["x"]) and ptr(b["m"]) != ptr(a["m"])
+    a_m = ptr(a["m"])
+    del a
+    gc.collect()
+    c = assemble(3.0)  # a["m"]'s memory was released; a["x"]'s is still viewed by `held`
+    assert ptr(c["m"]) == a_m and ptr(c["x"]) != ptr(held)
+    np.testing.assert_array_equal(held, 1.0)
+    np.testing.assert_array_equal(np.asarray(b["x"]), 2.0)
+    np.testing.assert_array_equal(np.asarray(c["x"]), 3.0)
+    np.testing.assert_array_equal(np.asarray(c["m"]), 3.0)
+    del b, c, held
+    gc.collect()
+    one_pass = lay.num * 4 * 8 + 2 * 64
+    assert 0 < pool.nbytes <= one_pass
+    free = {x.ctypes.data + (-x.ctypes.data) % 64 for x in pool._free}
+    d = assemble(4.0)
+    assert {ptr(d["x"]), ptr(d["m"])} & free
+    np.testing.assert_array_equal(np.asarray(d["m"]), 4.0)
+    pool.clear()
+    assert pool.nbytes == 0
 
 
 def closure_model_factory(X):
