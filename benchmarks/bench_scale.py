@@ -481,7 +481,7 @@ def glm_table(rows: list[dict], draws: int, chunk: int, alt_chunk: int | None) -
         ("  same, warm (compiled): median of 3 (fastest) (s)",
          col(lambda r: fmt(g(r, "pass_warm_s"))
              + ("" if fastest(r, 0) is None else f" ({fmt(fastest(r, 0))})"))),
-        ("  same, warm, into fresh output memory: median of 3 (fastest) (s)",
+        ("  same, warm, pool emptied before each call: median of 3 (fastest) (s)",
          col(lambda r: fmt(g(r, "pass_warm_fresh_s"))
              + ("" if fastest(r, 2) is None else f" ({fmt(fastest(r, 2))})"))),
         ("`fit.loo()` after the pass (s)", col(lambda r: fmt(g(r, "loo_s")))),
@@ -498,7 +498,7 @@ def glm_table(rows: list[dict], draws: int, chunk: int, alt_chunk: int | None) -
          col(lambda r: ratio(r, "ratio_pass_grad", 0))),
         ("  same, diagonal posterior (the fit's precision diagonal)",
          col(lambda r: ratio(r, "ratio_pass_diag_grad", 1))),
-        ("  same, into fresh output memory", col(lambda r: ratio(r, "ratio_pass_fresh_grad", 2))),
+        ("  same, pool emptied before each call", col(lambda r: ratio(r, "ratio_pass_fresh_grad", 2))),
         ("  first-call pass / gradient", col(lambda r: fmt(r.get("ratio_pass_first_grad")))),
     ]
     if alt_chunk:
@@ -706,7 +706,9 @@ def render(meta: dict, rows: list[dict], mlp_rows: list[dict]) -> str:
         "Times are wall seconds of first calls as a user meets them (JIT compilation included, its share "
         "given); *warm* = the compiled per-chunk function run again, each call after the previous result is "
         "released (the engine then writes into that result's memory, see `numpyro_mpe.assembly.HostPool`; "
-        "*into fresh output memory*: the pool emptied before each call). The peer's draws are S draws from "
+        "*pool emptied*: each call writes into memory the allocator hands out anew, much of it just freed). "
+        "The first warm pass, into memory the process has not used before, is the first of the three in the "
+        "JSON (`pass_warm_all_s`). The peer's draws are S draws from "
         "the Laplace q (not charged). Exact refits: `mpe.exact_loo` on "
         f"{meta['exact_k']} random observations (Monte Carlo elpd in θ-space, 4000 draws).",
     ]
