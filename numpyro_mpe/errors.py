@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 
 class MPEError(ValueError):
     """Base class of the package's input and numerical errors."""
@@ -13,6 +15,21 @@ class ModelError(MPEError):
 
 class PosteriorError(MPEError):
     """The Gaussian posterior is unusable (non-finite potential, indefinite Hessian)."""
+
+
+def check_chunk_size(value) -> int | None:
+    """``value`` as a positive ``int``; ``None`` (the default size) passes through.
+
+    Examples
+    --------
+    >>> check_chunk_size(4096), check_chunk_size(None)
+    (4096, None)
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise MPEError(f"chunk_size must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def check_options(owner: str, options: dict, allowed: set[str]) -> None:

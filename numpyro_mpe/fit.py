@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import xarray as xr
 
-from .errors import MPEError, check_options
+from .errors import MPEError, check_chunk_size, check_options
 from .model import ModelAdapter
 from .mpe import Memories, PredictorState, SiteMPE, predictor_state, site_mpe
 from .mpe import memories as mpe_memories
@@ -56,16 +56,14 @@ class Fit:
         self.info = dict(info or {})
         self.memories_fn = memories_fn
         self.refit_fn = refit_fn
-        self.chunk_size = 4096 if mpe_options.get("chunk_size") is None else int(mpe_options["chunk_size"])
         # the streaming engine sizes its chunks by memory unless told (streaming.auto_chunk_size)
-        self.stream_chunk_size = mpe_options.get("chunk_size")
+        self.stream_chunk_size = check_chunk_size(mpe_options.get("chunk_size"))
+        self.chunk_size = 4096 if self.stream_chunk_size is None else self.stream_chunk_size
         self.num_samples = int(mpe_options.get("num_samples", 2000))
         self.progress = bool(mpe_options.get("progress", True))
         self.curvature = mpe_options.get("curvature", "exact")
         if self.curvature not in CURVATURES:
             raise MPEError(f"curvature must be one of {CURVATURES}, got {self.curvature!r}")
-        if self.chunk_size < 1:
-            raise MPEError(f"chunk_size must be a positive integer, got {self.chunk_size}")
         self.devices = mpe_options.get("devices")
         self._cache: dict[str, Any] = {}
 

@@ -25,7 +25,7 @@ import numpy as np
 from jax.scipy.special import logsumexp
 from tqdm.auto import tqdm
 
-from .errors import MPEError
+from .errors import check_chunk_size
 from .model import ModelAdapter
 from .posterior import GaussianPosterior
 from .quadrature import default_rule, expected_log_lik_one, psd_sqrt
@@ -304,9 +304,7 @@ def cavity_k(e, lam, b_w=None, v=None):
 def map_chunks(fn, arrays: dict, num: int, chunk_size: int, desc: str, progress: bool):
     """Apply the jitted ``fn`` to consecutive chunks of the leading axis of ``arrays`` (padding the
     last chunk with its last row) and concatenate the results, with a progress bar."""
-    if chunk_size < 1:
-        raise MPEError(f"chunk_size must be a positive integer, got {chunk_size}")
-    chunk_size = min(chunk_size, num)
+    chunk_size = min(check_chunk_size(chunk_size), num)
     n_chunks = math.ceil(num / chunk_size)
     outs = []
     bar = tqdm(total=num, desc=desc, disable=not progress or n_chunks < 2, leave=False)

@@ -37,7 +37,7 @@ from numpyro.infer.util import potential_energy
 from tqdm.auto import tqdm
 
 from .assembly import Assembly, HostPool
-from .errors import MPEError
+from .errors import MPEError, check_chunk_size
 from .model import ModelAdapter
 from .quadrature import (
     GAUSS_HERMITE_TIERS,
@@ -176,8 +176,9 @@ class Layout(NamedTuple):
 
     @classmethod
     def build(cls, num: int, chunk_size: int, devices=None) -> Layout:
-        if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-            raise MPEError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        chunk_size = check_chunk_size(chunk_size)
+        if chunk_size is None:
+            raise MPEError("chunk_size must be a positive integer, got None")
         devices = list(jax.devices() if devices is None else devices)
         if not devices:
             raise MPEError("devices= is empty")

@@ -351,10 +351,13 @@ def test_vi_backends_take_posterior_and_curvature():
 
 
 # ===================================================================== bad input
-@pytest.mark.parametrize("chunk", [0, -3, 2.5])
-def test_bad_chunk_size(chunk):
-    with pytest.raises(mpe.MPEError, match="chunk_size must be a positive integer"):
-        mpe.Laplace(logistic, chunk_size=chunk)
+@pytest.mark.parametrize("backend", ["Laplace", "SVI", "NGVI"])
+@pytest.mark.parametrize("chunk", [0, -3, 2.5, "64", True])
+def test_bad_chunk_size(backend, chunk):
+    """Every backend refuses the same bad sizes at construction, with the same message (a float, a
+    string or a bool is not silently truncated or compared)."""
+    with pytest.raises(mpe.MPEError, match=rf"chunk_size must be a positive integer, got {chunk!r}"):
+        getattr(mpe, backend)(logistic, chunk_size=chunk)
 
 
 def test_bad_options():

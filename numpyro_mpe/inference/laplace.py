@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.infer import init_to_median
 
-from ..errors import MPEError, PosteriorError, check_options
+from ..errors import MPEError, PosteriorError, check_chunk_size, check_options
 from ..fit import Fit
 from ..model import ModelAdapter
 from ..posterior import DENSE_LIMIT, DiagGaussianPosterior, LowRankGaussianPosterior, from_precision
@@ -143,9 +143,7 @@ class Laplace:
         self.gtol = options.get("gtol")
         self.mpe_options = {k: options[k] for k in ("chunk_size", "num_samples", "progress", "curvature",
                                                      "devices") if options.get(k) is not None}
-        chunk = self.mpe_options.get("chunk_size", 1)
-        if not isinstance(chunk, (int, np.integer)) or chunk < 1:
-            raise MPEError(f"chunk_size must be a positive integer, got {chunk!r}")
+        check_chunk_size(self.mpe_options.get("chunk_size"))
         self.curvature = options.get("curvature", "exact")
         if self.curvature not in CURVATURES:
             raise MPEError(f"curvature must be one of {CURVATURES}, got {self.curvature!r}")

@@ -46,7 +46,7 @@ from jax.scipy.linalg import cho_solve, solve_triangular
 from numpyro.infer import init_to_median
 from tqdm.auto import tqdm
 
-from ..errors import PosteriorError, check_options
+from ..errors import PosteriorError, check_chunk_size, check_options
 from ..fit import Fit
 from ..model import ModelAdapter
 from ..training import (
@@ -384,8 +384,7 @@ class NGVI:
         self.progress = bool(options.get("progress", True))
         self.mpe_options = {k: options[k] for k in ("chunk_size", "num_samples", "progress", "curvature",
                                                      "devices") if k in options}
-        if self.mpe_options.get("chunk_size", 1) < 1:
-            raise ValueError(f"chunk_size must be a positive integer, got {self.mpe_options['chunk_size']}")
+        check_chunk_size(self.mpe_options.get("chunk_size"))
         self.precision_from = options.get("precision_from", "optimizer")
         if self.precision_from not in ("optimizer", "memories"):
             raise ValueError(f"precision_from must be 'optimizer' or 'memories', got {self.precision_from!r}")

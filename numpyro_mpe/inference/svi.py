@@ -42,7 +42,7 @@ from numpyro.infer.autoguide import (
 from numpyro.primitives import Messenger
 from tqdm.auto import tqdm
 
-from ..errors import ModelError, MPEError, PosteriorError, check_options
+from ..errors import ModelError, MPEError, PosteriorError, check_chunk_size, check_options
 from ..fit import Fit
 from ..model import ModelAdapter
 from ..posterior import GaussianPosterior, from_precision
@@ -495,8 +495,7 @@ class SVI:
         self.refit_steps = int(options.get("refit_steps", max(500, self.num_steps // 2)))
         self.progress = bool(options.get("progress", True))
         self.mpe_options = {k: options[k] for k in _MPE_OPTIONS if k in options}
-        if self.mpe_options.get("chunk_size", 1) < 1:
-            raise ValueError(f"chunk_size must be a positive integer, got {self.mpe_options['chunk_size']}")
+        check_chunk_size(self.mpe_options.get("chunk_size"))
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
         self.callback = callback
