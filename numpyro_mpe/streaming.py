@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from .assembly import Assembly, HostPool
 from .errors import MPEError, check_chunk_size
 from .model import ModelAdapter
-from .posterior import DiagGaussianPosterior
+from .posterior import DiagGaussianPosterior, LowRankGaussianPosterior
 from .quadrature import (
     GAUSS_HERMITE_TIERS,
     TAYLOR_ORDER,
@@ -424,16 +424,32 @@ class StreamingSite:
             eta, aux, blocks = self._site_jacobians(theta, data["rows"], f)
             if post is None:
                 return eta, aux, blocks, None
-            if isinstance(post, DiagGaussianPosterior):
-                inv_d = self._site_blocks(1.0 / post.precision_diag)
-                cov = _block_quadratic_form(blocks, inv_d)
-                return eta, aux, [j * jnp.sqrt(r) for j, r in zip(blocks, inv_d)], cov
+            if isinstance(post, (DiagGaussianPosterior, LowRankGaussianPosterior)):
+                return (eta, aux) + self._whitened_blocks(post, blocks)
             jac = jnp.concatenate(blocks, axis=-1)
         if post is None:
             return eta, aux, [jac], None
         c, k = jac.shape[:2]
         b_t = post.whiten(jnp.reshape(jac, (c * k, p)).T)  # L⁻¹ J_iᵀ = B_iᵀ, (P, c·K)
         return eta, aux, [jnp.reshape(b_t.T, (c, k, p))], None
+
+    def _whitened_blocks(self, post, blocks: list) -> tuple[list, jax.Array]:
+        """The blocks of B_i = J_i L⁻ᵀ and V_i = B_i B_iᵀ from the per-site blocks of J_i, under a
+        diagonal precision S = D or a low-rank one S = D^{1/2} A² D^{1/2} (A = I + Q diag(√(1+τ) − 1) Qᵀ):
+        with u_i = D^{-1/2} J_iᵀ and C_i = Qᵀ u_i, B_iᵀ = u_i + Q diag((1+τ)^{-1/2} − 1) C_i and
+        V_i = u_iᵀ u_i + C_iᵀ diag((1+τ)⁻¹ − 1) C_i — every term a sum over blocks, no (c, K, P) array."""
+        low_rank = isinstance(post, LowRankGaussianPosterior)
+        inv_d = self._site_blocks(1.0 / (post.diag if low_rank else post.precision_diag))
+        cov = _block_quadratic_form(blocks, inv_d)  # u_iᵀ u_i
+        u = [j * jnp.sqrt(r) for j, r in zip(blocks, inv_d)]
+        if not low_rank:
+            return u, cov
+        q = [jnp.reshape(x, (-1, post.basis.shape[1])) for x in
+             jax.tree_util.tree_leaves(jax.vmap(self.adapter.unravel, in_axes=1, out_axes=-1)(post.basis))]
+        c = sum(jnp.einsum("ckn,nr->ckr", x, qb) for x, qb in zip(u, q))  # Qᵀ u_i, (c, K, r)
+        cov = cov + jnp.einsum("ckr,r,clr->ckl", c, 1.0 / (1.0 + post.tau) - 1.0, c)
+        shrink = c * (1.0 / jnp.sqrt(1.0 + post.tau) - 1.0)
+        return [x + jnp.einsum("ckr,nr->ckn", shrink, qb) for x, qb in zip(u, q)], cov
 
     def _site_blocks(self, theta) -> list:
         """A flat θ-sized vector cut into its latent sites' blocks (ravel order), each flattened."""

@@ -311,13 +311,14 @@ def mlp_two_outputs(X, y=None, hidden=12):
         numpyro.sample("y", dist.Normal(h @ w_loc, jnp.exp(h @ w_scale)), obs=y)
 
 
-def test_wide_model_two_components_per_site_blocks_match_the_dense_path():
-    """Per-site Jacobian blocks (P > 256) with K = 2 under a diagonal q: V_i summed over the blocks, and
-    the shifts from the flat B_i, equal the dense whitened path to 1e-9."""
+@pytest.mark.parametrize("structure", [dict(posterior="diag"), dict(posterior="lowrank", rank=4)])
+def test_wide_model_two_components_per_site_blocks_match_the_dense_path(structure):
+    """Per-site Jacobian blocks (P > 256) with K = 2 under a diagonal or low-rank q: V_i summed over the
+    blocks, and the shifts from the blocks of B_i, equal the dense whitened path to 1e-9."""
     X, y = data(n=400, p=28, seed=5, kind="t")
-    fit = mpe.Laplace(mlp_two_outputs, optimizer="lbfgs", curvature="ggn", posterior="diag", chunk_size=150,
-                      progress=False, init_strategy=numpyro.infer.init_to_sample).run(KEY, X, y=y)
-    assert fit.adapter.num_params == 360
+    fit = mpe.Laplace(mlp_two_outputs, optimizer="lbfgs", curvature="ggn", chunk_size=150, progress=False,
+                      init_strategy=numpyro.infer.init_to_sample, **structure).run(KEY, X, y=y)
+    assert fit.adapter.num_params == 360 and fit.posterior.structure == structure["posterior"]
     eng = fit.stream("y")
     assert len(eng.active(fit.posterior.mean)) == 2
     res = fit.site_mpe("y")
