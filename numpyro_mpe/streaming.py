@@ -398,8 +398,9 @@ class StreamingSite:
         P ≤ 256: forward mode along the columns of T, vmapped over rows outside the tangents, so the
         products come out row-major (c, K, P) — vmapping the tangents over the whole chunk instead gives a
         tangent-major array that XLA on CPU reduces ~15× slower.  P > 256: reverse mode per row, one block
-        of J_i per latent site (:meth:`_site_jacobians`); under a diagonal posterior V_i is summed over the
-        blocks, so that the flat (c, K, P) array is formed only where it is used (the shifts).
+        of J_i per latent site (:meth:`_site_jacobians`); under a diagonal or low-rank posterior B_i and V_i
+        are formed per block (:meth:`_whitened_blocks`), so that the flat (c, K, P) array is formed only
+        where it is used (the shifts).
         """
         p = theta.shape[0]
         if self.plan is None:
