@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import weakref
 
 import jax
@@ -57,6 +58,7 @@ class HostPool:
     def __init__(self):
         self._free: list[np.ndarray] = []
         self._limit = 0
+        self._lock = threading.Lock()  # between takers; the finalizers only append (atomic) and never wait
 
     def reserve(self, nbytes: int) -> None:
         """Raise the number of released bytes kept to at least ``nbytes``."""
@@ -68,11 +70,10 @@ class HostPool:
         dtype = np.dtype(dtype)
         shape = tuple(int(s) for s in shape)
         need = math.prod(shape) * dtype.itemsize + ALIGN
-        # the list is only shortened here (callers take from one thread); finalizers only append to it
-        fits = [i for i, a in enumerate(self._free) if need <= a.nbytes <= 2 * need]
-        if fits:
-            arena = self._free.pop(min(fits, key=lambda i: self._free[i].nbytes))
-        else:
+        with self._lock:  # the list is only shortened under the lock; finalizers only append to it
+            fits = [i for i, a in enumerate(self._free) if need <= a.nbytes <= 2 * need]
+            arena = self._free.pop(min(fits, key=lambda i: self._free[i].nbytes)) if fits else None
+        if arena is None:
             arena = np.empty(need, np.uint8)
         lease = _Lease(arena, (-arena.ctypes.data) % ALIGN, shape, dtype)
         weakref.finalize(lease, self._give, arena).atexit = False
@@ -85,7 +86,8 @@ class HostPool:
 
     def clear(self) -> None:
         """Release the kept buffers to the allocator."""
-        self._free.clear()
+        with self._lock:
+            self._free.clear()
 
     @property
     def nbytes(self) -> int:
