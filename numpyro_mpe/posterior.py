@@ -14,6 +14,23 @@ import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
 
+def block_quadratic_form(blocks: list, weights: list) -> jax.Array:
+    """Σ_b J_b diag(r_b) J_bᵀ per row, (c, K, K), for column blocks J_b (c, K, n_b) and weights r_b (n_b,):
+    each entry a matrix-vector product (J_b,k ∘ J_b,l) r_b, which XLA on CPU runs ~2× faster than the
+    same sum as a reduction over a long last axis."""
+    k = blocks[0].shape[1]
+    entry = {}
+    for a in range(k):
+        for b in range(a, k):
+            entry[a, b] = sum((j[:, a, :] * j[:, b, :]) @ r for j, r in zip(blocks, weights))
+    return jnp.stack([jnp.stack([entry[min(a, b), max(a, b)] for b in range(k)], -1) for a in range(k)], -2)
+
+
+def row_gram(b) -> jax.Array:
+    """B_i B_iᵀ per row, (c, K, K), for rows B_i (c, K, r)."""
+    return jnp.sum(b[:, :, None, :] * b[:, None, :, :], axis=-1)
+
+
 class GaussianPosterior(NamedTuple):
     """q(θ) = N(mean, precision⁻¹), with ``chol`` the lower Cholesky factor L of the precision S = L Lᵀ.
 
@@ -43,6 +60,15 @@ class GaussianPosterior(NamedTuple):
     def unwhiten(self, u):
         """L⁻ᵀ u: maps whitened coordinates back to θ-space offsets."""
         return solve_triangular(self.chol.T, u, lower=False)
+
+    def whiten_blocks(self, blocks: list, split) -> tuple[list, jax.Array]:
+        """B_i = J_i L⁻ᵀ and V_i = B_i B_iᵀ = J_i S⁻¹ J_iᵀ for rows J_i given as column blocks
+        (c, K, n_b) (``split`` cuts a θ-sized leading axis into the same blocks): a dense L mixes every
+        column, so the blocks are joined and B comes back as one block."""
+        jac = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=-1)
+        c, k, p = jac.shape
+        b = jnp.reshape(self.whiten(jnp.reshape(jac, (c * k, p)).T).T, (c, k, p))  # L⁻¹ J_iᵀ = B_iᵀ
+        return [b], row_gram(b)
 
     def solve(self, v):
         """S⁻¹ v."""
@@ -127,6 +153,12 @@ class DiagGaussianPosterior(NamedTuple):
         return v / (d if v.ndim == 1 else d[:, None])
 
     unwhiten = whiten
+
+    def whiten_blocks(self, blocks: list, split) -> tuple[list, jax.Array]:
+        """B_i = J_i D^{-1/2} and V_i = Σ_b J_b D_b⁻¹ J_bᵀ block by block (see
+        :meth:`GaussianPosterior.whiten_blocks`): no (c, K, P) array unless the blocks are joined."""
+        inv_d = split(1.0 / self.precision_diag)
+        return [j * jnp.sqrt(r) for j, r in zip(blocks, inv_d)], block_quadratic_form(blocks, inv_d)
 
     def solve(self, v):
         return self.cov_matvec(v)
@@ -224,6 +256,19 @@ class LowRankGaussianPosterior(NamedTuple):
     def unwhiten(self, u):
         """L⁻ᵀ u = D^{-1/2} A⁻¹ u."""
         return self._dscale(self._root_pow(u, -1), -0.5)
+
+    def whiten_blocks(self, blocks: list, split) -> tuple[list, jax.Array]:
+        """B_i and V_i block by block (see :meth:`GaussianPosterior.whiten_blocks`): with u_i = D^{-1/2} J_iᵀ
+        and C_i = Qᵀ u_i (Q = ``basis``), B_iᵀ = u_i + Q diag((1+τ)^{-1/2} − 1) C_i and
+        V_i = u_iᵀ u_i + C_iᵀ diag((1+τ)⁻¹ − 1) C_i, each a sum over the blocks."""
+        inv_d = split(1.0 / self.diag)
+        u = [j * jnp.sqrt(r) for j, r in zip(blocks, inv_d)]
+        q = split(self.basis)
+        c = sum(jnp.einsum("ckn,nr->ckr", x, qb) for x, qb in zip(u, q))  # Qᵀ u_i, (c, K, r)
+        low_rank = jnp.einsum("ckr,r,clr->ckl", c, 1.0 / (1.0 + self.tau) - 1.0, c)
+        v = block_quadratic_form(blocks, inv_d) + low_rank
+        shrink = c * (1.0 / jnp.sqrt(1.0 + self.tau) - 1.0)
+        return [x + jnp.einsum("ckr,nr->ckn", shrink, qb) for x, qb in zip(u, q)], v
 
     def solve(self, v):
         return self.cov_matvec(v)

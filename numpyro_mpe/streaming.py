@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from .assembly import Assembly, HostPool
 from .errors import MPEError, check_chunk_size
 from .model import ModelAdapter
-from .posterior import DiagGaussianPosterior, LowRankGaussianPosterior
+from .posterior import row_gram
 from .quadrature import (
     GAUSS_HERMITE_TIERS,
     TAYLOR_ORDER,
@@ -228,18 +228,6 @@ class Layout(NamedTuple):
 
 
 # ---------------------------------------------------------------- the per-chunk maths
-def _block_quadratic_form(blocks: list, weights: list) -> jax.Array:
-    """Σ_b J_b diag(r_b) J_bᵀ per row, (c, K, K), for blocks J_b (c, K, n_b) and weights r_b (n_b,):
-    each entry a matrix-vector product (J_b,k ∘ J_b,l) r_b, which XLA on CPU runs ~2× faster than the
-    same sum as a reduction over a long last axis."""
-    k = blocks[0].shape[1]
-    entry = {}
-    for a in range(k):
-        for b in range(a, k):
-            entry[a, b] = sum((j[:, a, :] * j[:, b, :]) @ r for j, r in zip(blocks, weights))
-    return jnp.stack([jnp.stack([entry[min(a, b), max(a, b)] for b in range(k)], -1) for a in range(k)], -2)
-
-
 class ChunkTerms(NamedTuple):
     """Per-observation pieces of one chunk of c rows: η (c, K_all), ``jac`` (c, K, r), e (c, K),
     Λ (c, K, K), aux, y, w, and for K = 1 optionally the Taylor coefficients a₀ … a₄ of w·log p at η
@@ -249,7 +237,7 @@ class ChunkTerms(NamedTuple):
     posterior with precision S = L Lᵀ (then ``jac[i]`` = B_i = J_i L⁻ᵀ and B_i B_iᵀ = J_i S⁻¹ J_iᵀ).
     ``blocks``: the same columns cut per latent site (ravel order; ``jac`` is their concatenation) where
     the Jacobian was formed that way (P > 256), else ``[jac]``; sums over observations taken per block
-    never form ``jac`` (XLA drops what is not used).  ``cov``: V_i (c, K, K) where it was formed per block.
+    never form ``jac`` (XLA drops what is not used).  ``cov``: V_i = B_i B_iᵀ (c, K, K) under a posterior.
     """
 
     eta: jax.Array
@@ -395,19 +383,19 @@ class StreamingSite:
         return f
 
     def _terms(self, theta, data, active, post=None):
-        """η, aux, the blocks of J_i T (see :class:`ChunkTerms`) of one chunk ``data`` and, where it was
-        formed per latent site, V_i = J_i S⁻¹ J_iᵀ (else ``None``); traceable.
+        """η, aux, the blocks of J_i T (see :class:`ChunkTerms`) of one chunk ``data`` and, under a
+        posterior, V_i = J_i S⁻¹ J_iᵀ (else ``None``); traceable.
 
         P ≤ 256: forward mode along the columns of T, vmapped over rows outside the tangents, so the
         products come out row-major (c, K, P) — vmapping the tangents over the whole chunk instead gives a
         tangent-major array that XLA on CPU reduces ~15× slower.  P > 256: reverse mode per row, one block
         of J_i per latent site (:meth:`_site_jacobians`); under a diagonal or low-rank posterior B_i and V_i
-        are formed per block (:meth:`_whitened_blocks`), so that the flat (c, K, P) array is formed only
+        are formed per block (``post.whiten_blocks``), so that the flat (c, K, P) array is formed only
         where it is used (the shifts).
         """
         p = theta.shape[0]
         if self.plan is None:
-            eta, aux, jac = data["eta"], data["aux"], data["jac"][:, active, :]
+            eta, aux, blocks = data["eta"], data["aux"], [data["jac"][:, active, :]]
         else:
             f = self._row_fn(active)
             if p <= 256:
@@ -423,41 +411,18 @@ class StreamingSite:
                     return eta, aux, jac
 
                 eta, aux, jac = jax.vmap(one)(data["rows"])  # already J_i T
-                return eta, aux, [jac], None
+                return eta, aux, [jac], None if post is None else row_gram(jac)
 
             eta, aux, blocks = self._site_jacobians(theta, data["rows"], f)
-            if post is None:
-                return eta, aux, blocks, None
-            if isinstance(post, (DiagGaussianPosterior, LowRankGaussianPosterior)):
-                return (eta, aux) + self._whitened_blocks(post, blocks)
-            jac = jnp.concatenate(blocks, axis=-1)
         if post is None:
-            return eta, aux, [jac], None
-        c, k = jac.shape[:2]
-        b_t = post.whiten(jnp.reshape(jac, (c * k, p)).T)  # L⁻¹ J_iᵀ = B_iᵀ, (P, c·K)
-        return eta, aux, [jnp.reshape(b_t.T, (c, k, p))], None
+            return eta, aux, blocks, None
+        # B_i and V_i by the posterior's structure (per block under a diagonal or low-rank q)
+        return (eta, aux) + post.whiten_blocks(blocks, self._split if len(blocks) > 1 else lambda x: [x])
 
-    def _whitened_blocks(self, post, blocks: list) -> tuple[list, jax.Array]:
-        """The blocks of B_i = J_i L⁻ᵀ and V_i = B_i B_iᵀ from the per-site blocks of J_i, under a
-        diagonal precision S = D or a low-rank one S = D^{1/2} A² D^{1/2} (A = I + Q diag(√(1+τ) − 1) Qᵀ):
-        with u_i = D^{-1/2} J_iᵀ and C_i = Qᵀ u_i, B_iᵀ = u_i + Q diag((1+τ)^{-1/2} − 1) C_i and
-        V_i = u_iᵀ u_i + C_iᵀ diag((1+τ)⁻¹ − 1) C_i — every term a sum over blocks, no (c, K, P) array."""
-        low_rank = isinstance(post, LowRankGaussianPosterior)
-        inv_d = self._site_blocks(1.0 / (post.diag if low_rank else post.precision_diag))
-        cov = _block_quadratic_form(blocks, inv_d)  # u_iᵀ u_i
-        u = [j * jnp.sqrt(r) for j, r in zip(blocks, inv_d)]
-        if not low_rank:
-            return u, cov
-        q = [jnp.reshape(x, (-1, post.basis.shape[1])) for x in
-             jax.tree_util.tree_leaves(jax.vmap(self.adapter.unravel, in_axes=1, out_axes=-1)(post.basis))]
-        c = sum(jnp.einsum("ckn,nr->ckr", x, qb) for x, qb in zip(u, q))  # Qᵀ u_i, (c, K, r)
-        cov = cov + jnp.einsum("ckr,r,clr->ckl", c, 1.0 / (1.0 + post.tau) - 1.0, c)
-        shrink = c * (1.0 / jnp.sqrt(1.0 + post.tau) - 1.0)
-        return [x + jnp.einsum("ckr,nr->ckn", shrink, qb) for x, qb in zip(u, q)], cov
-
-    def _site_blocks(self, theta) -> list:
-        """A flat θ-sized vector cut into its latent sites' blocks (ravel order), each flattened."""
-        return [jnp.reshape(x, (-1,)) for x in jax.tree_util.tree_leaves(self.adapter.unravel(theta))]
+    def _split(self, x) -> list:
+        """A θ-sized leading axis cut into the latent sites' blocks (ravel order, as in
+        :meth:`_site_jacobians`)."""
+        return [x[s.start:s.stop] for s in self.adapter.latent]
 
     def _site_jacobians(self, theta, rows, f):
         """η, aux and the blocks of J_i = ∂η_i/∂θ per latent site, (c, K, size) each in ravel order, by
@@ -625,12 +590,8 @@ class StreamingSite:
         (:func:`numpyro_mpe.mpe.cavity_k` with V_i = B_i B_iᵀ)."""
         from .mpe import cavity_k
 
-        tm, _ = self.terms(t, data, active, post, series)
-        b = tm.jac
-        v = tm.cov  # V_i = B_i B_iᵀ = J_i S⁻¹ J_iᵀ
-        if v is None:
-            v = jnp.sum(b[:, :, None, :] * b[:, None, :, :], axis=-1)
-        return tm, jax.vmap(lambda e, lam, v: cavity_k(e, lam, v=v))(tm.e, tm.lam, v)
+        tm, _ = self.terms(t, data, active, post, series)  # tm.cov: V_i = B_i B_iᵀ = J_i S⁻¹ J_iᵀ
+        return tm, jax.vmap(lambda e, lam, v: cavity_k(e, lam, v=v))(tm.e, tm.lam, tm.cov)
 
     @staticmethod
     def _shift_rows(post, b, w):
