@@ -99,12 +99,13 @@ class Assembly:
     """Per-chunk outputs written into ``(num, ...)`` arrays as they arrive (``add``), padding left out.
 
     ``layout`` gives ``num``, ``chunk`` and the device mesh (:class:`numpyro_mpe.streaming.Layout`);
-    ``pool`` the host buffers (fresh ones without).
+    ``pool`` the host buffers (without one, a pool of this assembly's own: fresh memory, freed with the
+    result).
     """
 
     def __init__(self, layout, pool: HostPool | None = None):
         self.layout = layout
-        self.pool = pool
+        self.pool = HostPool() if pool is None else pool
         self.on_host = all(d.platform == "cpu" for d in layout.mesh.devices.flat)
         self.parts, self.bufs, self.treedef = [], None, None
 
@@ -116,11 +117,8 @@ class Assembly:
         num, chunk = self.layout.num, self.layout.chunk
         if self.bufs is None:
             shapes = [((num,) + x.shape[1:], np.dtype(x.dtype)) for x in leaves]
-            if self.pool is None:
-                self.bufs = [aligned_empty(s, d) for s, d in shapes]
-            else:
-                self.pool.reserve(sum(math.prod(s) * d.itemsize + ALIGN for s, d in shapes))
-                self.bufs = [self.pool.take(s, d) for s, d in shapes]
+            self.pool.reserve(sum(math.prod(s) * d.itemsize + ALIGN for s, d in shapes))
+            self.bufs = [self.pool.take(s, d) for s, d in shapes]
         lo, hi = j * chunk, min((j + 1) * chunk, num)
         for buf, x in zip(self.bufs, leaves):
             buf[lo:hi] = np.asarray(x)[:hi - lo]
@@ -132,15 +130,6 @@ class Assembly:
         out = jax.tree_util.tree_unflatten(self.treedef, [_wrap(b, device) for b in self.bufs])
         self.bufs = None  # the JAX arrays own the memory now
         return out
-
-
-def aligned_empty(shape: tuple, dtype, align: int = ALIGN) -> np.ndarray:
-    """An uninitialized array whose data start on an ``align``-byte boundary (zero-copy into XLA)."""
-    dtype = np.dtype(dtype)
-    size = math.prod(shape) * dtype.itemsize
-    raw = np.empty(size + align, dtype=np.uint8)
-    off = (-raw.ctypes.data) % align
-    return raw[off:off + size].view(dtype).reshape(shape)
 
 
 def _wrap(buf: np.ndarray, device) -> jax.Array:
