@@ -465,6 +465,10 @@ def glm_table(rows: list[dict], draws: int, chunk: int, alt_chunk: int | None) -
         runs = g(r, "pass_warm_all_s")
         return min(runs[i]) if runs and len(runs) > i else None
 
+    def with_fastest(r, key, i):  # "median (fastest)" of the warm passes of posterior i
+        best = fastest(r, i)
+        return fmt(g(r, key)) + ("" if best is None else f" ({fmt(best)})")
+
     def ratio(r, key, i):
         if r.get(key) is None:
             return "—"
@@ -479,11 +483,9 @@ def glm_table(rows: list[dict], draws: int, chunk: int, alt_chunk: int | None) -
         ("per-observation pass `fit.site_mpe` (s)", col(lambda r: fmt(g(r, "pass_s")))),
         ("  of which JIT compile (s)", col(lambda r: fmt(g(r, "pass_compile_s")))),
         ("  same, warm (compiled): median of 3 (fastest) (s)",
-         col(lambda r: fmt(g(r, "pass_warm_s"))
-             + ("" if fastest(r, 0) is None else f" ({fmt(fastest(r, 0))})"))),
+         col(lambda r: with_fastest(r, "pass_warm_s", 0))),
         ("  same, warm, pool emptied before each call: median of 3 (fastest) (s)",
-         col(lambda r: fmt(g(r, "pass_warm_fresh_s"))
-             + ("" if fastest(r, 2) is None else f" ({fmt(fastest(r, 2))})"))),
+         col(lambda r: with_fastest(r, "pass_warm_fresh_s", 2))),
         ("`fit.loo()` after the pass (s)", col(lambda r: fmt(g(r, "loo_s")))),
         ("**MPE end to end** (fit + pass) (s)", col(lambda r: fmt(r.get("e2e_s")))),
         ("  per observation (µs)", col(lambda r: us(r.get("e2e_per_obs_s")))),
