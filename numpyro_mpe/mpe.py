@@ -25,10 +25,11 @@ import numpy as np
 from jax.scipy.special import logsumexp
 from tqdm.auto import tqdm
 
+from . import rowlinalg
 from .errors import check_chunk_size
 from .model import ModelAdapter
 from .posterior import GaussianPosterior
-from .quadrature import default_rule, expected_log_lik_one, psd_sqrt
+from .quadrature import default_rule, expected_log_lik_one
 
 
 class Memories:
@@ -222,7 +223,7 @@ def predictor_state(adapter: ModelAdapter, theta, var_name: str) -> PredictorSta
 def whitened_memory(linv, g, h):
     """L⁻¹ĝ and the eigendecomposition (λ, Q) of the whitened memory L⁻¹ĤL⁻ᵀ (symmetrized)."""
     a_w = linv @ h @ linv.T
-    lam, q = jnp.linalg.eigh(0.5 * (a_w + a_w.T))
+    lam, q = rowlinalg.eigh(0.5 * (a_w + a_w.T))
     return linv @ g, lam, q
 
 
@@ -241,7 +242,7 @@ def cavity_one(g_w, a_w, b_w):
     ``sensitivity`` = ‖u‖, ``dEta`` = B u, ``v`` = B Bᵀ, ``v_cav`` = B (I − Ã)⁻¹ Bᵀ and
     ``logdet`` = log det(I − Ã).
     """
-    lam, q = jnp.linalg.eigh(a_w)
+    lam, q = rowlinalg.eigh(a_w)
     leverage = lam[-1]
     valid = leverage < 1.0
     inv = jnp.where(valid, 1.0 / jnp.where(valid, 1.0 - lam, 1.0), jnp.nan)
@@ -277,15 +278,17 @@ def cavity_k(e, lam, b_w=None, v=None):
         denom = jnp.where(valid, 1.0 - leverage, 1.0)
         w = e / denom
         v_cav = v / denom
-    else:
-        r = psd_sqrt(v)
-        lev_mat = r.T @ lam @ r
-        leverage = jnp.linalg.eigvalsh(0.5 * (lev_mat + lev_mat.T))[-1]
+    else:  # V = RRᵀ, M = I − RᵀΛR: (I − ΛV)⁻¹ = I + ΛRM⁻¹Rᵀ and V₋ = RM⁻¹Rᵀ, with M⁻¹ from eigh
+        # (rowlinalg: mapped over rows, no batched LAPACK call, which can deadlock XLA's CPU pool)
+        d, u = rowlinalg.eigh(0.5 * (v + v.T))
+        r = u * jnp.sqrt(jnp.clip(d, 0.0, None))
+        tau, q = rowlinalg.eigh(0.5 * (r.T @ lam @ r + r.T @ lam.T @ r))
+        leverage = tau[-1]
         valid = leverage < 1.0
-        a = jnp.eye(k, dtype=e.dtype) - lam @ v
-        a = jnp.where(valid, a, jnp.eye(k, dtype=e.dtype))
-        w = jnp.linalg.solve(a, e)
-        v_cav = jnp.linalg.solve(a.T, v).T
+        rq = r @ q
+        inv = 1.0 / jnp.where(valid, 1.0 - tau, 1.0)
+        w = e + lam @ (rq @ (inv * (rq.T @ e)))
+        v_cav = (rq * inv) @ rq.T
     out = {
         "leverage": leverage,
         "valid": valid,

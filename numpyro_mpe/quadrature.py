@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
 
+from . import rowlinalg
+
 try:  # experimental: where it is gone, log_lik_series uses nested forward mode
     from jax.experimental.jet import jet
 except ImportError:  # pragma: no cover
@@ -333,17 +335,18 @@ def psd_sqrt(cov):
     """A square root C with C Cᵀ = cov for a symmetric PSD ``cov`` (singular allowed).
 
     Closed form for 1×1; otherwise a Cholesky factor with a jitter of 1e-13·trace (far below the
-    quadrature's error), falling back to the eigendecomposition where the factorization fails.
+    quadrature's error), falling back to the eigendecomposition where the factorization fails; both from
+    :mod:`numpyro_mpe.rowlinalg`, so that mapped over rows they form no batched LAPACK call.
     """
     k = cov.shape[-1]
     if k == 1:
         return jnp.sqrt(jnp.clip(cov, 0.0, None))
     sym = 0.5 * (cov + cov.T)
     jitter = 1e-13 * jnp.trace(sym) / k + jnp.finfo(cov.dtype).tiny
-    chol = jnp.linalg.cholesky(sym + jitter * jnp.eye(k, dtype=cov.dtype))
+    chol = rowlinalg.cholesky(sym + jitter * jnp.eye(k, dtype=cov.dtype))
 
     def by_eigh(_):
-        vals, vecs = jnp.linalg.eigh(sym)
+        vals, vecs = rowlinalg.eigh(sym)
         return vecs * jnp.sqrt(jnp.clip(vals, 0.0, None))
 
     return jax.lax.cond(jnp.all(jnp.isfinite(chol)), lambda _: chol, by_eigh, None)

@@ -37,6 +37,7 @@ from numpyro import handlers
 from numpyro.infer.util import potential_energy
 from tqdm.auto import tqdm
 
+from . import rowlinalg
 from .assembly import Assembly, HostPool
 from .errors import MPEError, check_chunk_size
 from .model import ModelAdapter
@@ -263,7 +264,7 @@ def psd_project(lam):
     """The nearest PSD matrix (eigenvalues clipped at 0) of a symmetric ``(K, K)``."""
     if lam.shape[-1] == 1:
         return jnp.clip(lam, 0.0, None)
-    vals, vecs = jnp.linalg.eigh(0.5 * (lam + lam.T))
+    vals, vecs = rowlinalg.eigh(0.5 * (lam + lam.T))
     return (vecs * jnp.clip(vals, 0.0, None)) @ vecs.T
 
 
@@ -492,7 +493,10 @@ class StreamingSite:
         Asynchronous dispatch of many large programs at once can leave the XLA CPU runtime stuck
         (jax-ml/jax#25861; seen three times on a 2-core machine, in benchmark and test runs), and so did
         copying one chunk's result to the host while the next chunk ran (once, in the test suite); one chunk
-        in flight and nothing else costs nothing measurable at these chunk sizes.
+        in flight and nothing else costs nothing measurable at these chunk sizes.  A chunk program
+        that never finished even alone was a different cause, inside the program: two batched LAPACK
+        calls waiting for each other on XLA's CPU pool (:mod:`numpyro_mpe.rowlinalg`); the per-row
+        algebra no longer forms them.
         """
         idx = range(self.layout.num_chunks) if desc is None else self.chunk_indices(desc)
         outs = []

@@ -440,3 +440,119 @@ def test_streaming_site_needs_a_predictor():
     fit = mpe.Laplace(logistic, progress=False).run(KEY, X, y=y)
     with pytest.raises(mpe.MPEError, match="curvature must be one of"):
         StreamingSite(fit.adapter, "y", curvature="fisher")
+
+
+# ===================================================================== XLA's CPU runtime
+def softmax(X, y=None, prior_sd=0.1):
+    """Ten-class softmax regression: K = 10 active predictor components (Monte Carlo integrals)."""
+    W = numpyro.sample("W", dist.Normal(0, prior_sd).expand([X.shape[1], 10]).to_event(2))
+    b = numpyro.sample("b", dist.Normal(0, prior_sd).expand([10]).to_event(1))
+    with numpyro.plate("data", X.shape[0]):
+        numpyro.sample("y", dist.Categorical(logits=X @ W + b), obs=y)
+
+
+def digits_features(n_features=4):
+    from sklearn.datasets import load_digits
+    from sklearn.decomposition import PCA
+
+    X, y = load_digits(return_X_y=True)
+    Z = PCA(n_features, random_state=0).fit_transform(X)
+    return Z / Z.std(0), y
+
+
+FACTORIZATIONS = ("lu", "cholesky", "triangular_solve", "eigh", "svd", "geqrf", "householder_product")
+
+
+def batched_factorizations(jaxpr) -> list[str]:
+    """LAPACK calls (factorizations, eigh, triangular solves) in ``jaxpr`` (sub-jaxprs included) whose
+    operands are stacks of matrices, i.e. that XLA runs as one batched LAPACK call."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in FACTORIZATIONS and any(v.aval.ndim > 2 for v in eqn.invars):
+            found.append(f"{eqn.primitive.name}{[tuple(v.aval.shape) for v in eqn.invars]}")
+        stack = list(eqn.params.values())
+        while stack:
+            p = stack.pop()
+            if isinstance(p, (list, tuple)):
+                stack.extend(p)
+            elif hasattr(p, "eqns"):
+                found += batched_factorizations(p)
+            elif hasattr(p, "jaxpr") and hasattr(p.jaxpr, "eqns"):
+                found += batched_factorizations(p.jaxpr)
+    return found
+
+
+@pytest.mark.parametrize("case", ["softmax K=10", "normal loc-scale K=2"])
+def test_per_observation_pass_has_no_batched_lapack_factorization(case):
+    """jaxlib 0.10 splits a batched LAPACK call (getrf, potrf, trsm, syevd) over XLA's CPU thread pool
+    and blocks a pool thread until the parts finish: two of them in flight on a 2-thread pool wait for
+    each other forever.  The per-row K×K algebra of the pass (cavity, PSD projection, quadrature square
+    roots) goes through :mod:`numpyro_mpe.rowlinalg` instead; the walker must see the batched call of a
+    vmapped ``jnp.linalg.solve`` and ``jnp.linalg.eigh``."""
+    if case.startswith("softmax"):
+        X, y = digits_features()
+        fit = mpe.Laplace(softmax, progress=False).run(KEY, X[:300], y=y[:300])
+    else:
+        X, y = data(n=300, p=4, seed=1, kind="t")
+        fit = mpe.Laplace(normal_scale, curvature="ggn", progress=False).run(KEY, X, y=y)
+    res = fit.site_mpe("y")
+    assert np.mean(np.asarray(res.valid)) > 0.9
+    eng = fit.stream("y")
+    programs = [f for key, f in eng._fns.items() if key[0] == "mpe"]
+    assert len(programs) == 1
+    theta = fit.posterior.mean
+    jaxpr = jax.make_jaxpr(programs[0])(theta, eng.chunk_data(theta, 0), fit.posterior)
+    assert batched_factorizations(jaxpr.jaxpr) == []
+    solve = jax.make_jaxpr(jax.vmap(jnp.linalg.solve))(jnp.ones((3, 2, 2)), jnp.ones((3, 2)))
+    assert batched_factorizations(solve.jaxpr)
+    assert batched_factorizations(jax.make_jaxpr(jnp.linalg.eigh)(jnp.ones((3, 2, 2))).jaxpr)
+
+
+TWO_THREAD_SCRIPT = textwrap.dedent("""
+    import os, sys
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])  # XLA sizes its CPU pool from this
+    import jax, numpy as np, numpyro
+    numpyro.enable_x64()
+    sys.path.insert(0, {tests!r})
+    import numpyro_mpe as mpe
+    from test_scale import KEY, digits_features, loc_scale, loc_scale_data, softmax
+    X, y = digits_features()
+    fit = mpe.Laplace(softmax, progress=False).run(KEY, X, y=y)
+    res = fit.site_mpe("y")
+    print("RESULT", int(np.isfinite(np.asarray(res.elpd_loo)).sum()), len(y))
+    X, y = loc_scale_data(200_000)
+    fit = mpe.Laplace(loc_scale, curvature="ggn", progress=False).run(KEY, X, y=y)
+    res = fit.site_mpe("y")
+    print("RESULT", int(np.isfinite(np.asarray(res.elpd_loo)).sum()), len(y))
+""")
+
+
+def loc_scale(X, y=None):
+    """Normal regression with a log-linear scale: K = 2 active components."""
+    b = numpyro.sample("b", dist.Normal(0, 5).expand([X.shape[1]]).to_event(1))
+    s = numpyro.sample("s", dist.Normal(0, 1).expand([X.shape[1]]).to_event(1))
+    with numpyro.plate("data", X.shape[0]):
+        numpyro.sample("y", dist.Normal(X @ b, jnp.exp(0.3 * X @ s)), obs=y)
+
+
+def loc_scale_data(n):
+    rng = np.random.default_rng(0)
+    X = np.column_stack([np.ones(n), rng.normal(size=(n, 4))])
+    return X, X @ np.linspace(1, -1, 5) + np.exp(0.2 * X[:, 1]) * rng.normal(size=n)
+
+
+def test_passes_finish_on_a_two_thread_pool():
+    """On a 2-thread XLA pool, the digits softmax pass (1797 rows in one chunk, K = 10) deadlocked at its
+    first call with the cavity solved by batched LU, and a loc-scale GGN pass (200,000 rows, K = 2) with
+    batched eigh, every time (jaxlib 0.10.2, this machine); both must finish."""
+    code = TWO_THREAD_SCRIPT.format(tests=os.path.dirname(__file__))
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the per-observation passes did not finish within 240 s on a 2-thread pool (deadlock)")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [tuple(map(int, s.split()[1:])) for s in proc.stdout.splitlines() if s.startswith("RESULT")]
+    assert [n for _, n in results] == [1797, 200_000]
+    assert all(finite >= 0.99 * n for finite, n in results)
