@@ -60,7 +60,8 @@ def eigh(a):
 
     Alone it is ``jnp.linalg.eigh`` (one unbatched LAPACK call).  Mapped over a batch: 1×1 and 2×2 in
     closed form, elementwise over the batch; larger ones one matrix at a time (``lax.map``), so that no
-    batched LAPACK call is ever formed (module docstring).
+    batched LAPACK call is ever formed (module docstring).  It has no derivative rule (``custom_vmap``);
+    the MPE only uses eigendecompositions of curvature it has already formed, never differentiates them.
 
     Examples
     --------
