@@ -282,7 +282,8 @@ def cavity_k(e, lam, b_w=None, v=None):
         # (rowlinalg: mapped over rows, no batched LAPACK call, which can deadlock XLA's CPU pool)
         d, u = rowlinalg.eigh(0.5 * (v + v.T))
         r = u * jnp.sqrt(jnp.clip(d, 0.0, None))
-        tau, q = rowlinalg.eigh(0.5 * (r.T @ lam @ r + r.T @ lam.T @ r))
+        g = r.T @ lam @ r
+        tau, q = rowlinalg.eigh(0.5 * (g + g.T))
         leverage = tau[-1]
         valid = leverage < 1.0
         rq = r @ q
