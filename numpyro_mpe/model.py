@@ -363,8 +363,10 @@ class ModelAdapter:
         return self.trace_with(theta, self.args, self.kwargs)
 
     def trace_with(self, theta, args: tuple, kwargs: dict):
-        """The model's trace at ``theta`` on the data ``*args, **kwargs`` (e.g. a subset of the rows)."""
-        params = constrain_fn(self.model, args, kwargs, self.unravel(theta))
+        """The model's trace at ``theta`` on the data ``*args, **kwargs`` (e.g. a subset of the rows);
+        ``theta`` flat, or already as the dict of unconstrained latent arrays."""
+        latent = theta if isinstance(theta, dict) else self.unravel(theta)
+        params = constrain_fn(self.model, args, kwargs, latent)
         model = handlers.substitute(handlers.seed(self.model, 0), data=params)
         return handlers.trace(model).get_trace(*args, **kwargs)
 

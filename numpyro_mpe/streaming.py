@@ -25,7 +25,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 
@@ -37,7 +36,7 @@ from numpyro import handlers
 from numpyro.infer.util import potential_energy
 from tqdm.auto import tqdm
 
-from . import rowlinalg
+from . import rankone, rowlinalg
 from .assembly import Assembly, HostPool
 from .errors import MPEError, check_chunk_size
 from .model import ModelAdapter
@@ -373,12 +372,15 @@ class StreamingSite:
                 raise MPEError(f"the predictor of '{self.name}' does not depend on θ ({k_all} components)")
         return self._active
 
-    def _row_fn(self, active):
+    def _row_fn(self, active, tree=None):
         """θ, one row's arguments ↦ that row's active predictor components (K,), with its whole predictor
-        and aux as the auxiliary output (the primal of a forward or backward pass: computed once)."""
+        and aux as the auxiliary output (the primal of a forward or backward pass: computed once).  With
+        ``tree`` (the latent arrays' treedef), θ is given as the list of unconstrained latent arrays."""
         idx = _index(active)
 
         def f(t, row):
+            if tree is not None:
+                t = jax.tree_util.tree_unflatten(tree, t)
             eta, aux = self._eta_rows(t, [x[None] for x in row])
             return eta[0, idx], (eta[0], jax.tree_util.tree_map(lambda a: a[0], aux))
         return f
@@ -414,7 +416,7 @@ class StreamingSite:
                 eta, aux, jac = jax.vmap(one)(data["rows"])  # already J_i T
                 return eta, aux, [jac], None if post is None else row_gram(jac)
 
-            eta, aux, blocks = self._site_jacobians(theta, data["rows"], f)
+            eta, aux, blocks = self._site_jacobians(theta, data["rows"], active)
         if post is None:
             return eta, aux, blocks, None
         # B_i and V_i by the posterior's structure (per block under a diagonal or low-rank q)
@@ -425,18 +427,46 @@ class StreamingSite:
         :meth:`_site_jacobians`)."""
         return [x[s.start:s.stop] for s in self.adapter.latent]
 
-    def _site_jacobians(self, theta, rows, f):
-        """η, aux and the blocks of J_i = ∂η_i/∂θ per latent site, (c, K, size) each in ravel order, by
-        reverse mode per row.  Differentiating with respect to the sites, not the flat θ, spares XLA the
-        concatenation of every row's cotangents (95 ms of a 430 ms chunk of a P = 10⁵ MLP)."""
-        sites = self.adapter.unravel(theta)
+    def _site_jacobians(self, theta, rows, active):
+        """η, aux and the blocks of J_i = ∂η_i/∂θ per latent array, in ravel order, by reverse mode per row.
+
+        An array that enters through one product with the row's input (a dense layer's weights; found in
+        the predictor's jaxpr, :func:`numpyro_mpe.rankone.product_plan`) comes as a
+        :class:`~numpyro_mpe.rankone.RankOneBlock` a_i ⊗ g_i, g_i the derivative at a zero probe added to
+        that product; the others as (c, K, size) arrays.  One reverse pass per row gives both.
+        Differentiating with respect to the arrays, not the flat θ, spares XLA the concatenation of every
+        row's cotangents (95 ms of a 430 ms chunk of a P = 10⁵ MLP)."""
+        leaves, tree = jax.tree_util.tree_flatten(self.adapter.unravel(theta))
+        f = self._row_fn(active, tree)
+        plan = rankone.product_plan(f, [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves],
+                                    [jax.ShapeDtypeStruct(r.shape[1:], r.dtype) for r in rows])
+        products = plan.weights
+        others = [j for j in range(len(leaves)) if j not in products]
 
         def one(row):
-            jac, (eta, aux) = jax.jacrev(lambda z: f(ravel_pytree(z)[0], row), has_aux=True)(sites)
-            return eta, aux, jac
+            def g(probes, other_leaves):
+                full = list(leaves)
+                for j, x in zip(others, other_leaves):
+                    full[j] = x
+                (eta_a, (eta, aux)), inputs = rankone.evaluate(plan, full, row, probes)
+                return eta_a, (eta, aux, inputs)
 
-        eta, aux, jac = jax.vmap(one)(rows)
-        return eta, aux, [jnp.reshape(x, x.shape[:2] + (-1,)) for x in jax.tree_util.tree_leaves(jac)]
+            probes = {j: jnp.zeros(rankone.product_shape(plan, j), theta.dtype) for j in products}
+            (d_probe, d_other), (eta, aux, inputs) = jax.jacrev(g, argnums=(0, 1), has_aux=True)(
+                probes, [leaves[j] for j in others])
+            return eta, aux, d_probe, d_other, inputs
+
+        eta, aux, d_probe, d_other, inputs = jax.vmap(one)(rows)
+        blocks, rest = [], iter(d_other)
+        for j in range(len(leaves)):
+            if j in products:
+                w = products[j]
+                g = jnp.reshape(d_probe[j], d_probe[j].shape[:2] + (w.num_out,))
+                blocks.append(rankone.RankOneBlock(inputs[j], g, w.shape, w.perm))
+            else:
+                x = next(rest)
+                blocks.append(jnp.reshape(x, x.shape[:2] + (-1,)))
+        return eta, aux, blocks
 
     def chunk_data(self, theta, j) -> dict:
         """The stored arrays of chunk ``j`` (rows or the full-model η, J), with y and weights."""
@@ -466,7 +496,8 @@ class StreamingSite:
         and Λ from the Taylor coefficients of w·log p (:func:`numpyro_mpe.quadrature.log_lik_series`),
         which the expansion tier of the integrals needs anyway, instead of a separate differentiation."""
         eta, aux, blocks, cov = self._terms(theta, data, active, post)
-        jac = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=-1)
+        jac = (rankone.dense(blocks[0]) if len(blocks) == 1
+               else jnp.concatenate([rankone.dense(b) for b in blocks], axis=-1))  # dropped where unused
         coeffs = None
         if series:
             coeffs = log_lik_series(self.site.predictor.log_lik, int(active[0]), eta, data["y"], aux,
@@ -534,20 +565,22 @@ class StreamingSite:
                     lam_jac = jnp.sum(lam[..., None] * jac[:, :, None, :, :], axis=3)  # Λ_i J_i, (d, c, K, P)
                     return val, jnp.einsum("dckp,dck->dp", jac, e), jnp.einsum("dckp,dckq->dpq", jac, lam_jac)
                 # per block of columns (per latent site where J was formed so): no (c, K, P) array
-                blocks = [self._per_device(b) for b in tm.blocks]
-                grad = jnp.concatenate([jnp.einsum("dckp,dck->dp", b, e) for b in blocks], axis=-1)
-                k = lam.shape[-1]
-                if structure == "diag":  # Σ_i Σ_kl Λ_i,kl J_i,kp J_i,lp: products of rows weighted over i (a
-                    # matrix-vector product; as a reduction over the rows XLA on CPU took ~50× longer)
-                    curv = jnp.concatenate([
-                        sum(jnp.einsum("dcp,dc->dp", b[:, :, a, :] * b[:, :, a2, :], lam[:, :, a, a2])
-                            for a in range(k) for a2 in range(k)) for b in blocks], axis=-1)
-                else:
-                    lam_jac = [jnp.sum(lam[..., None] * b[:, :, None, :, :], axis=3) for b in blocks]
-                    ends = np.cumsum([b.shape[-1] for b in blocks])
-                    jac_probe = sum(jnp.einsum("dckp,pr->dckr", b, probe[e_ - b.shape[-1]:e_])
-                                    for b, e_ in zip(blocks, ends))
-                    curv = jnp.concatenate([jnp.einsum("dckp,dckr->dpr", lb, jac_probe) for lb in lam_jac], 1)
+                blocks = [b.map_rows(self._per_device) if isinstance(b, rankone.RankOneBlock)
+                          else self._per_device(b) for b in tm.blocks]
+                ends = np.cumsum([rankone.block_size(b) for b in blocks])
+                starts = ends - [rankone.block_size(b) for b in blocks]
+
+                def sums(blocks, e, lam):  # one device's rows
+                    grad = jnp.concatenate([rankone.block_gradient(b, e) for b in blocks])
+                    if structure == "diag":  # Σ_i diag(J_iᵀ Λ_i J_i)
+                        return grad, jnp.concatenate([rankone.block_curvature_diag(b, lam) for b in blocks])
+                    # Σ_i J_iᵀ Λ_i J_i M for M = probe (P, r): a projection, then a transposed product
+                    jac_probe = sum(rankone.block_project(b, probe[lo:hi])
+                                    for b, lo, hi in zip(blocks, starts, ends))
+                    lam_probe = jnp.einsum("ckl,clr->ckr", lam, jac_probe)
+                    return grad, jnp.concatenate([rankone.block_gradient(b, lam_probe) for b in blocks])
+
+                grad, curv = jax.vmap(sums)(blocks, e, lam)
                 return val, grad, curv
             self._fns[key] = jax.jit(fn)
         fn = self._fns[key]
