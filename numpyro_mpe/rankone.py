@@ -274,8 +274,8 @@ def product_plan(fn, leaves: list, row: list) -> ProductPlan:
 
 
 def evaluate(plan: ProductPlan, leaves: list, row: list, probes: dict):
-    """``fn(leaves, row)`` from the plan's jaxpr with ``probes[leaf]`` (the shape of that weight's product)
-    added to each product's output; returns the outputs (``fn``'s structure) and each weight's input,
+    """``fn(leaves, row)`` from the plan's jaxpr with ``probes[leaf]`` (:func:`zero_probe`) added to the
+    output of that weight's product; returns the outputs (``fn``'s structure) and each weight's input,
     flattened to (C,) in the order of its contracted axes."""
     eqn_probes = {plan.weights[j].eqn: p for j, p in probes.items()}
     pos = {w.eqn: w.pos for w in plan.weights.values()}
@@ -288,6 +288,7 @@ def evaluate(plan: ProductPlan, leaves: list, row: list, probes: dict):
     return jax.tree_util.tree_unflatten(plan.out_tree, outs), flat_inputs
 
 
-def product_shape(plan: ProductPlan, leaf: int) -> tuple:
-    """The shape of the product in which latent array ``leaf`` enters (the probe's shape)."""
-    return tuple(plan.jaxpr.eqns[plan.weights[leaf].eqn].outvars[0].aval.shape)
+def zero_probe(plan: ProductPlan, leaf: int):
+    """Zeros of the shape and dtype of the product in which latent array ``leaf`` enters (the probe)."""
+    aval = plan.jaxpr.eqns[plan.weights[leaf].eqn].outvars[0].aval
+    return jnp.zeros(aval.shape, aval.dtype)

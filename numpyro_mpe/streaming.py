@@ -461,7 +461,7 @@ class StreamingSite:
                 (eta_a, (eta, aux)), inputs = rankone.evaluate(plan, full, row, probes)
                 return eta_a, (eta, aux, inputs)
 
-            probes = {j: jnp.zeros(rankone.product_shape(plan, j), theta.dtype) for j in products}
+            probes = {j: rankone.zero_probe(plan, j) for j in products}
             (d_probe, d_other), (eta, aux, inputs) = jax.jacrev(g, argnums=(0, 1), has_aux=True)(
                 probes, [leaves[j] for j in others])
             return eta, aux, d_probe, d_other, inputs
