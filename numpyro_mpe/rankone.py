@@ -41,9 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import ClosedJaxpr, Literal
 
-#: call primitives whose body is inlined before the jaxpr is searched (a product inside a jitted helper
-#: still counts)
-_CALLS = ("jit", "pjit", "closed_call", "core_call")
+#: call primitives (with a ``jaxpr`` parameter) whose body is inlined before the jaxpr is searched: a
+#: product inside a jitted helper (``jnp.einsum`` included) still counts
+_CALLS = ("jit", "pjit")
 
 
 class ProductWeight(NamedTuple):
