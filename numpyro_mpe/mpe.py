@@ -280,8 +280,7 @@ def cavity_k(e, lam, b_w=None, v=None):
         v_cav = v / denom
     else:  # V = RRᵀ, M = I − RᵀΛR: (I − ΛV)⁻¹ = I + ΛRM⁻¹Rᵀ and V₋ = RM⁻¹Rᵀ, with M⁻¹ from eigh
         # (rowlinalg: mapped over rows, no batched LAPACK call, which can deadlock XLA's CPU pool)
-        d, u = rowlinalg.eigh(0.5 * (v + v.T))
-        r = u * jnp.sqrt(jnp.clip(d, 0.0, None))
+        r = rowlinalg.psd_root(0.5 * (v + v.T))
         g = r.T @ lam @ r
         tau, q = rowlinalg.eigh(0.5 * (g + g.T))
         leverage = tau[-1]

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
-from .rankone import RankOneBlock, block_project
+from .rankone import RankOneBlock, block_project, join
 from .rankone import dense as dense_block
 
 
@@ -75,7 +75,7 @@ class GaussianPosterior(NamedTuple):
         """B_i = J_i L⁻ᵀ and V_i = B_i B_iᵀ = J_i S⁻¹ J_iᵀ for rows J_i given as column blocks
         (c, K, n_b) (``split`` cuts a θ-sized leading axis into the same blocks): a dense L mixes every
         column, so the blocks are joined and B comes back as one block."""
-        jac = jnp.concatenate([dense_block(b) for b in blocks], axis=-1)
+        jac = join(blocks)
         c, k, p = jac.shape
         b = jnp.reshape(self.whiten(jnp.reshape(jac, (c * k, p)).T).T, (c, k, p))  # L⁻¹ J_iᵀ = B_iᵀ
         return [b], row_gram(b)

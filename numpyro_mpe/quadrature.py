@@ -345,8 +345,4 @@ def psd_sqrt(cov):
     jitter = 1e-13 * jnp.trace(sym) / k + jnp.finfo(cov.dtype).tiny
     chol = rowlinalg.cholesky(sym + jitter * jnp.eye(k, dtype=cov.dtype))
 
-    def by_eigh(_):
-        vals, vecs = rowlinalg.eigh(sym)
-        return vecs * jnp.sqrt(jnp.clip(vals, 0.0, None))
-
-    return jax.lax.cond(jnp.all(jnp.isfinite(chol)), lambda _: chol, by_eigh, None)
+    return jax.lax.cond(jnp.all(jnp.isfinite(chol)), lambda _: chol, lambda _: rowlinalg.psd_root(sym), None)

@@ -47,11 +47,10 @@ _CALLS = ("jit", "pjit")
 
 
 class ProductWeight(NamedTuple):
-    """Where latent array ``leaf`` enters: the ``eqn``-th equation (a ``dot_general``), as operand
-    ``pos``; ``input_perm`` orders the other operand's axes as (contracted, paired with W's; the rest, of
-    size 1), ``perm`` orders W's axes as (contracted; free)."""
+    """Where a latent array (its key in :attr:`ProductPlan.weights`) enters: the ``eqn``-th equation (a
+    ``dot_general``), as operand ``pos``; ``input_perm`` orders the other operand's axes as (contracted,
+    paired with W's; the rest, of size 1), ``perm`` orders W's axes as (contracted; free)."""
 
-    leaf: int
     eqn: int
     pos: int
     input_perm: tuple
@@ -144,6 +143,11 @@ class RankOneBlock:
 def dense(block):
     """A Jacobian block as a (c, K, n) array (rank-one blocks expanded)."""
     return block.dense() if isinstance(block, RankOneBlock) else block
+
+
+def join(blocks: list):
+    """Column blocks (c, K, n_b), rank-one ones expanded, joined into one (c, K, Σ n_b) array."""
+    return jnp.concatenate([dense(b) for b in blocks], axis=-1)
 
 
 def block_size(block) -> int:
@@ -267,7 +271,7 @@ def product_plan(fn, leaves: list, row: list) -> ProductPlan:
             w_free = tuple(d for d in range(len(w.aval.shape)) if d not in wc)
             shape = tuple(w.aval.shape)
             weights[leaf_of[w]] = ProductWeight(
-                leaf_of[w], i, pos, ac + a_free, wc + w_free, shape,
+                i, pos, ac + a_free, wc + w_free, shape,
                 int(np.prod([shape[d] for d in wc], dtype=int)),
                 int(np.prod([shape[d] for d in w_free], dtype=int)))
     return ProductPlan(jaxpr, list(closed.consts), live, weights, jax.tree_util.tree_structure(shapes))

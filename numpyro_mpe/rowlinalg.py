@@ -1,4 +1,5 @@
-"""Linear algebra of one small matrix that is safe to map over rows: Cholesky and symmetric eigh.
+"""Linear algebra of one small matrix that is safe to map over rows: Cholesky, symmetric eigh and the
+PSD square root from it.
 
 The per-observation maths is written for one observation and mapped over rows, so a ``jnp.linalg``
 factorization inside it becomes one batched LAPACK call per chunk.  jaxlib 0.10 splits such a call over
@@ -52,6 +53,21 @@ def _eigh2(a):
     v0, v1 = jnp.stack([c, -s]), jnp.stack([s, c])
     vecs = jnp.stack([jnp.where(swap, v1, v0), jnp.where(swap, v0, v1)], axis=1)
     return w, vecs
+
+
+def psd_root(a):
+    """R = U·√max(D, 0) from ``eigh`` of a symmetric ``a`` = U D Uᵀ: R Rᵀ = a where ``a`` is PSD (its
+    negative eigenvalues, round-off, clipped), singular allowed.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> r = psd_root(jnp.array([[2.0, 1.0], [1.0, 2.0]]))
+    >>> [[round(float(x), 5) for x in row] for row in r @ r.T]
+    [[2.0, 1.0], [1.0, 2.0]]
+    """
+    vals, vecs = eigh(a)
+    return vecs * jnp.sqrt(jnp.clip(vals, 0.0, None))
 
 
 @jax.custom_batching.custom_vmap

@@ -506,8 +506,7 @@ class StreamingSite:
         and Λ from the Taylor coefficients of w·log p (:func:`numpyro_mpe.quadrature.log_lik_series`),
         which the expansion tier of the integrals needs anyway, instead of a separate differentiation."""
         eta, aux, blocks, cov = self._terms(theta, data, active, post)
-        jac = (rankone.dense(blocks[0]) if len(blocks) == 1
-               else jnp.concatenate([rankone.dense(b) for b in blocks], axis=-1))  # dropped where unused
+        jac = rankone.join(blocks)  # dropped where unused
         coeffs = None
         if series:
             coeffs = log_lik_series(self.site.predictor.log_lik, int(active[0]), eta, data["y"], aux,
@@ -577,8 +576,9 @@ class StreamingSite:
                 # per block of columns (per latent site where J was formed so): no (c, K, P) array
                 blocks = [b.map_rows(self._per_device) if isinstance(b, rankone.RankOneBlock)
                           else self._per_device(b) for b in tm.blocks]
-                ends = np.cumsum([rankone.block_size(b) for b in blocks])
-                starts = ends - [rankone.block_size(b) for b in blocks]
+                sizes = [rankone.block_size(b) for b in blocks]
+                ends = np.cumsum(sizes)
+                starts = ends - sizes
 
                 def sums(blocks, e, lam):  # one device's rows
                     grad = jnp.concatenate([rankone.block_gradient(b, e) for b in blocks])
