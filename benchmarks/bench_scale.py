@@ -136,9 +136,9 @@ class Profiler:
         setattr(owner, attr, classmethod(timed) if classmethod_ else timed)
 
     def install(self):
-        from numpyro_mpe import model as model_mod
-        from numpyro_mpe import streaming
+        from numpyro_mpe.engine import streaming
         from numpyro_mpe.inference import laplace, streamed_map
+        from numpyro_mpe.model.adapter import adapter as model_mod
 
         self.wrap(model_mod.ModelAdapter, "build", "ModelAdapter.build", classmethod_=True)
         self.wrap(model_mod, "_initial_point", "  _initial_point (init_to_median, jitted)")
@@ -210,7 +210,7 @@ def grad_timing(jax, adapter, theta, reps: int = 5) -> dict:
 def phase_glm(a) -> dict:
     jax = setup_jax()
     import numpyro_mpe as mpe
-    from numpyro_mpe.posterior import DiagGaussianPosterior
+    from numpyro_mpe.gaussian import DiagGaussianPosterior
 
     X, y = make_glm_data(a.n, a.seed)
     clock = CompileClock()
@@ -707,7 +707,8 @@ def render(meta: dict, rows: list[dict], mlp_rows: list[dict]) -> str:
         "",
         "Times are wall seconds of first calls as a user meets them (JIT compilation included, its share "
         "given); *warm* = the compiled per-chunk function run again, each call after the previous result is "
-        "released (the engine then writes into that result's memory, see `numpyro_mpe.assembly.HostPool`; "
+        "released (the engine then writes into that result's memory, see "
+        "`numpyro_mpe.engine.assembly.HostPool`; "
         "*pool emptied*: each call writes into memory the allocator hands out anew, much of it just freed). "
         "The first warm pass, into memory the process has not used before, is the first of the three in the "
         "JSON (`pass_warm_all_s`). The peer's draws are S draws from "

@@ -34,7 +34,7 @@ from sklearn.datasets import load_breast_cancer  # noqa: E402
 from sklearn.preprocessing import PolynomialFeatures  # noqa: E402
 
 import numpyro_mpe as mpe  # noqa: E402
-from numpyro_mpe.plots import _style  # noqa: E402
+from numpyro_mpe.io.plots import _style  # noqa: E402
 
 numpyro.enable_x64()
 PRIOR_SCALE = 2.0

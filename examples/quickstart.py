@@ -7,7 +7,7 @@ import numpyro.distributions as dist
 from numpyro.infer import MCMC, NUTS
 
 import numpyro_mpe as mpe
-from numpyro_mpe.datasets import load_stackloss
+from numpyro_mpe.io.datasets import load_stackloss
 
 numpyro.enable_x64()          # accuracy; float32 works too (see below)
 

@@ -11,26 +11,26 @@ from __future__ import annotations
 
 import importlib
 
-from .errors import ModelError, MPEError, PosteriorError
+from numpyro_mpe.errors import ModelError, MPEError, PosteriorError
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "Fit": ".fit",
-    "GaussianPosterior": ".posterior",
+    "GaussianPosterior": ".gaussian",
     "Laplace": ".inference",
     "NGVI": ".inference",
     "exact_loo_ngvi": ".inference",
-    "tune_prior": ".tuning",
+    "tune_prior": ".loo.tuning",
     "SVI": ".inference",
     "from_svi": ".inference",
     "ModelAdapter": ".model",
-    "compare_psis": ".compare",
-    "format_summary": ".compare",
-    "exact_loo": ".exact",
-    "exact_group_loo": ".exact",
-    "importance_loo": ".importance",
-    "parameter_shift": ".influence",
+    "compare_psis": ".loo.compare",
+    "format_summary": ".loo.compare",
+    "exact_loo": ".loo.exact",
+    "exact_group_loo": ".loo.exact",
+    "importance_loo": ".loo.importance",
+    "parameter_shift": ".loo.influence",
 }
 
 __all__ = ["MPEError", "ModelError", "PosteriorError", "__version__", *_LAZY]

@@ -9,12 +9,12 @@ import jax
 import numpy as np
 import xarray as xr
 
-from .errors import MPEError, check_chunk_size, check_options
-from .model import ModelAdapter
-from .mpe import Memories, PredictorState, SiteMPE, predictor_state, site_mpe
-from .mpe import memories as mpe_memories
-from .posterior import GaussianPosterior
-from .streaming import CURVATURES, StreamingSite
+from numpyro_mpe.engine.mpe import Memories, PredictorState, SiteMPE, predictor_state, site_mpe
+from numpyro_mpe.engine.mpe import memories as mpe_memories
+from numpyro_mpe.engine.streaming import CURVATURES, StreamingSite
+from numpyro_mpe.errors import MPEError, check_chunk_size, check_options
+from numpyro_mpe.gaussian import GaussianPosterior
+from numpyro_mpe.model.adapter import ModelAdapter
 
 #: Per-observation outputs of :meth:`Fit.sensitivities` (the public contract).
 OUTPUTS = ("lpd", "elpd_loo", "p_loo", "sensitivity", "leverage")
@@ -167,7 +167,7 @@ class Fit:
             Observed site; required when the model has several (as in ``arviz.loo``).
         groups : str or array, optional
             Leave-group-out instead of leave-one-out: the name of an observation dim (plate) or labels
-            aligned with the observations; see :func:`numpyro_mpe.groups.group_dataset`.
+            aligned with the observations; see :func:`numpyro_mpe.loo.groups.group_dataset`.
 
         Examples
         --------
@@ -175,7 +175,7 @@ class Fit:
         >>> ds.sensitivity.argmax()  # doctest: +SKIP
         """
         if groups is not None:
-            from .groups import group_dataset
+            from numpyro_mpe.loo.groups import group_dataset
 
             return group_dataset(self, groups, var_name)
         site = self.adapter.observed_site(var_name)
@@ -214,9 +214,9 @@ class Fit:
         importance sampling (:meth:`importance_loo`), whose Pareto k̂ then stands in ``pareto_k``.
         ``groups`` gives leave-group-out (one pointwise value per group).  Further ``options``
         (``num_samples``, ``rng_key``, ``df`` for a Student-t MPE-IS proposal) go to
-        :func:`numpyro_mpe.arviz.elpd_data`.
+        :func:`numpyro_mpe.io.export.elpd_data`.
         """
-        from .arviz import elpd_data
+        from numpyro_mpe.io.export import elpd_data
 
         return elpd_data(self, var_name, method=method, groups=groups, **options)
 
@@ -224,11 +224,11 @@ class Fit:
                        var_name: str | None = None, **options) -> xr.Dataset:
         """MPE importance-sampling LOO (``elpd_loo``, ``pareto_k``, ``ess``) for ``indices``.
 
-        See :func:`numpyro_mpe.importance.importance_loo` (``options``: ``df`` for a Student-t proposal,
+        See :func:`numpyro_mpe.loo.importance.importance_loo` (``options``: ``df`` for a Student-t proposal,
         ``psis`` to flag by a PSIS result, ``clip``); ``indices="flagged"`` takes the observations with
         leverage > 0.5 or an invalid cavity.
         """
-        from .importance import importance_loo
+        from numpyro_mpe.loo.importance import importance_loo
 
         return importance_loo(self, indices, num_samples=num_samples, rng_key=rng_key, var_name=var_name,
                               **options)
@@ -236,8 +236,8 @@ class Fit:
     def parameter_shift(self, var_names=None, var_name: str | None = None,
                         chunk_size: int | None = None) -> xr.Dataset:
         """MPE shift of each latent site's posterior mean (constrained space, in posterior sd units)
-        for every observation of ``var_name``; see :func:`numpyro_mpe.influence.parameter_shift`."""
-        from .influence import parameter_shift
+        for every observation of ``var_name``; see :func:`numpyro_mpe.loo.influence.parameter_shift`."""
+        from numpyro_mpe.loo.influence import parameter_shift
 
         return parameter_shift(self, var_names=var_names, var_name=var_name, chunk_size=chunk_size)
 
@@ -246,6 +246,6 @@ class Fit:
 
         Returns ``arviz.InferenceData`` on arviz 0.x and ``xarray.DataTree`` on arviz ≥ 1.
         """
-        from .arviz import to_inference_data
+        from numpyro_mpe.io.export import to_inference_data
 
         return to_inference_data(self, num_samples=num_samples, rng_key=rng_key)

@@ -18,7 +18,7 @@ import xarray as xr
 from numpyro.infer import MCMC, NUTS
 
 import numpyro_mpe as mpe
-from numpyro_mpe.arviz import ARVIZ_1, elpd_data, pointwise_elpd, read_sensitivities
+from numpyro_mpe.io.export import ARVIZ_1, elpd_data, pointwise_elpd, read_sensitivities
 
 numpyro.enable_x64()
 

@@ -9,7 +9,7 @@ import pytest
 import xarray as xr
 
 from numpyro_mpe import __version__
-from numpyro_mpe.cli import build_parser, main
+from numpyro_mpe.io.cli import build_parser, main
 
 DEMO_OPTIONS = ["--out", "--draws", "--chains", "--warmup", "--seed", "--no-nuts", "--top", "--quiet"]
 PNGS = ["sensitivity.png", "elpd_mpe_vs_psis.png", "leverage_vs_k.png"]

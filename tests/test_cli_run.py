@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from numpyro_mpe.cli import CLIError, build_parser, load_user_model, main
+from numpyro_mpe.io.cli import CLIError, build_parser, load_user_model, main
 
 pytestmark = pytest.mark.arviz  # the commands run the installed arviz's PSIS-LOO and netCDF export
 
@@ -184,7 +184,7 @@ def test_error_bad_options(tmp_path):
     notdir.write_text("x")
     # the out folder is checked before any fitting
     with pytest.raises(CLIError, match="not a directory"):
-        from numpyro_mpe.cli import _run_folder
+        from numpyro_mpe.io.cli import _run_folder
 
         _run_folder(None, (), {}, build_parser().parse_args(["run", str(MODEL), "--data", str(DATA),
                                                              "--out", str(notdir)]), nuts=False)

@@ -16,7 +16,7 @@ from scipy.special import logsumexp
 from scipy.stats import spearmanr
 
 import numpyro_mpe as mpe
-from numpyro_mpe.arviz import ARVIZ_1, _container, pointwise_elpd
+from numpyro_mpe.io.export import ARVIZ_1, _container, pointwise_elpd
 
 numpyro.enable_x64()
 

@@ -26,8 +26,8 @@ from scipy.special import logsumexp
 from scipy.stats import halfnorm, norm
 
 import numpyro_mpe as mpe
-from numpyro_mpe.arviz import _container, pointwise_elpd
-from numpyro_mpe.datasets import STACKLOSS_PREDICTORS, load_stackloss, stackloss_model
+from numpyro_mpe.io.datasets import STACKLOSS_PREDICTORS, load_stackloss, stackloss_model
+from numpyro_mpe.io.export import _container, pointwise_elpd
 
 pytestmark = pytest.mark.arviz  # az.loo, ELPDData
 
@@ -109,7 +109,7 @@ def test_loo_mpe_is_elpd_data(linear):
 
 def test_mpe_is_warns_on_high_khat(linear, monkeypatch):
     fit, _ = linear
-    import numpyro_mpe.importance as imp
+    import numpyro_mpe.loo.importance as imp
 
     def fake(fit, indices, **kw):
         idx = np.asarray(indices)

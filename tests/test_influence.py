@@ -25,9 +25,9 @@ from numpyro.infer import MCMC, NUTS
 from scipy.stats import spearmanr
 
 import numpyro_mpe as mpe
-from numpyro_mpe.arviz import ARVIZ_1
 from numpyro_mpe.errors import ModelError
-from numpyro_mpe.influence import parameter_shift
+from numpyro_mpe.io.export import ARVIZ_1
+from numpyro_mpe.loo.influence import parameter_shift
 
 numpyro.enable_x64()
 

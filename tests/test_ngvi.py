@@ -13,7 +13,7 @@ from scipy.stats import norm, spearmanr
 
 import numpyro_mpe as mpe
 from numpyro_mpe.errors import PosteriorError
-from numpyro_mpe.training import CheckpointMPE, fit_from_state
+from numpyro_mpe.inference.training import CheckpointMPE, fit_from_state
 
 SIGMA, TAU = 0.7, 2.0
 
@@ -138,7 +138,7 @@ def test_fig1b_miniature_loo_tracks_heldout():
     last = h.iloc[-1]
     assert abs(last.loo_nll - last.heldout_nll) < abs(last.train_nll - last.heldout_nll)
 
-    from numpyro_mpe.plots import plot_training
+    from numpyro_mpe.io.plots import plot_training
 
     ax = plot_training(h)
     assert ax.get_xlabel() == "step"

@@ -1,4 +1,4 @@
-"""The figures of numpyro_mpe.plots draw what they claim: data points, y = x, thresholds, labels."""
+"""The figures of numpyro_mpe.io.plots draw what they claim: data points, y = x, thresholds, labels."""
 
 import matplotlib
 
@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 import xarray as xr  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 
-from numpyro_mpe.plots import plot_elpd_comparison, plot_leverage_vs_k, plot_sensitivity  # noqa: E402
+from numpyro_mpe.io.plots import plot_elpd_comparison, plot_leverage_vs_k, plot_sensitivity  # noqa: E402
 
 N = 12
 

@@ -1,4 +1,5 @@
-"""Per-block rules (numpyro_mpe.quadrature.expected_log_lik_block: the Taylor expansion, then Gauss–Hermite
+"""Per-block rules (numpyro_mpe.engine.quadrature.expected_log_lik_block: the Taylor expansion, then
+Gauss–Hermite
 tiers) and streamed shifts.
 
 Independent truths: the closed form E_{η~N(m, v)} N(y; η, σ²) = N(y; m, σ² + v); derivatives by repeated
@@ -17,16 +18,16 @@ import numpyro.distributions as dist
 from jax.scipy.stats import norm
 
 import numpyro_mpe as mpe
-import numpyro_mpe.quadrature as quadrature
-import numpyro_mpe.streaming as streaming
-from numpyro_mpe.quadrature import (
+import numpyro_mpe.engine.quadrature as quadrature
+import numpyro_mpe.engine.streaming as streaming
+from numpyro_mpe.engine.quadrature import (
     GAUSS_HERMITE_TIERS,
     expected_log_lik_block,
     expected_log_lik_taylor,
     gauss_hermite,
     log_lik_series,
 )
-from numpyro_mpe.streaming import row_plan
+from numpyro_mpe.engine.streaming import row_plan
 
 KEY = jax.random.PRNGKey(0)
 

@@ -1,4 +1,4 @@
-"""Rank-one Jacobian blocks of weights used once in a product (:mod:`numpyro_mpe.rankone`).
+"""Rank-one Jacobian blocks of weights used once in a product (:mod:`numpyro_mpe.model.rankone`).
 
 Independent truths: the per-row Jacobian from ``jax.jacrev`` of the same function, and the engine's dense
 per-site path (the same sums from (c, K, |W|) Jacobian blocks) on the same model and data.
@@ -13,10 +13,10 @@ import numpyro
 import numpyro.distributions as dist
 import pytest
 
-from numpyro_mpe import rankone
-from numpyro_mpe.model import ModelAdapter
-from numpyro_mpe.posterior import DiagGaussianPosterior, LowRankGaussianPosterior
-from numpyro_mpe.streaming import StreamingSite
+from numpyro_mpe.engine.streaming import StreamingSite
+from numpyro_mpe.gaussian import DiagGaussianPosterior, LowRankGaussianPosterior
+from numpyro_mpe.model import rankone
+from numpyro_mpe.model.adapter import ModelAdapter
 
 numpyro.enable_x64()
 KEY = jax.random.PRNGKey(0)

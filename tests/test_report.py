@@ -23,9 +23,9 @@ import xarray as xr  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 
 import numpyro_mpe as mpe  # noqa: E402
-from numpyro_mpe.datasets import STACKLOSS_PREDICTORS, load_stackloss, stackloss_model  # noqa: E402
-from numpyro_mpe.plots import plot_groups, plot_training  # noqa: E402
-from numpyro_mpe.report import posterior_summary, write_report  # noqa: E402
+from numpyro_mpe.io.datasets import STACKLOSS_PREDICTORS, load_stackloss, stackloss_model  # noqa: E402
+from numpyro_mpe.io.plots import plot_groups, plot_training  # noqa: E402
+from numpyro_mpe.io.report import posterior_summary, write_report  # noqa: E402
 
 pytestmark = pytest.mark.arviz  # compare_psis runs the installed arviz's PSIS-LOO
 

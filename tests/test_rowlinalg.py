@@ -1,4 +1,5 @@
-"""numpyro_mpe.rowlinalg against NumPy's LAPACK: Cholesky and symmetric eigh of one small matrix, alone,
+"""numpyro_mpe.engine.rowlinalg against NumPy's LAPACK: Cholesky and symmetric eigh of one small matrix,
+alone,
 mapped over rows (the closed-form 2×2 and the one-matrix-at-a-time batching rules) and mapped twice."""
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from numpyro_mpe import rowlinalg
+from numpyro_mpe.engine import rowlinalg
 
 
 def symmetric(n, size=64, seed=0):

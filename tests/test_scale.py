@@ -1,7 +1,8 @@
 """Scale (issue #4): prediction-space (GGN) MPE, structured posteriors, streaming over chunks, sharding.
 
 Independent truths: the dense exact path (forward-over-forward Hessians of each ℓ_i and whitened P×P
-cavities, :func:`numpyro_mpe.mpe.exact_memories` + :func:`numpyro_mpe.mpe.site_mpe`), the full-model
+cavities, :func:`numpyro_mpe.engine.mpe.exact_memories` + :func:`numpyro_mpe.engine.mpe.site_mpe`), the
+full-model
 damped Newton, and the same computation on one device in another process.
 """
 
@@ -23,8 +24,8 @@ from jax.flatten_util import ravel_pytree
 from scipy.stats import spearmanr
 
 import numpyro_mpe as mpe
-from numpyro_mpe.mpe import exact_memories, site_mpe
-from numpyro_mpe.streaming import StreamingSite, row_plan
+from numpyro_mpe.engine.mpe import exact_memories, site_mpe
+from numpyro_mpe.engine.streaming import StreamingSite, row_plan
 
 KEY = jax.random.PRNGKey(0)
 OUTS = ("lpd", "elpd_loo", "p_loo", "sensitivity", "leverage", "prediction_shift", "prediction_var", "shift")
@@ -147,8 +148,8 @@ def test_assembly_on_host_equals_one_program_and_outlives_its_buffers():
     NumPy reference is gone."""
     import gc
 
-    from numpyro_mpe.assembly import _assemble
-    from numpyro_mpe.streaming import Layout
+    from numpyro_mpe.engine.assembly import _assemble
+    from numpyro_mpe.engine.streaming import Layout
 
     lay = Layout.build(10_003, 512)
     rng = np.random.default_rng(0)
@@ -169,8 +170,8 @@ def test_pooled_buffers_are_reused_only_once_released():
     (as a JAX array or as a NumPy view of one), and the pool keeps at most one assembly's bytes."""
     import gc
 
-    from numpyro_mpe.assembly import HostPool
-    from numpyro_mpe.streaming import Layout
+    from numpyro_mpe.engine.assembly import HostPool
+    from numpyro_mpe.engine.streaming import Layout
 
     if jax.devices()[0].platform != "cpu":
         pytest.skip("host buffers are used on CPU devices only")
@@ -487,7 +488,7 @@ def test_per_observation_pass_has_no_batched_lapack_factorization(case):
     """jaxlib 0.10 splits a batched LAPACK call (getrf, potrf, trsm, syevd) over XLA's CPU thread pool
     and blocks a pool thread until the parts finish: two of them in flight on a 2-thread pool wait for
     each other forever.  The per-row K×K algebra of the pass (cavity, PSD projection, quadrature square
-    roots) goes through :mod:`numpyro_mpe.rowlinalg` instead; the walker must see the batched call of a
+    roots) goes through :mod:`numpyro_mpe.engine.rowlinalg` instead; the walker must see the batched call of a
     vmapped ``jnp.linalg.solve`` and ``jnp.linalg.eigh``."""
     if case.startswith("softmax"):
         X, y = digits_features()

@@ -31,7 +31,7 @@ from scipy.stats import norm, spearmanr
 import numpyro_mpe as mpe
 from numpyro_mpe.errors import ModelError
 from numpyro_mpe.inference.svi import guide_extractor, svi_refit
-from numpyro_mpe.model import ModelAdapter
+from numpyro_mpe.model.adapter import ModelAdapter
 
 numpyro.enable_x64()
 KEY = jax.random.PRNGKey(0)

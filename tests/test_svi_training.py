@@ -1,7 +1,8 @@
 """Checkpoints of mpe.SVI (``every``, ``callback``, ``heldout``), as for mpe.NGVI.
 
 Truth: the MPE of the final guide's Gaussian recomputed independently — the guide's (mean, Σ⁻¹) taken from the
-fit's final parameters by :func:`guide_extractor`, made a Fit by :func:`numpyro_mpe.training.fit_from_state`
+fit's final parameters by :func:`guide_extractor`, made a Fit by
+:func:`numpyro_mpe.inference.training.fit_from_state`
 (memories through the predictor at the mean, as ``checkpoint_memories="mean"``), and its ``site_mpe``
 elpd_loo summed as the history does (N × mean over the valid observations).
 """
@@ -16,7 +17,7 @@ import pytest
 
 import numpyro_mpe as mpe
 from numpyro_mpe.inference.svi import guide_extractor
-from numpyro_mpe.training import Checkpoint, fit_from_state
+from numpyro_mpe.inference.training import Checkpoint, fit_from_state
 
 numpyro.enable_x64()
 

@@ -11,11 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.infer import init_to_median
 
-from ..errors import MPEError, PosteriorError, check_chunk_size, check_options
-from ..fit import Fit
-from ..model import ModelAdapter
-from ..posterior import DENSE_LIMIT, DiagGaussianPosterior, LowRankGaussianPosterior, from_precision
-from ..streaming import CURVATURES, StreamingSite, auto_chunk_size
+from numpyro_mpe.engine.streaming import CURVATURES, StreamingSite, auto_chunk_size
+from numpyro_mpe.errors import MPEError, PosteriorError, check_chunk_size, check_options
+from numpyro_mpe.fit import Fit
+from numpyro_mpe.gaussian import DENSE_LIMIT, DiagGaussianPosterior, LowRankGaussianPosterior, from_precision
+from numpyro_mpe.model.adapter import ModelAdapter
 
 
 class NewtonState(NamedTuple):
@@ -96,7 +96,7 @@ class Laplace:
     chunk_size : int, optional
         Observations per chunk in the per-observation MPE pass: 4096 on the dense path; where the fit
         streams, by default as many rows as keep a chunk's Jacobian within 16 MiB
-        (:func:`numpyro_mpe.streaming.auto_chunk_size`, 65536 for P = 20).
+        (:func:`numpyro_mpe.engine.streaming.auto_chunk_size`, 65536 for P = 20).
     num_samples : int, default 2000
         Monte Carlo draws where ``elpd_loo`` cannot be integrated by Gauss–Hermite.
     progress : bool, default True
@@ -227,7 +227,7 @@ class Laplace:
         return eng
 
     def _run_streamed(self, adapter: ModelAdapter, eng, gtol: float) -> Fit:
-        from .streamed_map import (
+        from numpyro_mpe.inference.streamed_map import (
             PriorPart,
             check_structured,
             chunked_lbfgs,
@@ -275,7 +275,7 @@ def eng_reason(adapter: ModelAdapter, curvature: str) -> str:
     site = adapter.observed[names[0]]
     if site.predictor is None:
         return f"site '{names[0]}' has no predictor ({site.no_predictor_reason})"
-    from ..streaming import row_plan
+    from numpyro_mpe.engine.streaming import row_plan
 
     plan, why = row_plan(adapter, names[0])
     if plan is None:

@@ -1,6 +1,7 @@
 """Natural-gradient Gaussian variational inference (variational online Newton) for NumPyro potentials.
 
-q(θ) = N(m, S⁻¹) over the flat unconstrained θ of :class:`~numpyro_mpe.model.ModelAdapter`, fitted by the
+q(θ) = N(m, S⁻¹) over the flat unconstrained θ of :class:`~numpyro_mpe.model.adapter.ModelAdapter`,
+fitted by the
 variational online Newton (VON) update of the Bayesian learning rule, in the parametrization of IVON
 (Shen et al., "Variational Learning is Effective for Large Deep Networks", ICML 2024).  With λ the effective
 sample size (by default N, the number of observations) the state is
@@ -46,10 +47,9 @@ from jax.scipy.linalg import cho_solve, solve_triangular
 from numpyro.infer import init_to_median
 from tqdm.auto import tqdm
 
-from ..errors import PosteriorError, check_chunk_size, check_options
-from ..fit import Fit
-from ..model import ModelAdapter
-from ..training import (
+from numpyro_mpe.errors import PosteriorError, check_chunk_size, check_options
+from numpyro_mpe.fit import Fit
+from numpyro_mpe.inference.training import (
     CheckpointMPE,
     _heldout_adapter,
     fit_from_state,
@@ -57,6 +57,7 @@ from ..training import (
     memories_hook,
     posterior_from_state,
 )
+from numpyro_mpe.model.adapter import ModelAdapter
 
 
 class NGVIState(NamedTuple):
@@ -225,7 +226,7 @@ class NGVI:
     (``fit.sensitivities()``, ``fit.loo()``, exports, comparisons) is available.  With ``every=k`` (or a
     ``callback``) the MPE outputs and the MPE leave-one-out estimate are computed from the optimizer's state
     every k steps — in the cavity form and in the first-order "prediction error × prediction variance" form
-    (:mod:`numpyro_mpe.training`) — and kept in ``fit.info["history"]``.
+    (:mod:`numpyro_mpe.inference.training`) — and kept in ``fit.info["history"]``.
 
     Parameters
     ----------
@@ -261,7 +262,8 @@ class NGVI:
     lr_schedule : callable, optional
         A schedule ``step -> lr``; an alternative to passing a callable ``lr`` (give one of them).
     callback : callable, optional
-        ``callback(checkpoint)`` at every checkpoint with a :class:`numpyro_mpe.training.Checkpoint` (step,
+        ``callback(checkpoint)`` at every checkpoint with a
+        :class:`numpyro_mpe.inference.training.Checkpoint` (step,
         per-observation outputs, history record, and a Fit from the state); returning ``True`` stops
         training.
     every : int, optional
@@ -275,14 +277,16 @@ class NGVI:
         of observations); ``clip_radius`` (elementwise bound on h⁻¹ḡ, default none); ``init_strategy``
         (default ``init_to_median``; use ``init_to_uniform`` or ``init_to_sample`` for neural networks);
         ``memories`` (``"mc"``, ``"delta"``, ``"ggn"``: how the final Fit computes its memories, see
-        :func:`numpyro_mpe.training.memories_hook`; default ``"mc"`` where :mod:`numpyro_mpe.variational`
+        :func:`numpyro_mpe.inference.training.memories_hook`; default ``"mc"`` where
+        :mod:`numpyro_mpe.inference.variational`
         exists, else ``"delta"``); ``memory_samples`` (256); ``checkpoint_samples`` (draws from q for the
         NLLs at checkpoints, 100); ``checkpoint_memories`` (``"q"``, the default, or ``"mean"``: see
-        :class:`numpyro_mpe.training.CheckpointMPE`); ``refit_steps`` (steps of :meth:`refit`, default
+        :class:`numpyro_mpe.inference.training.CheckpointMPE`); ``refit_steps`` (steps of :meth:`refit`,
+        default
         max(100, num_steps // 5)); ``on_divergence`` (``"warn"``, the default, or ``"raise"``);
         ``precision_from`` (``"optimizer"``, the default: S = λh of the final state; or ``"memories"``:
         S = E_q[∇²U] from the same draws as the memories, which then add up to S to round-off, see
-        :func:`numpyro_mpe.variational.variational_posterior`); ``progress`` (bool); ``chunk_size``,
+        :func:`numpyro_mpe.inference.variational.variational_posterior`); ``progress`` (bool); ``chunk_size``,
         ``num_samples`` (of the Fit's MPE pass).
 
     Notes
@@ -431,7 +435,7 @@ class NGVI:
         diagonal = self.precision == "diag"
         prec = self._precision(engine, state)
         if self.precision_from == "memories" and not refit:
-            from ..variational import variational_posterior
+            from numpyro_mpe.inference.variational import variational_posterior
 
             q = posterior_override or posterior_from_state(state.mean, prec)
             kind = self.memories or "mc"
@@ -662,7 +666,7 @@ def exact_loo_ngvi(fit: Fit, indices: int | Sequence[int] | np.ndarray | None, v
     >>> ex = mpe.exact_loo_ngvi(fit, range(30))  # doctest: +SKIP
     >>> scipy.stats.spearmanr(ex.sensitivity, fit.sensitivities().sensitivity[:30])  # doctest: +SKIP
     """
-    from ..exact import _flat_indices, refit_dataset
+    from numpyro_mpe.loo.exact import _flat_indices, refit_dataset
 
     refit = fit.refit_fn
     if not isinstance(refit, NGVIRefit):

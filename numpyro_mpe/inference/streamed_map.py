@@ -1,7 +1,8 @@
 """The MAP and the precision of a Laplace fit from sums over chunks of observations.
 
-U(θ) = R(θ) + Σ_i w_i ℓ_i(θ) with R the prior part (:func:`numpyro_mpe.streaming.prior_potential`); its
-gradient and curvature are sums of per-chunk terms of :class:`numpyro_mpe.streaming.StreamingSite`, so no
+U(θ) = R(θ) + Σ_i w_i ℓ_i(θ) with R the prior part (:func:`numpyro_mpe.engine.streaming.prior_potential`); its
+gradient and curvature are sums of per-chunk terms of
+:class:`numpyro_mpe.engine.streaming.StreamingSite`, so no
 pass holds more than one chunk's Jacobian (``chunk·K·P``) besides P×P (or P) sums.
 
 * :func:`chunked_newton`: damped Newton (Levenberg) on those sums: exact curvature where the predictor is
@@ -21,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..errors import PosteriorError
-from ..posterior import DiagGaussianPosterior, LowRankGaussianPosterior, from_precision
-from ..streaming import StreamingSite, prior_potential
+from numpyro_mpe.engine.streaming import StreamingSite, prior_potential
+from numpyro_mpe.errors import PosteriorError
+from numpyro_mpe.gaussian import DiagGaussianPosterior, LowRankGaussianPosterior, from_precision
 
 
 class MapResult(NamedTuple):

@@ -4,11 +4,13 @@
 ``AutoLowRankMultivariateNormal`` (``"lowrank"``) by maximizing the ELBO (``Trace_ELBO``); :func:`from_svi`
 takes a user's finished NumPyro SVI run with one of those guides, ``AutoDiagonalNormal`` or
 ``AutoLaplaceApproximation``.  Either way the guide's Gaussian q = N(m, Σ) in unconstrained space is mapped
-onto the flat θ of :class:`~numpyro_mpe.model.ModelAdapter` (latent sites sorted by name; the guides keep
+onto the flat θ of :class:`~numpyro_mpe.model.adapter.ModelAdapter` (latent sites sorted by name; the
+guides keep
 the model's order, so the entries are permuted), and the Fit holds
 
 * the mean m and the precision S = E_q[∇²U] consistent with the variational memories
-  Ĥ_i = E_q[∇²ℓ_i] (:mod:`numpyro_mpe.variational`; at a VI optimum S = Σ⁻¹ up to Monte Carlo error, and
+  Ĥ_i = E_q[∇²ℓ_i] (:mod:`numpyro_mpe.inference.variational`; at a VI optimum S = Σ⁻¹ up to Monte Carlo
+  error, and
   their relative difference is ``fit.info["precision_rel_diff"]``);
 * ``refit_fn``: :func:`svi_refit`, SVI again with observation weights (0 removes), warm-started from the
   fit's guide parameters: the brute-force leave-one-out of :func:`exact_loo_svi`.
@@ -42,12 +44,12 @@ from numpyro.infer.autoguide import (
 from numpyro.primitives import Messenger
 from tqdm.auto import tqdm
 
-from ..errors import ModelError, MPEError, PosteriorError, check_chunk_size, check_options
-from ..fit import Fit
-from ..model import ModelAdapter
-from ..posterior import GaussianPosterior, from_precision
-from ..training import CheckpointMPE, _heldout_adapter, history_frame
-from ..variational import DEFAULT_SAMPLES, METHODS, variational_posterior
+from numpyro_mpe.errors import ModelError, MPEError, PosteriorError, check_chunk_size, check_options
+from numpyro_mpe.fit import Fit
+from numpyro_mpe.gaussian import GaussianPosterior, from_precision
+from numpyro_mpe.inference.training import CheckpointMPE, _heldout_adapter, history_frame
+from numpyro_mpe.inference.variational import DEFAULT_SAMPLES, METHODS, variational_posterior
+from numpyro_mpe.model.adapter import ModelAdapter
 
 #: ``guide=`` names of :class:`SVI` and the NumPyro autoguides they build.
 GUIDES = {"diag": AutoNormal, "full": AutoMultivariateNormal, "lowrank": AutoLowRankMultivariateNormal}
@@ -164,7 +166,8 @@ def guide_extractor(guide, adapter: ModelAdapter) -> Callable[[dict], GuideGauss
 class SiteWeights(Messenger):
     """Weight the log-likelihood of observed site ``name`` per observation (0 masks it out).
 
-    ``weights`` is flat over the site's batch shape (C order, as :class:`~numpyro_mpe.model.ModelAdapter`
+    ``weights`` is flat over the site's batch shape (C order, as
+    :class:`~numpyro_mpe.model.adapter.ModelAdapter`
     flattens observations); nonzero weights scale the log-density, zero weights mask it (no NaN gradient
     from a masked term's scale).
     """
@@ -344,7 +347,7 @@ def _fit_from_guide(adapter: ModelAdapter, guide, params: dict, *, memories: str
     info = dict(info, guide=_guide_name(guide))
     if isinstance(guide, AutoLaplaceApproximation):
         # A Laplace approximation: the Hessian of U at the guide's mode, delta memories, Newton refits.
-        from .laplace import check_precision
+        from numpyro_mpe.inference.laplace import check_precision
 
         prec = jax.jit(jax.hessian(adapter.potential))(q.mean)
         check_precision(adapter, prec)
@@ -375,7 +378,8 @@ class SVI:
 
     Maximizes the ELBO (``Trace_ELBO``) of a Gaussian guide in unconstrained space; the Fit's mean is the
     guide's, its precision S = E_q[∇²U] is consistent with the variational memories Ĥ_i = E_q[∇²ℓ_i]
-    (see :mod:`numpyro_mpe.variational`), and exact leave-one-out refits (:func:`exact_loo_svi`) rerun SVI
+    (see :mod:`numpyro_mpe.inference.variational`), and exact leave-one-out refits
+    (:func:`exact_loo_svi`) rerun SVI
     with the observation removed.
 
     Parameters
@@ -417,12 +421,14 @@ class SVI:
     refit_steps : int, default ``max(500, num_steps // 2)``
         SVI steps of each warm-started refit.
     callback : callable, optional
-        ``callback(checkpoint)`` at every checkpoint with a :class:`numpyro_mpe.training.Checkpoint` built
+        ``callback(checkpoint)`` at every checkpoint with a
+        :class:`numpyro_mpe.inference.training.Checkpoint` built
         from the guide's Gaussian (mean and precision Σ⁻¹ in the adapter's flat order; the precision's
         diagonal for ``guide="diag"``); returning ``True`` stops training.
     every : int, optional
         Checkpoint every ``every`` steps (and at steps 0 and ``num_steps``): the MPE of the guide's current
-        Gaussian by :class:`numpyro_mpe.training.CheckpointMPE`, kept in ``fit.info["history"]``; default
+        Gaussian by :class:`numpyro_mpe.inference.training.CheckpointMPE`, kept in
+        ``fit.info["history"]``; default
         ``num_steps // 20`` when a ``callback`` is given, else no checkpoints (and no extra cost).
     heldout : tuple, optional
         ``(args, kwargs)`` of the model on held-out data: ``heldout_nll`` at checkpoints.
@@ -431,7 +437,7 @@ class SVI:
     checkpoint_samples : int, default 100
         Draws from q for the NLLs at checkpoints.
     checkpoint_memories : {"q", "mean"}, default "q"
-        Memories of the checkpoints (see :class:`numpyro_mpe.training.CheckpointMPE`).
+        Memories of the checkpoints (see :class:`numpyro_mpe.inference.training.CheckpointMPE`).
     chunk_size, num_samples, progress, curvature, devices
         As for :class:`~numpyro_mpe.Laplace` (``progress`` also shows NumPyro's SVI progress bar;
         ``curvature="ggn"`` takes the memories through each observation's predictor at the mean of q).
@@ -752,7 +758,7 @@ def exact_loo_svi(fit: Fit, indices: int | Sequence[int] | np.ndarray | None, va
     >>> ex = exact_loo_svi(fit, range(30))  # doctest: +SKIP
     >>> scipy.stats.spearmanr(ex.sensitivity, fit.sensitivities().sensitivity[:30])  # doctest: +SKIP
     """
-    from ..exact import _flat_indices, refit_dataset
+    from numpyro_mpe.loo.exact import _flat_indices, refit_dataset
 
     refit = fit.refit_fn
     if not isinstance(refit, SVIRefit):

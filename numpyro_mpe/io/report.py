@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from . import __version__
-from .plots import K_THRESHOLD
+from numpyro_mpe import __version__
+from numpyro_mpe.io.plots import K_THRESHOLD
 
 if TYPE_CHECKING:
-    from .fit import Fit
+    from numpyro_mpe.fit import Fit
 
 #: Rows of the folded "all observations" table at most (the CSV export has them all).
 MAX_ALL_ROWS = 2000
@@ -105,7 +105,7 @@ def posterior_summary(fit: Fit, idata=None, num_samples: int = 4000, rng_key=Non
 
     Examples
     --------
-    >>> from numpyro_mpe.report import posterior_summary
+    >>> from numpyro_mpe.io.report import posterior_summary
     >>> posterior_summary(fit).loc["sigma"]  # doctest: +SKIP
     mean    3.38
     sd      0.57
@@ -120,7 +120,7 @@ def posterior_summary(fit: Fit, idata=None, num_samples: int = 4000, rng_key=Non
     frame = pd.DataFrame.from_dict(rows, orient="index", columns=["mean", "sd"])
     frame.index.name = "parameter"
     if idata is not None:
-        from .arviz import _group
+        from numpyro_mpe.io.export import _group
 
         try:
             post = _group(idata, "posterior")
@@ -345,8 +345,14 @@ def render_report(fit: Fit, *, idata=None, var_name: str | None = None, title: s
                   groups: Any = None, history: Any = None, meta: Mapping[str, str] | None = None,
                   num_samples: int = 2000, rng_key=None, threshold: float = K_THRESHOLD) -> str:
     """The HTML text of :func:`write_report` (same parameters, without ``path``)."""
-    from .compare import compare_psis
-    from .plots import plot_elpd_comparison, plot_groups, plot_leverage_vs_k, plot_sensitivity, plot_training
+    from numpyro_mpe.io.plots import (
+        plot_elpd_comparison,
+        plot_groups,
+        plot_leverage_vs_k,
+        plot_sensitivity,
+        plot_training,
+    )
+    from numpyro_mpe.loo.compare import compare_psis
 
     site = fit.adapter.observed_site(var_name)
     if comparison is None:
@@ -637,7 +643,7 @@ def write_report(fit: Fit, path: str | Path, *, idata=None, var_name: str | None
     groups : str, array or xarray.Dataset, optional
         Adds a leave-group-out section: ``fit.sensitivities(var_name, groups=groups)``, or its result.
     history : pandas.DataFrame or dict, optional
-        Adds the training curves of :func:`numpyro_mpe.plots.plot_training`.
+        Adds the training curves of :func:`numpyro_mpe.io.plots.plot_training`.
     meta : mapping, optional
         ``{name: value}`` shown under the title (e.g. the command line, the data file).
     num_samples : int, default 2000
@@ -656,8 +662,8 @@ def write_report(fit: Fit, path: str | Path, *, idata=None, var_name: str | None
     --------
     >>> import jax, numpyro
     >>> import numpyro_mpe as mpe
-    >>> from numpyro_mpe.datasets import load_stackloss, stackloss_model, STACKLOSS_PREDICTORS
-    >>> from numpyro_mpe.report import write_report
+    >>> from numpyro_mpe.io.datasets import load_stackloss, stackloss_model, STACKLOSS_PREDICTORS
+    >>> from numpyro_mpe.io.report import write_report
     >>> numpyro.enable_x64()
     >>> df = load_stackloss()
     >>> X, y = df[list(STACKLOSS_PREDICTORS)].to_numpy(float), df["stack.loss"].to_numpy(float)

@@ -27,8 +27,8 @@ from numpyro.distributions.transforms import biject_to
 from numpyro.infer import init_to_median, init_to_sample
 from numpyro.infer.util import constrain_fn, potential_energy
 
-from .errors import ModelError, PosteriorError
-from .predictor import Predictor, make_predictor
+from numpyro_mpe.errors import ModelError, PosteriorError
+from numpyro_mpe.model.predictor import Predictor, make_predictor
 
 
 @dataclass(frozen=True)

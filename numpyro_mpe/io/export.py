@@ -45,10 +45,10 @@ import numpy as np
 import xarray as xr
 from scipy.special import logsumexp
 
-from .mpe import map_chunks
+from numpyro_mpe.engine.mpe import map_chunks
 
 if TYPE_CHECKING:
-    from .fit import Fit
+    from numpyro_mpe.fit import Fit
 
 #: True on the arviz ≥ 1 line (DataTree, arviz_stats).
 ARVIZ_1 = int(az.__version__.split(".")[0]) >= 1
@@ -350,7 +350,7 @@ def read_sensitivities(data, var_name: str | None = None) -> xr.Dataset:
 
     Examples
     --------
-    >>> from numpyro_mpe.arviz import read_sensitivities
+    >>> from numpyro_mpe.io.export import read_sensitivities
     >>> ds = read_sensitivities(az.from_netcdf("fit.nc"))  # doctest: +SKIP
     """
     grp = _group(data, MPE_GROUP)
@@ -417,15 +417,16 @@ def elpd_data(fit: Fit, var_name: str | None = None, *, method: str = "mpe", gro
     warning says so.
 
     ``method="mpe-is"`` replaces the *flagged* observations (leverage > 0.5 or an invalid cavity) by MPE
-    importance sampling (:func:`numpyro_mpe.importance.importance_loo`, ``num_samples`` draws from each MPE
+    importance sampling (:func:`numpyro_mpe.loo.importance.importance_loo`, ``num_samples`` draws from
+    each MPE
     leave-one-out Gaussian, consistent for the exact Bayesian LOO); their ``pareto_k`` is then the k̂ of the
     MPE-IS weights (−inf where the weights are constant), the others keep the leverage, and a warning names
     the observations whose MPE-IS k̂ is still above 0.7.
 
-    ``groups`` gives leave-group-out (:func:`numpyro_mpe.groups.group_dataset`): one pointwise value per
+    ``groups`` gives leave-group-out (:func:`numpyro_mpe.loo.groups.group_dataset`): one pointwise value per
     group over the group dim, ``pareto_k`` the group leverage, ``n_data_points`` the number of groups and
     ``n_samples`` the draws per group.  A group whose cavity is invalid gets MPE importance sampling
-    (:func:`numpyro_mpe.importance.importance_groups`) instead, with a warning.  Two such results over the
+    (:func:`numpyro_mpe.loo.importance.importance_groups`) instead, with a warning.  Two such results over the
     same groups compare with ``az.compare``.
 
     Parameters
@@ -444,7 +445,7 @@ def elpd_data(fit: Fit, var_name: str | None = None, *, method: str = "mpe", gro
         Key for those draws; ``PRNGKey(0)`` when omitted.
     df : float, optional
         MPE-IS proposal: ``None`` the Gaussian MPE leave-one-out posterior, a number a Student-t with ``df``
-        degrees of freedom around it (see :func:`numpyro_mpe.importance.importance_loo`).
+        degrees of freedom around it (see :func:`numpyro_mpe.loo.importance.importance_loo`).
 
     Returns
     -------
@@ -470,8 +471,8 @@ def elpd_data(fit: Fit, var_name: str | None = None, *, method: str = "mpe", gro
         if method != "mpe":
             raise ValueError("method='mpe-is' is for leave-one-out; with groups= use method='mpe' (a group "
                              "whose cavity is invalid gets MPE importance sampling anyway)")
-        from .groups import group_dataset
-        from .importance import importance_groups
+        from numpyro_mpe.loo.groups import group_dataset
+        from numpyro_mpe.loo.importance import importance_groups
 
         ds = group_dataset(fit, groups, site.name, num_samples=num_samples, rng_key=rng_key)
         dim = ds["elpd_loo"].dims[0]
@@ -511,7 +512,7 @@ def elpd_data(fit: Fit, var_name: str | None = None, *, method: str = "mpe", gro
         mc = str(ds.attrs.get("elpd_integration", "")).startswith("Monte Carlo")
         n_samples = fit.num_samples if mc else 0
         if method == "mpe-is":
-            from .importance import importance_loo
+            from numpyro_mpe.loo.importance import importance_loo
 
             flagged = np.union1d(np.flatnonzero(flat_k > 0.5), bad)
             if flagged.size:

@@ -28,8 +28,8 @@ import xarray as xr
 from jax.scipy.special import gammaln, logsumexp
 from tqdm.auto import tqdm
 
-from .mpe import whitened_memory
-from .psis import psis_smooth
+from numpyro_mpe.engine.mpe import whitened_memory
+from numpyro_mpe.loo.psis import psis_smooth
 
 #: Log-weights whose spread is below this are treated as constant (no Pareto tail to fit).
 CONSTANT_LOG_WEIGHTS = float(np.sqrt(np.finfo(float).eps))
@@ -259,7 +259,7 @@ def select_indices(indices, leverage, valid, num_obs: int, khat_psis=None, var_n
     Raises ``IndexError`` naming the valid range for an index out of range, ``ValueError`` for an unknown
     string or a non-integer array.
     """
-    from .exact import _flat_indices
+    from numpyro_mpe.loo.exact import _flat_indices
 
     if indices is None:
         return np.arange(num_obs)
@@ -299,7 +299,7 @@ def importance_groups(fit, groups, var_name=None, select=None, num_samples: int 
         A fitted model.
     groups : str or array_like
         Name of an observation dim (plate) or labels aligned with the observations; see
-        :func:`numpyro_mpe.groups.resolve_groups`.
+        :func:`numpyro_mpe.loo.groups.resolve_groups`.
     var_name : str, optional
         Observed site; required when the model has several.
     select : array_like, optional
@@ -317,7 +317,7 @@ def importance_groups(fit, groups, var_name=None, select=None, num_samples: int 
     --------
     >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
     >>> import numpyro_mpe as mpe
-    >>> from numpyro_mpe.importance import importance_groups
+    >>> from numpyro_mpe.loo.importance import importance_groups
     >>> numpyro.enable_x64()
     >>> def model(x, y=None):
     ...     b = numpyro.sample("b", dist.Normal(0, 10))
@@ -329,7 +329,7 @@ def importance_groups(fit, groups, var_name=None, select=None, num_samples: int 
     >>> ds.ess.values.round(6).tolist()  # the cavity is exact: constant weights
     [500.0, 500.0]
     """
-    from .groups import resolve_groups
+    from numpyro_mpe.loo.groups import resolve_groups
 
     site = fit.adapter.observed_site(var_name)
     codes, labels, dim = resolve_groups(site, groups)

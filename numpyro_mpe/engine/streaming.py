@@ -2,7 +2,8 @@
 
 For an observed site with a predictor η_i(θ) ∈ R^K, every per-observation quantity comes from
 (η_i, J_i = ∂η_i/∂θ, e_i = ∇_η ℓ_i, Λ_i = ∇²_η ℓ_i) at the posterior mean and from the posterior through
-S⁻¹J_iᵀ alone (:meth:`cov_matvec`): V_i = J_i S⁻¹ J_iᵀ, then :func:`numpyro_mpe.mpe.cavity_k` in K dimensions.
+S⁻¹J_iᵀ alone (:meth:`cov_matvec`): V_i = J_i S⁻¹ J_iᵀ, then :func:`numpyro_mpe.engine.mpe.cavity_k` in
+K dimensions.
 Nothing of size N×P or S×N is formed: the model runs on one chunk of rows at a time (its per-observation
 arguments sliced, see :class:`RowPlan`), J is formed per chunk (``chunk·K·P``), and the sums over
 observations (the GGN precision Σ_i J_iᵀΛ_iJ_i, the gradient) are accumulated in P² (or P) memory.
@@ -36,12 +37,9 @@ from numpyro import handlers
 from numpyro.infer.util import potential_energy
 from tqdm.auto import tqdm
 
-from . import rankone, rowlinalg
-from .assembly import Assembly, HostPool
-from .errors import MPEError, check_chunk_size
-from .model import ModelAdapter
-from .posterior import row_gram
-from .quadrature import (
+from numpyro_mpe.engine import rowlinalg
+from numpyro_mpe.engine.assembly import Assembly, HostPool
+from numpyro_mpe.engine.quadrature import (
     GAUSS_HERMITE_TIERS,
     TAYLOR_ORDER,
     default_tol,
@@ -50,6 +48,10 @@ from .quadrature import (
     log_lik_series,
     monte_carlo,
 )
+from numpyro_mpe.errors import MPEError, check_chunk_size
+from numpyro_mpe.gaussian import row_gram
+from numpyro_mpe.model import rankone
+from numpyro_mpe.model.adapter import ModelAdapter
 
 CURVATURES = ("exact", "ggn")
 #: The per-observation pass keeps the N×P shifts by default up to this N·P (80 MB in float64).
@@ -222,7 +224,8 @@ class Layout(NamedTuple):
         return into.result()
 
     def assembly(self, pool: HostPool | None = None) -> Assembly:
-        """An :class:`numpyro_mpe.assembly.Assembly` of per-chunk outputs into ``(num, ...)`` arrays (on
+        """An :class:`numpyro_mpe.engine.assembly.Assembly` of per-chunk outputs into ``(num, ...)``
+        arrays (on
         CPU in host buffers from ``pool``)."""
         return Assembly(self, pool)
 
@@ -286,7 +289,7 @@ class StreamingSite:
     Notes
     -----
     On CPU the per-observation outputs are written into host buffers from ``pool``
-    (:class:`numpyro_mpe.assembly.HostPool`): once a result is released its memory serves the next pass
+    (:class:`numpyro_mpe.engine.assembly.HostPool`): once a result is released its memory serves the next pass
     instead of fresh, page-faulted memory.  The pool keeps at most one pass's outputs (about 57 bytes per
     observation for a K = 1 site) while the engine lives; ``eng.pool.clear()`` hands them back.
 
@@ -431,8 +434,9 @@ class StreamingSite:
         """η, aux and the blocks of J_i = ∂η_i/∂θ per latent array, in ravel order, by reverse mode per row.
 
         An array that enters through one product with the row's input (a dense layer's weights; found in
-        the predictor's jaxpr, :func:`numpyro_mpe.rankone.product_plan`) comes as a
-        :class:`~numpyro_mpe.rankone.RankOneBlock` a_i ⊗ g_i, g_i the derivative at a zero probe added to
+        the predictor's jaxpr, :func:`numpyro_mpe.model.rankone.product_plan`) comes as a
+        :class:`~numpyro_mpe.model.rankone.RankOneBlock` a_i ⊗ g_i, g_i the derivative at a zero probe
+        added to
         that product; the others as (c, K, size) arrays.  One reverse pass per row gives both.
         Differentiating with respect to the arrays, not the flat θ, spares XLA the concatenation of every
         row's cotangents (95 ms of a 430 ms chunk of a P = 10⁵ MLP)."""
@@ -489,7 +493,7 @@ class StreamingSite:
         return d
 
     def _derivs_fn(self, active):
-        from .mpe import predictor_derivs
+        from numpyro_mpe.engine.mpe import predictor_derivs
 
         derivs = predictor_derivs(self.site.predictor.log_lik, active)
         if self.curvature != "ggn":
@@ -503,7 +507,7 @@ class StreamingSite:
 
     def terms(self, theta, data, active, post=None, series: bool = False) -> tuple[ChunkTerms, jax.Array]:
         """:class:`ChunkTerms` of one chunk and w_i ℓ_i of each row (traceable).  ``series`` (K = 1): ℓ, e
-        and Λ from the Taylor coefficients of w·log p (:func:`numpyro_mpe.quadrature.log_lik_series`),
+        and Λ from the Taylor coefficients of w·log p (:func:`numpyro_mpe.engine.quadrature.log_lik_series`),
         which the expansion tier of the integrals needs anyway, instead of a separate differentiation."""
         eta, aux, blocks, cov = self._terms(theta, data, active, post)
         jac = rankone.join(blocks)  # dropped where unused
@@ -535,7 +539,7 @@ class StreamingSite:
         copying one chunk's result to the host while the next chunk ran (once, in the test suite); one chunk
         in flight and nothing else costs nothing measurable at these chunk sizes.  A chunk program
         that never finished even alone was a different cause, inside the program: two batched LAPACK
-        calls waiting for each other on XLA's CPU pool (:mod:`numpyro_mpe.rowlinalg`); the per-row
+        calls waiting for each other on XLA's CPU pool (:mod:`numpyro_mpe.engine.rowlinalg`); the per-row
         algebra no longer forms them.
         """
         idx = range(self.layout.num_chunks) if desc is None else self.chunk_indices(desc)
@@ -603,7 +607,7 @@ class StreamingSite:
 
     def memories(self, theta):
         """Factored memories (J_i, Λ_i, e_i) of every observation (N×K×P: for moderate N only)."""
-        from .mpe import Memories
+        from numpyro_mpe.engine.mpe import Memories
 
         active = self.active(theta)
         key = ("memories", tuple(active.tolist()))
@@ -618,7 +622,8 @@ class StreamingSite:
 
     def _expectation(self, rules, tol, mean, cov, tm: ChunkTerms, active):
         """log E p(y_i | η_i), η_i ~ N(mean_i, cov_i) (or tuples of integrals sharing one rule), for the rows
-        of one chunk; each device picks its own rule (:func:`numpyro_mpe.quadrature.expected_log_lik_block`,
+        of one chunk; each device picks its own rule
+        (:func:`numpyro_mpe.engine.quadrature.expected_log_lik_block`,
         with the Taylor tier when ``tm`` carries the coefficients) on its own rows, no collective."""
         f = self.site.predictor.log_lik
 
@@ -634,8 +639,8 @@ class StreamingSite:
 
     def _cavities(self, t, data, post, active, series: bool = False):
         """:class:`ChunkTerms` of one chunk under ``post`` (``jac`` = B_i) and the cavities of its rows
-        (:func:`numpyro_mpe.mpe.cavity_k` with V_i = B_i B_iᵀ)."""
-        from .mpe import cavity_k
+        (:func:`numpyro_mpe.engine.mpe.cavity_k` with V_i = B_i B_iᵀ)."""
+        from numpyro_mpe.engine.mpe import cavity_k
 
         tm, _ = self.terms(t, data, active, post, series)  # tm.cov: V_i = B_i B_iᵀ = J_i S⁻¹ J_iᵀ
         return tm, jax.vmap(lambda e, lam, v: cavity_k(e, lam, v=v))(tm.e, tm.lam, tm.cov)
@@ -671,21 +676,22 @@ class StreamingSite:
 
     def site_mpe(self, post, *, num_samples: int = 2000, rng_key=None, keep_shift: bool | None = None,
                  quadrature_tol: float | None = None):
-        """All per-observation MPE outputs (:class:`numpyro_mpe.mpe.SiteMPE`) under ``post``.
+        """All per-observation MPE outputs (:class:`numpyro_mpe.engine.mpe.SiteMPE`) under ``post``.
 
         Per chunk: B_i = J_i L⁻ᵀ by forward mode along the columns of L⁻ᵀ (or reverse mode per row for
-        P > 256), V_i = B_i B_iᵀ, the cavity in K dimensions (:func:`numpyro_mpe.mpe.cavity_k`), then
+        P > 256), V_i = B_i B_iᵀ, the cavity in K dimensions (:func:`numpyro_mpe.engine.mpe.cavity_k`), then
         ``lpd`` and ``elpd_loo`` in η: for K = 1 by the expansion in the Taylor coefficients of log p at η̂
         where it is within ``quadrature_tol`` of the full Gauss–Hermite rule, else (and for K ≤ 3) by
         Gauss–Hermite with the fewest points within ``quadrature_tol`` of the full rule (see
-        :func:`numpyro_mpe.quadrature.expected_log_lik_block`), or Monte Carlo with ``num_samples`` common
+        :func:`numpyro_mpe.engine.quadrature.expected_log_lik_block`), or Monte Carlo with
+        ``num_samples`` common
         draws (K > 3).
 
         ``keep_shift``: also return Δm_i = L⁻ᵀB_iᵀw_i = S⁻¹J_iᵀw_i for every observation (N×P); by default
         only when N·P ≤ 10⁷ (:meth:`map_shifts` streams them otherwise).  ``quadrature_tol``: default
         1e-11 (float64) or 1e-5 (float32); 0 always uses the full rule.
         """
-        from .mpe import SiteMPE
+        from numpyro_mpe.engine.mpe import SiteMPE
 
         theta = post.mean
         active = self.active(theta)
@@ -751,7 +757,7 @@ class StreamingSite:
         """Whether the active components of η are linear in θ: ∇²(Σ_ik c_ik η_ik)·v = 0 for random c, v
         on the first chunk (zero for every c, v only if each ∇²η_ik vanishes, but for a null set)."""
         if self.plan is None:
-            from .mpe import predictor_is_linear
+            from numpyro_mpe.engine.mpe import predictor_is_linear
 
             return predictor_is_linear(self.adapter, theta, self.name, self.active(theta))
         active = self.active(theta)

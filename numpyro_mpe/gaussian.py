@@ -13,14 +13,14 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
-from .rankone import RankOneBlock, block_project, join
-from .rankone import dense as dense_block
+from numpyro_mpe.model.rankone import RankOneBlock, block_project, join
+from numpyro_mpe.model.rankone import dense as dense_block
 
 
 def block_quadratic_form(blocks: list, weights: list) -> jax.Array:
     """Σ_b J_b diag(r_b) J_bᵀ per row, (c, K, K), for column blocks J_b (c, K, n_b) and weights r_b (n_b,):
     each entry a matrix-vector product (J_b,k ∘ J_b,l) r_b, which XLA on CPU runs ~2× faster than the
-    same sum as a reduction over a long last axis; a :class:`~numpyro_mpe.rankone.RankOneBlock` by its
+    same sum as a reduction over a long last axis; a :class:`~numpyro_mpe.model.rankone.RankOneBlock` by its
     outer-product form (one matrix product, no (c, K, n_b) array)."""
     rank_one = [b.quadratic_form(r) for b, r in zip(blocks, weights) if isinstance(b, RankOneBlock)]
     pairs = [(b, r) for b, r in zip(blocks, weights) if not isinstance(b, RankOneBlock)]
@@ -118,7 +118,7 @@ DENSE_LIMIT = 8192
 
 def _dense_guard(p: int, what: str) -> None:
     if p > DENSE_LIMIT:
-        from .errors import PosteriorError
+        from numpyro_mpe.errors import PosteriorError
 
         raise PosteriorError(
             f"{what} needs the dense {p}x{p} precision of a structured posterior (P = {p} > {DENSE_LIMIT}); "

@@ -98,7 +98,7 @@ class HostPool:
 class Assembly:
     """Per-chunk outputs written into ``(num, ...)`` arrays as they arrive (``add``), padding left out.
 
-    ``layout`` gives ``num``, ``chunk`` and the device mesh (:class:`numpyro_mpe.streaming.Layout`);
+    ``layout`` gives ``num``, ``chunk`` and the device mesh (:class:`numpyro_mpe.engine.streaming.Layout`);
     ``pool`` the host buffers (without one, a pool of this assembly's own: fresh memory, freed with the
     result).
     """

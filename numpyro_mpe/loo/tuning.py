@@ -22,9 +22,9 @@ import numpy as np
 import pandas as pd
 from numpyro.infer import init_to_median
 
-from .errors import check_options
-from .fit import Fit
-from .training import _heldout_adapter, _mc_nll
+from numpyro_mpe.errors import check_options
+from numpyro_mpe.fit import Fit
+from numpyro_mpe.inference.training import _heldout_adapter, _mc_nll
 
 #: Columns of the table returned by :func:`tune_prior`.
 TUNING_COLUMNS = ("value", "elpd_loo", "se", "p_loo", "n_invalid", "loo_nll", "heldout_nll", "elpd_loo_exact",
@@ -36,7 +36,7 @@ _METHODS = ("laplace", "ngvi", "svi")
 def _backend(method: str | Callable, model: Callable, options: dict):
     if callable(method) and not isinstance(method, str):
         return method(model)
-    from . import inference
+    from numpyro_mpe import inference
 
     if method == "laplace":
         return inference.Laplace(model, **{"progress": False, **options})
@@ -54,7 +54,7 @@ def _exact(fit: Fit, indices, var_name: str, options: dict):
     by_method = getattr(fit.refit_fn, "exact_loo", None)
     if by_method is not None:
         return by_method(fit, indices, var_name, **opts)
-    from .exact import exact_loo
+    from numpyro_mpe.loo.exact import exact_loo
 
     return exact_loo(fit, indices, var_name, **opts)
 
@@ -242,7 +242,7 @@ def plot_tuning(table: pd.DataFrame, ax: Any = None, *, logx: bool | None = None
     Examples
     --------
     >>> import pandas as pd
-    >>> from numpyro_mpe.tuning import plot_tuning
+    >>> from numpyro_mpe.loo.tuning import plot_tuning
     >>> t = pd.DataFrame({"value": [0.1, 1.0, 10.0], "elpd_loo": [-30.0, -25.0, -27.0], "se": [3.0] * 3,
     ...                   "heldout_nll": [0.9, 0.8, 0.85]})
     >>> t.attrs.update(num_obs=30, arg_name="prior_scale")
@@ -250,7 +250,7 @@ def plot_tuning(table: pd.DataFrame, ax: Any = None, *, logx: bool | None = None
     >>> ax.get_xscale()
     'log'
     """
-    from .plots import _BLUE, _GREY, _ORANGE, _new_axes, _style
+    from numpyro_mpe.io.plots import _BLUE, _GREY, _ORANGE, _new_axes, _style
 
     n = table.attrs.get("num_obs") or 1
     x = table["value"].to_numpy(float)

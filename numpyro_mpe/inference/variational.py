@@ -28,11 +28,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .errors import MPEError, PosteriorError
-from .model import ModelAdapter
-from .mpe import Memories, PredictorState, predictor_derivs, predictor_is_linear, predictor_state
-from .mpe import memories as delta_memories
-from .posterior import GaussianPosterior, from_precision
+from numpyro_mpe.engine.mpe import (
+    Memories,
+    PredictorState,
+    predictor_derivs,
+    predictor_is_linear,
+    predictor_state,
+)
+from numpyro_mpe.engine.mpe import memories as delta_memories
+from numpyro_mpe.errors import MPEError, PosteriorError
+from numpyro_mpe.gaussian import GaussianPosterior, from_precision
+from numpyro_mpe.model.adapter import ModelAdapter
 
 METHODS = ("mc", "delta")
 
@@ -66,7 +72,7 @@ def draws(posterior: GaussianPosterior, num_samples: int, rng_key=None) -> jax.A
     Examples
     --------
     >>> import jax.numpy as jnp
-    >>> from numpyro_mpe.posterior import from_precision
+    >>> from numpyro_mpe.gaussian import from_precision
     >>> q = from_precision(jnp.zeros(2), jnp.eye(2))
     >>> th = draws(q, 4)
     >>> th.shape, bool(jnp.allclose(th.mean(0), 0.0))
@@ -129,8 +135,8 @@ def consistent_precision(adapter: ModelAdapter, posterior: GaussianPosterior, *,
     Examples
     --------
     >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
-    >>> from numpyro_mpe.model import ModelAdapter
-    >>> from numpyro_mpe.posterior import from_precision
+    >>> from numpyro_mpe.model.adapter import ModelAdapter
+    >>> from numpyro_mpe.gaussian import from_precision
     >>> def model(x, y=None):
     ...     b = numpyro.sample("b", dist.Normal(0, 1))
     ...     with numpyro.plate("data", x.shape[0]):
@@ -250,8 +256,8 @@ def variational_memories(adapter: ModelAdapter, posterior: GaussianPosterior, va
     Examples
     --------
     >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
-    >>> from numpyro_mpe.model import ModelAdapter
-    >>> from numpyro_mpe.posterior import from_precision
+    >>> from numpyro_mpe.model.adapter import ModelAdapter
+    >>> from numpyro_mpe.gaussian import from_precision
     >>> def model(x, y=None):
     ...     b = numpyro.sample("b", dist.Normal(0, 1))
     ...     with numpyro.plate("data", x.shape[0]):

@@ -28,7 +28,7 @@ def load_stackloss() -> pd.DataFrame:
 
     Examples
     --------
-    >>> from numpyro_mpe.datasets import load_stackloss
+    >>> from numpyro_mpe.io.datasets import load_stackloss
     >>> df = load_stackloss()
     >>> df.shape
     (21, 4)
@@ -37,7 +37,7 @@ def load_stackloss() -> pd.DataFrame:
     >>> int(df["stack.loss"].iloc[20])
     15
     """
-    ref = resources.files("numpyro_mpe").joinpath("data", "stackloss.csv")
+    ref = resources.files("numpyro_mpe.io").joinpath("data", "stackloss.csv")
     with ref.open("r", encoding="utf-8") as fh:
         return pd.read_csv(fh)
 
@@ -65,7 +65,7 @@ def stackloss_model(X, y=None) -> None:
     Examples
     --------
     >>> import jax, numpyro
-    >>> from numpyro_mpe.datasets import load_stackloss, stackloss_model, STACKLOSS_PREDICTORS
+    >>> from numpyro_mpe.io.datasets import load_stackloss, stackloss_model, STACKLOSS_PREDICTORS
     >>> df = load_stackloss()
     >>> X = df[list(STACKLOSS_PREDICTORS)].to_numpy(float)
     >>> tr = numpyro.handlers.trace(numpyro.handlers.seed(stackloss_model, 0)).get_trace(X)

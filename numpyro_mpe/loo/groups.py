@@ -32,8 +32,8 @@ import xarray as xr
 from jax.scipy.special import logsumexp
 from tqdm.auto import tqdm
 
-from .errors import MPEError
-from .mpe import whitened_memory
+from numpyro_mpe.engine.mpe import whitened_memory
+from numpyro_mpe.errors import MPEError
 
 #: Model log-likelihood values (draws × observations) evaluated per batch.
 _BATCH_ELEMENTS = 2**22
@@ -330,7 +330,7 @@ def group_mpe(fit, groups, var_name=None, *, num_samples: int = 2000, rng_key=No
 def group_dataset(fit, groups, var_name=None, num_samples: int = 2000, rng_key=None) -> xr.Dataset:
     """Leave-group-out MPE outputs of one observed site as an ``xarray.Dataset`` over a group dim.
 
-    Each group G is removed as one rank-|G| update of the posterior (see :mod:`numpyro_mpe.groups`).
+    Each group G is removed as one rank-|G| update of the posterior (see :mod:`numpyro_mpe.loo.groups`).
 
     Parameters
     ----------

@@ -34,7 +34,7 @@ Monte Carlo from q with the same standard-normal draws at every checkpoint (comm
 curves are smooth in the step.
 
 The history of a run is a :class:`pandas.DataFrame` with one row per checkpoint, which
-:func:`numpyro_mpe.plots.plot_training` draws.
+:func:`numpyro_mpe.io.plots.plot_training` draws.
 """
 
 from __future__ import annotations
@@ -49,10 +49,7 @@ import numpy as np
 import pandas as pd
 from jax.scipy.linalg import solve_triangular
 
-from .errors import ModelError
-from .fit import Fit
-from .model import ModelAdapter
-from .mpe import (
+from numpyro_mpe.engine.mpe import (
     cavity_k,
     expected_log_lik_one,
     factored_memories,
@@ -60,9 +57,12 @@ from .mpe import (
     predictor_nll,
     predictor_state,
 )
-from .mpe import memories as delta_memories
-from .posterior import GaussianPosterior, from_precision
-from .quadrature import default_rule, psd_sqrt
+from numpyro_mpe.engine.mpe import memories as delta_memories
+from numpyro_mpe.engine.quadrature import default_rule, psd_sqrt
+from numpyro_mpe.errors import ModelError
+from numpyro_mpe.fit import Fit
+from numpyro_mpe.gaussian import GaussianPosterior, from_precision
+from numpyro_mpe.model.adapter import ModelAdapter
 
 #: Columns of a training history (``fit.info["history"]``), in order.
 HISTORY_COLUMNS = ("step", "elpd_loo_mpe", "elpd_loo_mpe_se", "loo_nll", "loo_nll_first_order", "train_nll",
@@ -89,9 +89,10 @@ def posterior_from_state(mean, precision) -> GaussianPosterior:
 
 
 def variational_available() -> bool:
-    """Whether :func:`numpyro_mpe.variational.variational_memories` (MC memories under q) is installed."""
+    """Whether :func:`numpyro_mpe.inference.variational.variational_memories` (MC memories under q) is
+    installed."""
     try:
-        from .variational import variational_memories  # noqa: F401
+        from numpyro_mpe.inference.variational import variational_memories  # noqa: F401
     except ImportError:
         return False
     return True
@@ -104,12 +105,13 @@ def memories_hook(kind: str | None, *, diagonal: bool = False, num_samples: int 
     Parameters
     ----------
     kind : {"mc", "delta", "ggn"} or None
-        ``"mc"``: expectations under q by Monte Carlo (:func:`numpyro_mpe.variational.variational_memories`);
+        ``"mc"``: expectations under q by Monte Carlo
+        (:func:`numpyro_mpe.inference.variational.variational_memories`);
         ``"delta"``: the delta method at the mean with exact Hessians (the Laplace memories);
         ``"ggn"``: the delta method through the site's predictor, Ĥ_i = J_iᵀΛ_iJ_i (Gauss–Newton; exact where
         η is linear in θ), the paper's prediction-space form for neural networks (no P×P work per
         observation); sites without a predictor fall back to ``"delta"``.  ``None``: ``"mc"`` when
-        :mod:`numpyro_mpe.variational` is installed, else ``"delta"``.
+        :mod:`numpyro_mpe.inference.variational` is installed, else ``"delta"``.
     diagonal : bool, default False
         The q is diagonal (mean field): ``"mc"`` and ``"delta"`` keep only the diagonals of the Ĥ_i, so that
         they add up to a diagonal precision.  ``"ggn"`` keeps J_iᵀΛ_iJ_i whole (the paper's
@@ -135,11 +137,11 @@ def memories_hook(kind: str | None, *, diagonal: bool = False, num_samples: int 
     if kind not in MEMORY_KINDS:
         raise ValueError(f"memories must be one of {MEMORY_KINDS} (or None), got {kind!r}")
     if kind == "mc" and not variational_available():
-        raise ModelError("memories='mc' needs numpyro_mpe.variational (variational memories), which is "
-                         "not installed in this version; use memories='delta' or 'ggn'")
+        raise ModelError("memories='mc' needs numpyro_mpe.inference.variational (variational memories), "
+                         "which is not installed in this version; use memories='delta' or 'ggn'")
     diag_note = ", diagonal" if diagonal else ""
     if kind in ("mc", "delta") and (kind == "mc" or diagonal):
-        from .variational import variational_memories
+        from numpyro_mpe.inference.variational import variational_memories
 
         key = jax.random.PRNGKey(0) if rng_key is None else rng_key
 
@@ -201,7 +203,7 @@ def fit_from_state(adapter: ModelAdapter, mean, precision, *, method: str = "ngv
     Examples
     --------
     >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
-    >>> from numpyro_mpe.model import ModelAdapter
+    >>> from numpyro_mpe.model.adapter import ModelAdapter
     >>> def model(x, y=None):
     ...     b = numpyro.sample("b", dist.Normal(0, 10))
     ...     with numpyro.plate("data", x.shape[0]):
@@ -325,7 +327,7 @@ class CheckpointMPE:
     Examples
     --------
     >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
-    >>> from numpyro_mpe.model import ModelAdapter
+    >>> from numpyro_mpe.model.adapter import ModelAdapter
     >>> def model(x, y=None):
     ...     b = numpyro.sample("b", dist.Normal(0, 10))
     ...     with numpyro.plate("data", x.shape[0]):

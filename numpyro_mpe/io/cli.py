@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from numpyro_mpe import __version__
 
 PROG = "numpyro-mpe"
 
@@ -126,7 +126,7 @@ def _add_demo(subparsers) -> None:
         help="fit the stack loss data, compare MPE with PSIS-LOO and write a report",
         description=(
             "Fit Brownlee's stack loss data (21 observations, bundled) with a Gaussian linear regression "
-            "(numpyro_mpe.datasets.stackloss_model): a Laplace approximation gives the MPE leave-one-out "
+            "(numpyro_mpe.io.datasets.stackloss_model): a Laplace approximation gives the MPE leave-one-out "
             "sensitivities, leverages and elpd_loo in closed form; NUTS gives the reference PSIS-LOO "
             "(arviz.loo). Prints the fit, the most influential observations and the elpd_loo totals, and "
             "writes inference_data.nc, nuts.nc, comparison.csv and three figures to --out."
@@ -155,7 +155,7 @@ def _add_demo(subparsers) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     """Run ``numpyro-mpe demo`` with parsed ``args``; returns the exit status."""
     _setup()
-    from .datasets import STACKLOSS_PREDICTORS, load_stackloss, stackloss_model
+    from numpyro_mpe.io.datasets import STACKLOSS_PREDICTORS, load_stackloss, stackloss_model
 
     df = load_stackloss()
     model_args, model_kwargs = _stackloss_inputs(df)
@@ -169,7 +169,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _stackloss_inputs(df) -> tuple[tuple, dict]:
-    from .datasets import STACKLOSS_PREDICTORS, STACKLOSS_RESPONSE
+    from numpyro_mpe.io.datasets import STACKLOSS_PREDICTORS, STACKLOSS_RESPONSE
 
     X = df[list(STACKLOSS_PREDICTORS)].to_numpy(float)
     y = df[STACKLOSS_RESPONSE].to_numpy(float)
@@ -202,8 +202,8 @@ class _Analysis:
         self.mcmc_idata = None
 
     def run(self, var_name: str | None = None) -> _Analysis:
-        from .compare import compare_psis
-        from .inference import Laplace
+        from numpyro_mpe.inference import Laplace
+        from numpyro_mpe.loo.compare import compare_psis
 
         args, steps = self.args, self.steps
         with steps("Laplace fit"):
@@ -230,7 +230,7 @@ class _Analysis:
 
     def write_html(self, path: Path, labels=None, title: str | None = None,
                    meta: dict | None = None) -> Path:
-        from .report import write_report
+        from numpyro_mpe.io.report import write_report
 
         return write_report(self.fit, path, idata=self.mcmc_idata, var_name=self.site.name, title=title,
                             top=max(10, self.args.top), comparison=self.table, labels=labels, meta=meta,
@@ -239,7 +239,7 @@ class _Analysis:
     def write_folder(self, out: Path, labels=None, title: str | None = None,
                      meta: dict | None = None) -> list[Path]:
         """inference_data.nc, nuts.nc, comparison.csv, three PNGs and report.html in ``out``."""
-        from .plots import plot_elpd_comparison, plot_leverage_vs_k, plot_sensitivity
+        from numpyro_mpe.io.plots import plot_elpd_comparison, plot_leverage_vs_k, plot_sensitivity
 
         paths = []
         idata = self.fit.to_inference_data(num_samples=self.num_draws, rng_key=self.k_export)
@@ -304,7 +304,7 @@ def _remove(path: Path) -> None:
 
 def _report(fit, site, table, mcmc_idata, top: int, rng_key, labels=None) -> str:
     """The printed summary: the fit, the most influential observations, and the elpd_loo totals."""
-    from .report import posterior_summary, value_formatter
+    from numpyro_mpe.io.report import posterior_summary, value_formatter
 
     lines = []
     post = posterior_summary(fit, mcmc_idata, rng_key=rng_key)
@@ -349,7 +349,7 @@ def _report(fit, site, table, mcmc_idata, top: int, rng_key, labels=None) -> str
                      "leverage and k̂ flag at 0.7)")
         lines.append(_table(rows, head, "<" * n_text + ">" * 6))
 
-    from .compare import format_summary
+    from numpyro_mpe.loo.compare import format_summary
 
     lines.append("")
     lines.append(format_summary(table))
@@ -434,7 +434,7 @@ def load_user_model(spec: str, data_fn: str = DATA_FN):
 
     Examples
     --------
-    >>> from numpyro_mpe.cli import load_user_model
+    >>> from numpyro_mpe.io.cli import load_user_model
     >>> model, data, path, name = load_user_model("examples/user_model.py:model")  # doctest: +SKIP
     """
     path_text, attr = _split_spec(spec)
@@ -626,12 +626,12 @@ def run_report(args: argparse.Namespace) -> int:
         if args.data is not None or args.id_column is not None:
             raise CLIError(f"{'--data' if args.data is not None else '--id-column'} needs a model and its "
                            "data: numpyro-mpe report FILE.py:NAME --data CSV")
-        from .datasets import load_stackloss, stackloss_model
+        from numpyro_mpe.io.datasets import load_stackloss, stackloss_model
 
         df = load_stackloss()
         model = stackloss_model
         model_args, model_kwargs = _stackloss_inputs(df)
-        labels_from, where = None, "numpyro_mpe.datasets.stackloss_model"
+        labels_from, where = None, "numpyro_mpe.io.datasets.stackloss_model"
         meta = {"model": where, "data": "stack loss (bundled, N = 21)"}
         title = args.title or "MPE sensitivity report: stack loss (demo)"
     else:
@@ -673,7 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     Examples
     --------
-    >>> from numpyro_mpe.cli import build_parser
+    >>> from numpyro_mpe.io.cli import build_parser
     >>> args = build_parser().parse_args(["demo", "--draws", "200", "--no-nuts"])
     >>> args.command, args.draws, args.no_nuts, args.chains
     ('demo', 200, True, 2)
@@ -711,13 +711,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Examples
     --------
-    >>> from numpyro_mpe.cli import main
+    >>> from numpyro_mpe.io.cli import main
     >>> main(["demo", "--out", "report", "--no-nuts", "--quiet"])  # doctest: +SKIP
     0
     """
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    from .errors import MPEError
+    from numpyro_mpe.errors import MPEError
 
     try:
         return int(args.func(args) or 0)

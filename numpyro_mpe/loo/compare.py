@@ -9,7 +9,7 @@ import arviz as az
 import numpy as np
 import pandas as pd
 
-from .arviz import (
+from numpyro_mpe.io.export import (
     GOOD_K,
     _container,
     _sample_groups,
@@ -20,7 +20,7 @@ from .arviz import (
 )
 
 if TYPE_CHECKING:
-    from .fit import Fit
+    from numpyro_mpe.fit import Fit
 
 #: Per-observation columns of :func:`compare_psis` (after the observation coordinates).
 COLUMNS = ("elpd_loo_mpe", "elpd_loo_psis", "p_loo_mpe", "p_loo_psis", "pareto_k", "leverage", "sensitivity",

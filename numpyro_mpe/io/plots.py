@@ -2,7 +2,8 @@
 
 Every function draws on ``ax`` (created when ``None``) and returns the axes, as ArviZ's ``plot_*``
 functions do.  Inputs are the outputs of the package: :meth:`numpyro_mpe.Fit.sensitivities` (an
-``xarray.Dataset``, per observation or, with ``groups=``, per group), :func:`numpyro_mpe.compare.compare_psis`
+``xarray.Dataset``, per observation or, with ``groups=``, per group),
+:func:`numpyro_mpe.loo.compare.compare_psis`
 (a ``pandas.DataFrame``) and training histories of the VI backends (a table by step).
 
 The look follows ArviZ's ``arviz-doc`` style: no top/right spines, a light grid, the colour-blind
@@ -28,7 +29,7 @@ _FLAG = "#cf166e"
 _GREY = "#525252"
 _LIGHT = "0.85"
 
-#: Columns of :func:`numpyro_mpe.compare.compare_psis` that are values, not observation coordinates.
+#: Columns of :func:`numpyro_mpe.loo.compare.compare_psis` that are values, not observation coordinates.
 _VALUE_COLUMNS = {
     "elpd_loo_mpe", "elpd_loo_psis", "p_loo_mpe", "p_loo_psis", "pareto_k", "leverage", "sensitivity",
     "lpd", "elpd_loo", "p_loo", "valid", "elpd_diff", "observed", "y",
@@ -176,7 +177,7 @@ def plot_sensitivity(ds: Any, ax: Any = None, *, top: int = 3, threshold: float 
     ----------
     ds : xarray.Dataset or pandas.DataFrame
         :meth:`numpyro_mpe.Fit.sensitivities` output (or a table with ``sensitivity`` and
-        ``leverage`` columns, e.g. :func:`numpyro_mpe.compare.compare_psis`).  Multi-dimensional sites
+        ``leverage`` columns, e.g. :func:`numpyro_mpe.loo.compare.compare_psis`).  Multi-dimensional sites
         are flattened in C order; labels show the coordinates.
     ax : matplotlib.axes.Axes or sequence of two Axes, optional
         Two axes draw the two panels.  A single axes draws both on it, the leverage against a twin
@@ -195,8 +196,8 @@ def plot_sensitivity(ds: Any, ax: Any = None, *, top: int = 3, threshold: float 
     --------
     >>> import jax, numpyro
     >>> import numpyro_mpe as mpe
-    >>> from numpyro_mpe.datasets import load_stackloss, stackloss_model, STACKLOSS_PREDICTORS
-    >>> from numpyro_mpe.plots import plot_sensitivity
+    >>> from numpyro_mpe.io.datasets import load_stackloss, stackloss_model, STACKLOSS_PREDICTORS
+    >>> from numpyro_mpe.io.plots import plot_sensitivity
     >>> numpyro.enable_x64()
     >>> df = load_stackloss()
     >>> X, y = df[list(STACKLOSS_PREDICTORS)].to_numpy(float), df["stack.loss"].to_numpy(float)
@@ -290,7 +291,7 @@ def plot_elpd_comparison(df: pd.DataFrame, ax: Any = None, *, threshold: float =
     Parameters
     ----------
     df : pandas.DataFrame
-        :func:`numpyro_mpe.compare.compare_psis` output: columns ``elpd_loo_mpe``, ``elpd_loo_psis``,
+        :func:`numpyro_mpe.loo.compare.compare_psis` output: columns ``elpd_loo_mpe``, ``elpd_loo_psis``,
         ``pareto_k`` and the observation coordinates.
     ax : matplotlib.axes.Axes, optional
         Axes to draw on; ``None`` creates a figure.
@@ -308,7 +309,7 @@ def plot_elpd_comparison(df: pd.DataFrame, ax: Any = None, *, threshold: float =
     Examples
     --------
     >>> import pandas as pd
-    >>> from numpyro_mpe.plots import plot_elpd_comparison
+    >>> from numpyro_mpe.io.plots import plot_elpd_comparison
     >>> df = pd.DataFrame({"obs": [0, 1, 2], "elpd_loo_mpe": [-2.1, -2.5, -8.9],
     ...                    "elpd_loo_psis": [-2.0, -2.6, -7.5], "pareto_k": [0.1, 0.3, 0.8]})
     >>> ax = plot_elpd_comparison(df)
@@ -381,7 +382,7 @@ def plot_leverage_vs_k(df: pd.DataFrame, ax: Any = None, *, threshold: float = K
     Parameters
     ----------
     df : pandas.DataFrame
-        :func:`numpyro_mpe.compare.compare_psis` output: columns ``leverage``, ``pareto_k`` and the
+        :func:`numpyro_mpe.loo.compare.compare_psis` output: columns ``leverage``, ``pareto_k`` and the
         observation coordinates.
     ax : matplotlib.axes.Axes, optional
         Axes to draw on; ``None`` creates a figure.
@@ -397,7 +398,7 @@ def plot_leverage_vs_k(df: pd.DataFrame, ax: Any = None, *, threshold: float = K
     Examples
     --------
     >>> import pandas as pd
-    >>> from numpyro_mpe.plots import plot_leverage_vs_k
+    >>> from numpyro_mpe.io.plots import plot_leverage_vs_k
     >>> df = pd.DataFrame({"obs": [0, 1, 2], "leverage": [0.1, 0.3, 0.69], "pareto_k": [0.05, 0.4, 0.8]})
     >>> ax = plot_leverage_vs_k(df)
     >>> ax.get_xlabel(), ax.get_ylabel()
@@ -478,7 +479,7 @@ def plot_groups(group_ds: Any, ax: Any = None, *, threshold: float = K_THRESHOLD
     Examples
     --------
     >>> import numpy as np, xarray as xr
-    >>> from numpyro_mpe.plots import plot_groups
+    >>> from numpyro_mpe.io.plots import plot_groups
     >>> ds = xr.Dataset(
     ...     {"lpd": ("firm", [-50.1, -61.0, -48.3]), "elpd_loo": ("firm", [-55.2, -70.4, -49.0]),
     ...      "p_loo": ("firm", [5.1, 9.4, 0.7]), "sensitivity": ("firm", [1.2, 3.4, 0.4]),
@@ -648,7 +649,7 @@ def plot_training(history: Any, ax: Any = None, *, num_obs: int | None = None):
     Examples
     --------
     >>> import numpy as np
-    >>> from numpyro_mpe.plots import plot_training
+    >>> from numpyro_mpe.io.plots import plot_training
     >>> steps = np.arange(0, 1000, 100)
     >>> hist = {"step": steps, "train_nll": 0.6 * np.exp(-steps / 300) + 0.20,
     ...         "heldout_nll": 0.5 * np.exp(-steps / 300) + 0.30 + 1e-4 * steps,

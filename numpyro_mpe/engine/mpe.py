@@ -25,11 +25,11 @@ import numpy as np
 from jax.scipy.special import logsumexp
 from tqdm.auto import tqdm
 
-from . import rowlinalg
-from .errors import check_chunk_size
-from .model import ModelAdapter
-from .posterior import GaussianPosterior
-from .quadrature import default_rule, expected_log_lik_one
+from numpyro_mpe.engine import rowlinalg
+from numpyro_mpe.engine.quadrature import default_rule, expected_log_lik_one
+from numpyro_mpe.errors import check_chunk_size
+from numpyro_mpe.gaussian import GaussianPosterior
+from numpyro_mpe.model.adapter import ModelAdapter
 
 
 class Memories:

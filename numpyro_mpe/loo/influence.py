@@ -1,7 +1,8 @@
 """Posterior influence per latent site: how far each observation moves each parameter's posterior mean.
 
 For observation i of an observed site, the MPE gives the leave-one-out shift of q's mean in unconstrained
-space, Δm_i = m₋i − m (:attr:`SiteMPE.shift <numpyro_mpe.mpe.SiteMPE>`).  A modeller reads parameters in
+space, Δm_i = m₋i − m (:attr:`SiteMPE.shift <numpyro_mpe.engine.mpe.SiteMPE>`).  A modeller reads
+parameters in
 constrained space (σ, not log σ), so :func:`parameter_shift` maps the shift there by the delta method:
 
     shift_ij = [J_c Δm_i]_j / sd_j,    sd_j = √[J_c S⁻¹ J_cᵀ]_jj,    J_c = ∂c(θ)/∂θ at θ = m,
@@ -24,11 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 
-from .errors import ModelError
-from .mpe import map_chunks
+from numpyro_mpe.engine.mpe import map_chunks
+from numpyro_mpe.errors import ModelError
 
 if TYPE_CHECKING:
-    from .fit import Fit
+    from numpyro_mpe.fit import Fit
 
 #: Elements per chunk when pushing basis directions through the linearized constrain map.
 _JVP_CHUNK_ELEMENTS = 2**22
@@ -196,7 +197,7 @@ def parameter_shift(fit: Fit, var_names=None, var_name: str | None = None,
                          chunk_size, f"parameter shift {site.name}", fit.progress)
     out = np.asarray(out)
 
-    from .arviz import _latent_dims, _named_dims
+    from numpyro_mpe.io.export import _latent_dims, _named_dims
 
     latent_dims = _latent_dims(fit)
     obs_dims = list(site.dims)

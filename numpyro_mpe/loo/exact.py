@@ -445,7 +445,7 @@ def exact_group_loo(fit, groups, var_name: str | None = None, *, max_steps: int 
 
     For each group G, minimizes U₋G(θ) = U(θ) + Σ_{i∈G} log p(y_i | θ) by Newton's method warm-started at
     the full fit's mean m and takes the refit's Laplace approximation q₋G = N(m₋G, S₋G⁻¹),
-    S₋G = ∇²U₋G(m₋G): the exact counterpart of the closed-form :func:`numpyro_mpe.groups.group_dataset`,
+    S₋G = ∇²U₋G(m₋G): the exact counterpart of the closed-form :func:`numpyro_mpe.loo.groups.group_dataset`,
     computed without its memories, cavities or proposals.
 
     ``elpd_loo`` = log E_{q₋G}[Π_{i∈G} p(y_i | θ)] is integrated in θ-space by importance sampling with a
@@ -460,7 +460,7 @@ def exact_group_loo(fit, groups, var_name: str | None = None, *, max_steps: int 
         A fitted model.
     groups : str or array_like
         The name of an observation dim (plate) or labels aligned with the observations; see
-        :func:`numpyro_mpe.groups.resolve_groups`.
+        :func:`numpyro_mpe.loo.groups.resolve_groups`.
     var_name : str, optional
         Observed site; required when the model has several.
     max_steps : int, default 100
@@ -500,7 +500,7 @@ def exact_group_loo(fit, groups, var_name: str | None = None, *, max_steps: int 
     >>> bool(jnp.allclose(ex["shift"].values, ds["shift"].values))  # exact for a linear-Gaussian model
     True
     """
-    from .groups import resolve_groups
+    from numpyro_mpe.loo.groups import resolve_groups
 
     adapter = fit.adapter
     site = adapter.observed_site(var_name)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
 
-from . import rowlinalg
+from numpyro_mpe.engine import rowlinalg
 
 try:  # experimental: where it is gone, log_lik_series uses nested forward mode
     from jax.experimental.jet import jet
@@ -336,7 +336,7 @@ def psd_sqrt(cov):
 
     Closed form for 1×1; otherwise a Cholesky factor with a jitter of 1e-13·trace (far below the
     quadrature's error), falling back to the eigendecomposition where the factorization fails; both from
-    :mod:`numpyro_mpe.rowlinalg`, so that mapped over rows they form no batched LAPACK call.
+    :mod:`numpyro_mpe.engine.rowlinalg`, so that mapped over rows they form no batched LAPACK call.
     """
     k = cov.shape[-1]
     if k == 1:

@@ -1,0 +1,1 @@
+"""ArviZ export, plots, the HTML report, the command line and the bundled data."""

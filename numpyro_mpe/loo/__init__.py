@@ -1,0 +1,1 @@
+"""Leave-one-out over a Fit: one public concept per module."""
