@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
@@ -87,7 +88,7 @@ class Predictor:
 
     def __init__(self, fn: dist.Distribution, value):
         outer_event = tuple(fn.event_shape)
-        base, mask = unwrap(fn)
+        base, _ = unwrap(fn)  # the mask is data: the adapter keeps it with the site's weights
         base_event = tuple(base.event_shape)
         n_r = len(outer_event) - len(base_event)
         if n_r < 0 or outer_event[n_r:] != base_event:
@@ -96,7 +97,6 @@ class Predictor:
         self.reinterpreted = outer_event[:n_r]
         self.base_event = base_event
         self.num_obs = int(np.prod(self.obs_shape, dtype=int))
-        self.template = base
         target = self.obs_shape + self.reinterpreted
         acs = _arg_constraints(base)
         specs, aux_names = [], []
@@ -124,10 +124,32 @@ class Predictor:
         self.aux_names = tuple(aux_names)
         self.num_eta = sum(s.size for s in specs)
         self.labels = tuple(self._labels())
-        if mask is None or mask is True:
-            self.mask = None
-        else:
-            self.mask = jnp.reshape(jnp.broadcast_to(jnp.asarray(mask), self.obs_shape), (-1,))
+        # The template only supplies the distribution's class and its non-array settings: every parameter is
+        # set anew by :meth:`log_lik`.  Its arrays (possibly tracers of the trace it came from) are dropped.
+        self.template = copy.copy(base)
+        params = {s.name for s in self.specs} | {name for name, _ in self.aux_names}
+        for name, val in list(vars(self.template).items()):
+            if isinstance(val, jax.Array | np.ndarray):
+                if name in params:
+                    setattr(self.template, name, None)
+                else:  # e.g. a cached lazy property: recomputed from the parameters when needed
+                    delattr(self.template, name)
+
+    @property
+    def key(self) -> tuple:
+        """What the predictor's functions depend on: its class, parameters and shapes (not its values)."""
+        specs = tuple((s.name, _constraint_key(s.constraint), s.event_shape, s.unconstrained_shape)
+                      for s in self.specs)
+        settings = tuple(sorted((k, v) for k, v in vars(self.template).items()
+                                if isinstance(v, bool | int | float | str | tuple | type(None))))
+        return (type(self.template), specs, self.aux_names, self.obs_shape, self.reinterpreted,
+                self.base_event, settings)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Predictor) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
 
     def _labels(self):
         for s in self.specs:
@@ -159,15 +181,13 @@ class Predictor:
             aux[name] = jnp.reshape(v, (num,) + self.reinterpreted + p_event)
         return jnp.concatenate(parts, axis=-1), aux
 
-    _flat_params = params
-
     def eta(self, fn: dist.Distribution):
         """Predictor values ``(N, K_all)`` of the site distribution ``fn``."""
-        return self._flat_params(fn)[0]
+        return self.params(fn)[0]
 
     def aux(self, fn: dist.Distribution) -> dict:
         """Non-differentiable parameters (integers such as ``total_count``), per observation."""
-        return self._flat_params(fn)[1]
+        return self.params(fn)[1]
 
     def log_lik(self, eta, y, aux: dict):
         """``log p(y_i | η_i)`` for a batch: ``eta (n, K_all)``, ``y (n, *event)`` -> ``(n,)``.
@@ -190,9 +210,19 @@ class Predictor:
             lp = jnp.sum(lp, axis=tuple(range(1, 1 + len(self.reinterpreted))))
         return lp
 
-    def obs_mask(self, index):
-        """Mask of the observations ``index`` (``None`` when the site is unmasked)."""
-        return None if self.mask is None else self.mask[index]
+
+
+def _constraint_key(c) -> tuple:
+    """A hashable description of a constraint: its class and its scalar settings."""
+    settings = []
+    for k, v in sorted(vars(c).items()):
+        if isinstance(v, bool | int | float | str | type(None)):
+            settings.append((k, v))
+        elif np.ndim(v) == 0 and not isinstance(v, jax.core.Tracer):
+            settings.append((k, float(v)))
+        else:
+            settings.append((k, "array"))
+    return (type(c).__name__, tuple(settings))
 
 
 def make_predictor(fn: dist.Distribution, value) -> Predictor | None:

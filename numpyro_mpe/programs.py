@@ -1,0 +1,141 @@
+"""Compiled programs: how many are compiled, how long it takes, and JAX's persistent compilation cache.
+
+Every function of the model that runs under ``jax.jit`` is a module-level function taking the
+:class:`~numpyro_mpe.model.ModelAdapter` (a pytree: its data are arguments, its structure the static part)
+and the posterior (a NamedTuple) as arguments.  JAX keys its cache of compiled programs on that structure and
+the shapes and dtypes of the arguments, so a program is compiled once per (model, data shapes and dtypes,
+options) and reused by every fit, refit and checkpoint in the process.
+
+Across processes, JAX's persistent compilation cache keeps the compiled programs on disk.  numpyro_mpe turns
+it on when it is imported, in ``$NUMPYRO_MPE_CACHE_DIR`` (default ``~/.cache/numpyro_mpe/jax``, or
+``$XDG_CACHE_HOME/numpyro_mpe/jax``); ``NUMPYRO_MPE_CACHE_DIR=off`` leaves JAX's settings alone, and so does a
+cache directory the user has already set (``jax_compilation_cache_dir``).
+
+:func:`track` counts the programs compiled (or loaded from the persistent cache) and the seconds spent on
+them during a call; fits record them in ``fit.info["compile"]`` and the ``numpyro_mpe`` logger reports them at
+DEBUG level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger("numpyro_mpe")
+
+#: Environment variable naming the persistent cache folder (``off`` disables it).
+CACHE_ENV = "NUMPYRO_MPE_CACHE_DIR"
+#: Programs that take less than this to compile are not written to the persistent cache.
+MIN_COMPILE_SECONDS = 0.05
+
+_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@dataclass
+class CompileStats:
+    """Programs compiled (or loaded from the persistent cache) and the seconds it took, during one call."""
+
+    programs: int = 0
+    seconds: float = 0.0
+    names: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"programs": self.programs, "seconds": round(self.seconds, 3)}
+
+
+_local = threading.local()
+_installed = False
+
+
+def _listener(event: str, duration: float, **kwargs) -> None:
+    if event != _BACKEND_COMPILE_EVENT:
+        return
+    for stats in getattr(_local, "active", ()):
+        stats.programs += 1
+        stats.seconds += duration
+        stats.names.append(kwargs.get("fun_name", "?"))
+
+
+def _install() -> None:
+    global _installed
+    if not _installed:
+        from jax import monitoring
+
+        monitoring.register_event_duration_secs_listener(_listener)
+        _installed = True
+
+
+@contextlib.contextmanager
+def track(what: str, into: dict | None = None) -> Iterator[CompileStats]:
+    """Count the programs compiled while the block runs (nested blocks count in every enclosing one).
+
+    ``into``: a dict (e.g. ``fit.info["compile"]``) that receives ``{what: {"programs": n, "seconds": s,
+    "wall": w}}``.  The count is also logged at DEBUG level on the ``numpyro_mpe`` logger.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp
+    >>> with track("example") as stats:
+    ...     _ = jax.jit(lambda x: x * 2.0 + 1.0)(jnp.arange(3.0))
+    >>> stats.programs >= 1
+    True
+    """
+    _install()
+    stats = CompileStats()
+    active = getattr(_local, "active", None)
+    if active is None:
+        active = _local.active = []
+    active.append(stats)
+    start = time.perf_counter()
+    try:
+        yield stats
+    finally:
+        active.remove(stats)
+        wall = time.perf_counter() - start
+        if into is not None:
+            into[what] = {**stats.as_dict(), "wall": round(wall, 3)}
+        logger.debug("%s: %d program(s) compiled in %.2f s (%.2f s wall)", what, stats.programs,
+                     stats.seconds, wall)
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "numpyro_mpe" / "jax"
+
+
+def enable_persistent_cache(path: str | os.PathLike | None = None) -> Path | None:
+    """Turn on JAX's persistent compilation cache in ``path`` (default: ``$NUMPYRO_MPE_CACHE_DIR`` or
+    :func:`default_cache_dir`), unless the user has set a cache folder already or the variable says ``off``.
+
+    Returns the folder in use (``None`` when the cache is left off).  Called on ``import numpyro_mpe``.
+    """
+    import jax
+
+    env = os.environ.get(CACHE_ENV)
+    if path is None and env is not None and env.strip().lower() in ("", "0", "off", "false", "no", "none"):
+        return None
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return Path(current)
+    folder = Path(path or env or default_cache_dir())
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        logger.debug("persistent compilation cache not enabled: %s", err)
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    if jax.config.jax_persistent_cache_min_compile_time_secs == 1.0:  # JAX's default: not set by the user
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+    try:  # the cache is set up at the first compilation of the process: start again if that has happened
+        from jax.experimental.compilation_cache import compilation_cache
+
+        compilation_cache.reset_cache()
+    except Exception:  # noqa: BLE001 - an older or newer JAX without it: the setting applies from now on
+        pass
+    return folder
