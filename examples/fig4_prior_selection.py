@@ -29,7 +29,7 @@ from sklearn.datasets import load_breast_cancer  # noqa: E402
 from sklearn.preprocessing import PolynomialFeatures  # noqa: E402
 
 import numpyro_mpe as mpe  # noqa: E402
-from numpyro_mpe.loo.tuning import plot_tuning  # noqa: E402
+from numpyro_mpe.io.plots import plot_tuning  # noqa: E402
 
 numpyro.enable_x64()
 OUT = Path(__file__).parent / "figures"

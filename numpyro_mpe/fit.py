@@ -9,147 +9,229 @@ import jax
 import numpy as np
 import xarray as xr
 
-from numpyro_mpe.engine.mpe import Memories, PredictorState, SiteMPE, predictor_state, site_mpe
-from numpyro_mpe.engine.mpe import memories as mpe_memories
-from numpyro_mpe.engine.streaming import CURVATURES, StreamingSite
-from numpyro_mpe.errors import MPEError, check_chunk_size, check_options
+from numpyro_mpe.engine.layout import Layout, auto_chunk_size
+from numpyro_mpe.engine.memories import (
+    Memories,
+    MemorySpec,
+    PredictorState,
+    exact_memories,
+    expected_memories,
+    factored_memories,
+    predictor_state,
+)
+from numpyro_mpe.engine.site import PassOptions, SiteMPE, memory_pass, predictor_pass
+from numpyro_mpe.engine.terms import SiteData
 from numpyro_mpe.gaussian import GaussianPosterior
 from numpyro_mpe.model.adapter import ModelAdapter
+from numpyro_mpe.model.rows import row_plan
+from numpyro_mpe.options import MPEOptions
+from numpyro_mpe.programs import track
 
 #: Per-observation outputs of :meth:`Fit.sensitivities` (the public contract).
 OUTPUTS = ("lpd", "elpd_loo", "p_loo", "sensitivity", "leverage")
+#: Rows per chunk of the passes over held memories (dense P×P per row).
+MEMORY_CHUNK = 4096
 
 
 class Fit:
     """A NumPyro model, its data, and a Gaussian posterior q = N(m, S⁻¹) in unconstrained space.
 
-    Created by :class:`numpyro_mpe.Laplace` (and the VI backends).  Per-observation MPE outputs are
-    computed on first use for each observed site and cached.
+    Created by :class:`numpyro_mpe.Laplace`, :class:`numpyro_mpe.SVI` and :class:`numpyro_mpe.NGVI`.
+    Per-observation MPE outputs are computed on first use for each observed site and cached.
 
     Attributes
     ----------
     adapter : ModelAdapter
         The model as functions of the flat unconstrained θ.
     posterior : GaussianPosterior
-        Mean, precision and its Cholesky factor.
+        Mean and precision (full, diagonal or low-rank plus diagonal).
     method : str
-        ``"laplace"`` (or the name of the backend that produced the posterior).
+        ``"laplace"``, ``"svi"``, ``"ngvi"`` or ``"checkpoint"``.
     info : dict
-        Optimizer diagnostics (steps, gradient norm, potential at the optimum).
-    memories_fn : callable, optional
-        ``memories_fn(fit, var_name) -> Memories``: how a backend computes its memories (e.g. expectations
-        under a variational q).  Default: the delta method at the mean with exact curvature.
-    refit_fn : callable, optional
-        ``refit_fn(fit, weights) -> GaussianPosterior``: refit by the same method with per-observation
-        weights on the site (0 removes), warm-started; used by :func:`numpyro_mpe.exact_loo` for
-        non-Laplace fits.
+        Diagnostics of the fit (optimizer steps, gradient norm, ...), and under ``"compile"`` the programs
+        compiled by each call and the seconds they took (:func:`numpyro_mpe.programs.track`).
+    memories_spec : MemorySpec
+        How the memories are taken (delta method at the mean, through the predictor, or expectations under q).
+    refit : object, optional
+        The backend's refit without observations (``refit.runner``/``refit(fit, weights)``), used by
+        :func:`numpyro_mpe.exact_loo` for variational fits.
+    options : MPEOptions
+        Chunk size, Monte Carlo draws, progress bars, curvature and devices of the passes.
     """
 
-    MPE_OPTIONS = {"chunk_size", "num_samples", "progress", "curvature", "devices"}
-
     def __init__(self, adapter: ModelAdapter, posterior: GaussianPosterior, method: str,
-                 info: dict | None = None, *, memories_fn=None, refit_fn=None, **mpe_options):
-        check_options("Fit", mpe_options, self.MPE_OPTIONS)
+                 info: dict | None = None, *, memories: MemorySpec | None = None, refit=None,
+                 options: MPEOptions | None = None):
         self.adapter = adapter
         self.posterior = posterior
         self.method = method
         self.info = dict(info or {})
-        self.memories_fn = memories_fn
-        self.refit_fn = refit_fn
-        # the streaming engine sizes its chunks by memory unless told (streaming.auto_chunk_size)
-        self.stream_chunk_size = check_chunk_size(mpe_options.get("chunk_size"))
-        self.chunk_size = 4096 if self.stream_chunk_size is None else self.stream_chunk_size
-        self.num_samples = int(mpe_options.get("num_samples", 2000))
-        self.progress = bool(mpe_options.get("progress", True))
-        self.curvature = mpe_options.get("curvature", "exact")
-        if self.curvature not in CURVATURES:
-            raise MPEError(f"curvature must be one of {CURVATURES}, got {self.curvature!r}")
-        self.devices = mpe_options.get("devices")
+        self.info.setdefault("compile", {})
+        self.memories_spec = memories or MemorySpec()
+        self.refit = refit
+        self.options = options or MPEOptions()
         self._cache: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         sites = ", ".join(f"{n}{s.obs_shape}" for n, s in self.adapter.observed.items())
         return f"Fit(method={self.method!r}, P={self.adapter.num_params}, observed=[{sites}])"
 
-    # ------------------------------------------------------------ core quantities
+    # ------------------------------------------------------------ options, for callers
+    @property
+    def progress(self) -> bool:
+        return self.options.progress
+
+    @property
+    def num_samples(self) -> int:
+        return self.options.num_samples
+
+    @property
+    def curvature(self) -> str:
+        return self.options.curvature
+
     @property
     def observed_names(self) -> list[str]:
         return list(self.adapter.observed)
 
-    def memories(self, var_name: str | None = None) -> Memories:
-        """Per-observation memories (ĝ_i, Ĥ_i) of ``var_name`` (delta method at the mean)."""
+    def chunk_size(self, var_name: str | None = None) -> int:
+        """Rows per chunk of the passes over ``var_name``: the option, else sized by memory."""
+        if self.options.chunk_size is not None:
+            return self.options.chunk_size
         site = self.adapter.observed_site(var_name)
-        key = ("memories", site.name)
-        if key not in self._cache:
-            eng = self.streaming_site(site.name) if self.curvature == "ggn" else None
-            if eng is not None:
-                self._cache[key] = eng.memories(self.posterior.mean)
-            elif self.memories_fn is not None:
-                self._cache[key] = self.memories_fn(self, site.name)
-            else:
-                self._cache[key] = mpe_memories(self.adapter, self.posterior.mean, site.name,
-                                                self.predictor_state(site.name))
-        return self._cache[key]
+        k = site.predictor.num_eta if site.predictor is not None else 1
+        return auto_chunk_size(self.adapter.num_params, k, self.adapter.structure.dtype.itemsize)
+
+    # ------------------------------------------------------------ the site's engine
+    def site_data(self, var_name: str | None = None, stream: bool = False) -> SiteData:
+        """The rows of ``var_name`` laid out in chunks (a site with a predictor); ``stream``: run the model
+        on chunks of rows even when one chunk would hold them all (the streamed MAP)."""
+        site = self.adapter.observed_site(var_name)
+        key = ("site_data", site.name)
+        cached = self._cache.get(key)
+        if cached is not None and (not stream or cached.rows.source == "rows"):
+            return cached
+        if site.predictor is None:
+            from numpyro_mpe.errors import MPEError
+
+            raise MPEError(f"site '{site.name}' has no predictor ({site.no_predictor_reason})")
+        layout = Layout.build(site.num_obs, self.chunk_size(site.name), self.options.devices)
+        plan, why = None, None
+        if stream or layout.num_chunks > 1 or layout.mesh.size > 1:
+            plan, why = row_plan(self.adapter, site.name)
+        data = SiteData(self.adapter, site.name, layout, curvature=self.options.curvature, stream=stream,
+                        plan=plan, no_plan_reason=why)
+        if data.rows.source == "held" and site.num_obs * self.adapter.num_params > 5e7:
+            warnings.warn(
+                f"site '{site.name}': {why}; the predictor Jacobian is held for all {site.num_obs} "
+                f"observations ({site.num_obs}x{self.adapter.num_params}); pass the per-observation data as "
+                "model arguments, observations along the first axis, to stream", stacklevel=3)
+        self._cache[key] = data
+        return data
+
+    def uses_predictor(self, var_name: str) -> bool:
+        """Whether the pass of ``var_name`` runs through its predictor at the mean (factored memories, no P×P
+        work per observation): the site has a predictor and either the memories are taken through it
+        (``"ggn"``), ``curvature="ggn"``, or the predictor is linear in θ with delta memories.
+        ``curvature="ggn"`` without a predictor falls back to exact curvature with a warning."""
+        key = ("uses_predictor", var_name)
+        if key in self._cache:
+            return self._cache[key]
+        site = self.adapter.observed[var_name]
+        spec = self.memories_spec
+        use = False
+        if site.predictor is None:
+            if self.options.curvature == "ggn":
+                warnings.warn(f"curvature='ggn': site '{var_name}' has no predictor "
+                              f"({site.no_predictor_reason}); using exact curvature for it", stacklevel=3)
+        elif spec.kind == "ggn" or (spec.kind == "delta" and not spec.diagonal
+                                    and (self.options.curvature == "ggn"
+                                         or self.site_data(var_name).is_linear(self.posterior.mean))):
+            use = True
+        self._cache[key] = use
+        return use
 
     def predictor_state(self, var_name: str | None = None) -> PredictorState | None:
-        """η_i(m), its Jacobian and fixed parameters for ``var_name`` (``None`` without a predictor)."""
+        """η_i(m), its Jacobian, fixed parameters, values and weights of ``var_name`` (``None`` without a
+        predictor)."""
         site = self.adapter.observed_site(var_name)
         key = ("predictor", site.name)
         if key not in self._cache:
-            self._cache[key] = (predictor_state(self.adapter, self.posterior.mean, site.name)
-                                if site.predictor is not None else None)
+            if site.predictor is None:
+                self._cache[key] = None
+            else:
+                active = self.site_data(site.name).rows.active
+                self._cache[key] = predictor_state(self.adapter, self.posterior.mean, site.name, active)
         return self._cache[key]
 
-    def stream(self, var_name: str | None = None) -> StreamingSite:
-        """The prediction-space engine of ``var_name`` (chunks of rows, sharded over ``devices``)."""
+    def memories(self, var_name: str | None = None) -> Memories:
+        """Per-observation memories (ĝ_i, Ĥ_i) of ``var_name``, as :attr:`memories_spec` says."""
         site = self.adapter.observed_site(var_name)
-        key = ("stream", site.name)
+        key = ("memories", site.name)
         if key not in self._cache:
-            self._cache[key] = StreamingSite(self.adapter, site.name, chunk_size=self.stream_chunk_size,
-                                             curvature=self.curvature, devices=self.devices,
-                                             progress=self.progress)
+            with track(f"memories({site.name})", self.info["compile"]):
+                self._cache[key] = self._memories(site.name)
         return self._cache[key]
 
-    def streaming_site(self, var_name: str) -> StreamingSite | None:
-        """The engine if ``var_name``'s MPE runs in prediction space, else ``None``.
+    def _memories(self, name: str) -> Memories:
+        spec = self.memories_spec
+        pred = self.predictor_state(name)
+        curvature = self.options.curvature
+        if spec.kind == "mc":
+            linear = pred is not None and self.site_data(name).is_linear(self.posterior.mean)
+            q = spec.q if spec.q is not None else self.posterior
+            return expected_memories(self.adapter, q, name, num_samples=spec.num_samples,
+                                     rng_key=spec.rng_key, diagonal=spec.diagonal, pred=pred, linear=linear)
+        if pred is not None and (spec.kind == "ggn" or curvature == "ggn" or self.uses_predictor(name)):
+            mem = factored_memories(self.adapter, name, pred, curvature)
+        else:
+            mem = exact_memories(self.adapter, self.posterior.mean, name)
+        return mem.diagonalized() if spec.diagonal else mem
 
-        That is where the site has a predictor and either ``curvature="ggn"`` or the predictor is linear in
-        θ (the GGN is then the exact Hessian) and the memories are the delta method's.  ``curvature="ggn"``
-        without a predictor falls back to exact curvature with a warning that says why.
-        """
+    def pass_options(self, var_name: str, *, quadrature_tol: float | None = None,
+                     keep_shift: bool | None = None, first_order: bool = False,
+                     expect_q: bool = False) -> PassOptions:
+        """The :class:`~numpyro_mpe.engine.site.PassOptions` of ``var_name``'s pass."""
         site = self.adapter.observed[var_name]
-        key = ("streaming_site", var_name)
-        if key in self._cache:
-            return self._cache[key]
-        eng = None
-        if site.predictor is None:
-            if self.curvature == "ggn":
-                warnings.warn(f"curvature='ggn': site '{var_name}' has no predictor "
-                              f"({site.no_predictor_reason}); using exact curvature for it", stacklevel=3)
-        elif self.curvature == "ggn":
-            eng = self.stream(var_name)
-        elif self.memories_fn is None:
-            cand = self.stream(var_name)
-            eng = cand if cand.is_linear(self.posterior.mean) else None
-        self._cache[key] = eng
-        return eng
+        k = len(self.site_data(var_name).rows.active) if site.predictor is not None else 0
+        if not self.uses_predictor(var_name):
+            quadrature_tol = 0.0  # held memories: the full rule on every row
+        return PassOptions.make(k, site.num_obs, self.adapter.num_params, self.adapter.structure.dtype,
+                                num_samples=self.options.num_samples, tol=quadrature_tol,
+                                keep_shift=keep_shift, first_order=first_order, expect_q=expect_q)
 
-    def site_mpe(self, var_name: str | None = None) -> SiteMPE:
-        """All MPE outputs of ``var_name`` as arrays over the flattened observations."""
+    def site_mpe(self, var_name: str | None = None, *, quadrature_tol: float | None = None,
+                 keep_shift: bool | None = None, first_order: bool = False,
+                 expect_q: bool = False) -> SiteMPE:
+        """All MPE outputs of ``var_name`` as arrays over the flattened observations.
+
+        With the defaults the result is cached.  ``quadrature_tol``: accepted difference of a cheaper
+        quadrature tier from the full rule (0: the full rule everywhere; default 0 up to 4096 observations,
+        else 1e-11 in float64); ``keep_shift``: return the N×P shifts (default while N·P ≤ 10⁷);
+        ``first_order``, ``expect_q``: the training checkpoints' options (see
+        :class:`~numpyro_mpe.engine.site.PassOptions`).
+        """
         site = self.adapter.observed_site(var_name)
+        opts = dict(quadrature_tol=quadrature_tol, keep_shift=keep_shift, first_order=first_order,
+                    expect_q=expect_q)
+        default = quadrature_tol is None and keep_shift is None and not first_order and not expect_q
         key = ("mpe", site.name)
-        if key not in self._cache:
-            eng = self.streaming_site(site.name)
-            if eng is not None:
-                self._cache[key] = eng.site_mpe(self.posterior, num_samples=self.num_samples,
-                                                rng_key=jax.random.PRNGKey(0))
-                return self._cache[key]
-            self._cache[key] = site_mpe(
-                self.adapter, self.posterior, site.name, self.memories(site.name),
-                chunk_size=self.chunk_size, num_samples=self.num_samples, progress=self.progress,
-                rng_key=jax.random.PRNGKey(0), pred=self.predictor_state(site.name),
-            )
-        return self._cache[key]
+        if default and key in self._cache:
+            return self._cache[key]
+        with track(f"site_mpe({site.name})", self.info["compile"]):
+            res = self._site_mpe(site.name, self.pass_options(site.name, **opts))
+        if default:
+            self._cache[key] = res
+        return res
+
+    def _site_mpe(self, name: str, opts: PassOptions) -> SiteMPE:
+        key = jax.random.PRNGKey(0)
+        if self.uses_predictor(name):
+            return predictor_pass(self.site_data(name), self.posterior, opts, rng_key=key,
+                                  progress=self.options.progress)
+        return memory_pass(self.adapter, self.posterior, name, self.memories(name),
+                           self.predictor_state(name), opts, rng_key=key,
+                           chunk_size=self.options.chunk_size or MEMORY_CHUNK,
+                           progress=self.options.progress, num_samples=self.options.num_samples)
 
     # ------------------------------------------------------------ public outputs
     def sensitivities(self, var_name: str | None = None, groups=None) -> xr.Dataset:
@@ -195,7 +277,7 @@ class Fit:
             data["prediction_var"] = (dims + [pdim], arr(var))
             coords[pdim] = list(res.prediction_labels)
         ds = xr.Dataset(data, coords=coords)
-        ds.attrs.update(var_name=site.name, method=self.method, elpd_integration=res.method,
+        ds.attrs.update(var_name=site.name, method=self.method, elpd_integration=str(res.integration),
                         num_params=self.adapter.num_params)
         ds["sensitivity"].attrs["description"] = (
             "sqrt(dm' S dm): posterior-mean shift if i is removed, in posterior-sd units")
@@ -208,15 +290,10 @@ class Fit:
 
         ``elpd_loo`` is the sum of the MPE ``elpd_loo`` over observations, ``se`` its standard error
         √N·sd, ``p_loo`` the sum of ``p_loo``; ``loo_i`` the pointwise values and, where PSIS puts
-        ``pareto_k``, the MPE leverage.
-
-        ``method="mpe-is"`` replaces the flagged observations (leverage > 0.5 or invalid cavity) by MPE
-        importance sampling (:meth:`importance_loo`), whose Pareto k̂ then stands in ``pareto_k``.
-        ``groups`` gives leave-group-out (one pointwise value per group).  Further ``options``
-        (``num_samples``, ``rng_key``, ``df`` for a Student-t MPE-IS proposal) go to
-        :func:`numpyro_mpe.io.export.elpd_data`.
+        ``pareto_k``, the MPE leverage.  See :func:`numpyro_mpe.loo.elpd.elpd_data` for ``method``,
+        ``groups`` and the further ``options``.
         """
-        from numpyro_mpe.io.export import elpd_data
+        from numpyro_mpe.loo.elpd import elpd_data
 
         return elpd_data(self, var_name, method=method, groups=groups, **options)
 
@@ -235,8 +312,8 @@ class Fit:
 
     def parameter_shift(self, var_names=None, var_name: str | None = None,
                         chunk_size: int | None = None) -> xr.Dataset:
-        """MPE shift of each latent site's posterior mean (constrained space, in posterior sd units)
-        for every observation of ``var_name``; see :func:`numpyro_mpe.loo.influence.parameter_shift`."""
+        """MPE shift of each latent site's posterior mean (constrained space, in posterior sd units) for every
+        observation of ``var_name``; see :func:`numpyro_mpe.loo.influence.parameter_shift`."""
         from numpyro_mpe.loo.influence import parameter_shift
 
         return parameter_shift(self, var_names=var_names, var_name=var_name, chunk_size=chunk_size)

@@ -86,6 +86,10 @@ class GaussianPosterior(NamedTuple):
 
     cov_matvec = solve
 
+    def precision_matvec(self, v):
+        """S v."""
+        return self.precision @ v
+
     def cov_diag(self):
         """diag S⁻¹."""
         linv = solve_triangular(self.chol, jnp.eye(self.dim, dtype=self.mean.dtype), lower=True)
@@ -157,6 +161,10 @@ class DiagGaussianPosterior(NamedTuple):
 
     def cov_diag(self):
         return 1.0 / self.precision_diag
+
+    def precision_matvec(self, v):
+        d = self.precision_diag
+        return v * (d if v.ndim == 1 else d[:, None])
 
     def whiten(self, v):
         d = jnp.sqrt(self.precision_diag)
@@ -314,3 +322,44 @@ class LowRankGaussianPosterior(NamedTuple):
 def structure_of(post) -> str:
     """``"full"``, ``"diag"`` or ``"lowrank"``."""
     return getattr(post, "structure", "full")
+
+
+def draws(posterior, num_samples: int, rng_key=None, antithetic: bool = True) -> jax.Array:
+    """``num_samples`` draws θ_s = m ± L⁻ᵀ z_s from q, shape ``(num_samples, P)``: antithetic pairs (exact
+    means of odd functions of θ − m, and of quadratic potentials' gradients), or independent draws.
+
+    The same ``rng_key`` gives the same draws: quantities computed from them (the memories of every site and
+    the precision) use common random numbers.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> q = from_precision(jnp.zeros(2), jnp.eye(2))
+    >>> th = draws(q, 4)
+    >>> th.shape, bool(jnp.allclose(th.mean(0), 0.0))
+    ((4, 2), True)
+    """
+    rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
+    num_samples = int(num_samples)
+    if antithetic:
+        half = (num_samples + 1) // 2
+        z = jax.random.normal(rng_key, (half, posterior.dim), posterior.mean.dtype)
+        z = jnp.concatenate([z, -z])[:num_samples]
+    else:
+        z = jax.random.normal(rng_key, (num_samples, posterior.dim), posterior.mean.dtype)
+    return posterior.mean + posterior.unwhiten(z.T).T
+
+
+def from_state(mean, precision) -> GaussianPosterior:
+    """The Gaussian q = N(mean, S⁻¹) of an optimizer state; ``precision``: S ``(P, P)`` or its diagonal.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> from_state(jnp.zeros(2), jnp.array([4.0, 1.0])).precision.shape
+    (2, 2)
+    """
+    precision = jnp.asarray(precision)
+    if precision.ndim == 1:
+        precision = jnp.diag(precision)
+    return from_precision(jnp.asarray(mean), precision)

@@ -37,7 +37,7 @@ MIN_COMPILE_SECONDS = 0.05
 _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
-@dataclass
+@dataclass(eq=False)
 class CompileStats:
     """Programs compiled (or loaded from the persistent cache) and the seconds it took, during one call."""
 
@@ -51,6 +51,7 @@ class CompileStats:
 
 _local = threading.local()
 _installed = False
+_cache_setup = False
 
 
 def _listener(event: str, duration: float, **kwargs) -> None:
@@ -117,6 +118,10 @@ def enable_persistent_cache(path: str | os.PathLike | None = None) -> Path | Non
     """
     import jax
 
+    global _cache_setup
+    if path is None and _cache_setup:
+        return Path(jax.config.jax_compilation_cache_dir) if jax.config.jax_compilation_cache_dir else None
+    _cache_setup = True
     env = os.environ.get(CACHE_ENV)
     if path is None and env is not None and env.strip().lower() in ("", "0", "off", "false", "no", "none"):
         return None

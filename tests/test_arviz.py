@@ -18,7 +18,9 @@ import xarray as xr
 from numpyro.infer import MCMC, NUTS
 
 import numpyro_mpe as mpe
-from numpyro_mpe.io.export import ARVIZ_1, elpd_data, pointwise_elpd, read_sensitivities
+from numpyro_mpe.io.export import read_sensitivities
+from numpyro_mpe.loo.arviz_compat import ARVIZ_1, pointwise_elpd
+from numpyro_mpe.loo.elpd import elpd_data
 
 numpyro.enable_x64()
 

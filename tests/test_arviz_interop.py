@@ -20,7 +20,7 @@ from scipy import stats
 
 import numpyro_mpe as mpe
 from numpyro_mpe.io.datasets import STACKLOSS_PREDICTORS, STACKLOSS_RESPONSE, load_stackloss, stackloss_model
-from numpyro_mpe.io.export import ARVIZ_1
+from numpyro_mpe.loo.arviz_compat import ARVIZ_1
 
 numpyro.enable_x64()
 

@@ -16,7 +16,8 @@ from scipy.special import logsumexp
 from scipy.stats import spearmanr
 
 import numpyro_mpe as mpe
-from numpyro_mpe.io.export import ARVIZ_1, _container, pointwise_elpd
+from numpyro_mpe.loo.arviz_compat import ARVIZ_1, pointwise_elpd
+from numpyro_mpe.loo.arviz_compat import container as _container
 
 numpyro.enable_x64()
 

@@ -26,7 +26,7 @@ import pytest
 from scipy.stats import multivariate_normal, spearmanr
 
 import numpyro_mpe as mpe
-from numpyro_mpe.io.export import pointwise_elpd
+from numpyro_mpe.loo.arviz_compat import pointwise_elpd
 
 pytestmark = pytest.mark.arviz  # fit.loo(groups=...) and az.compare
 

@@ -27,7 +27,8 @@ from scipy.stats import halfnorm, norm
 
 import numpyro_mpe as mpe
 from numpyro_mpe.io.datasets import STACKLOSS_PREDICTORS, load_stackloss, stackloss_model
-from numpyro_mpe.io.export import _container, pointwise_elpd
+from numpyro_mpe.loo.arviz_compat import container as _container
+from numpyro_mpe.loo.arviz_compat import pointwise_elpd
 
 pytestmark = pytest.mark.arviz  # az.loo, ELPDData
 

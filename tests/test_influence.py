@@ -26,7 +26,7 @@ from scipy.stats import spearmanr
 
 import numpyro_mpe as mpe
 from numpyro_mpe.errors import ModelError
-from numpyro_mpe.io.export import ARVIZ_1
+from numpyro_mpe.loo.arviz_compat import ARVIZ_1
 from numpyro_mpe.loo.influence import parameter_shift
 
 numpyro.enable_x64()

@@ -19,7 +19,7 @@ from jax.scipy.stats import norm
 
 import numpyro_mpe as mpe
 import numpyro_mpe.engine.quadrature as quadrature
-import numpyro_mpe.engine.streaming as streaming
+import numpyro_mpe.engine.site as site_engine
 from numpyro_mpe.engine.quadrature import (
     GAUSS_HERMITE_TIERS,
     expected_log_lik_block,
@@ -27,7 +27,7 @@ from numpyro_mpe.engine.quadrature import (
     gauss_hermite,
     log_lik_series,
 )
-from numpyro_mpe.engine.streaming import row_plan
+from numpyro_mpe.model.rows import row_plan
 
 KEY = jax.random.PRNGKey(0)
 
@@ -101,9 +101,8 @@ def logistic_data(n, p=5, seed=0):
 def test_pass_with_block_rules_equals_the_full_rule_on_every_row():
     X, y = logistic_data(6000)
     fit = mpe.Laplace(logistic, curvature="ggn", chunk_size=1000, progress=False).run(KEY, X, y=y)
-    eng = fit.stream("y")
-    fast = eng.site_mpe(fit.posterior)
-    full = eng.site_mpe(fit.posterior, quadrature_tol=0)
+    fast = fit.site_mpe("y")
+    full = fit.site_mpe("y", quadrature_tol=0)
     assert "48 points per dimension" in full.method
     assert "K=1, 48 points" not in fast.method, fast.method
     for name in ("lpd", "elpd_loo"):
@@ -111,21 +110,24 @@ def test_pass_with_block_rules_equals_the_full_rule_on_every_row():
     # a small data set (wide posterior) is integrated with more points than a large one
     Xs, ys = logistic_data(40, seed=2)
     small = mpe.Laplace(logistic, curvature="ggn", progress=False).run(KEY, Xs, y=ys)
-    res = small.stream("y").site_mpe(small.posterior)
-    ref = small.stream("y").site_mpe(small.posterior, quadrature_tol=0)
+    res = small.site_mpe("y", quadrature_tol=1e-11)
+    ref = small.site_mpe("y", quadrature_tol=0)
     np.testing.assert_allclose(res.elpd_loo, ref.elpd_loo, atol=1e-9, rtol=0)
+
+
+def _identity(d):
+    return d
 
 
 def test_shifts_streamed_when_not_kept(monkeypatch):
     X, y = logistic_data(700)
     fit = mpe.Laplace(logistic, curvature="ggn", chunk_size=128, progress=False).run(KEY, X, y=y)
-    eng = fit.stream("y")
-    kept = np.asarray(eng.site_mpe(fit.posterior, keep_shift=True).shift)
-    streamed = np.asarray(eng.map_shifts(fit.posterior, lambda d: d))
+    kept = np.asarray(fit.site_mpe("y", keep_shift=True).shift)
+    streamed = np.asarray(site_engine.map_shifts(fit.site_data("y"), fit.posterior, _identity))
     np.testing.assert_allclose(streamed, kept, atol=1e-12, rtol=0)
     ref = mpe.parameter_shift(fit)
 
-    monkeypatch.setattr(streaming, "KEEP_SHIFT_LIMIT", 0)
+    monkeypatch.setattr(site_engine, "KEEP_SHIFT_LIMIT", 0)
     fit2 = mpe.Laplace(logistic, curvature="ggn", chunk_size=128, progress=False).run(KEY, X, y=y)
     assert fit2.site_mpe("y").shift is None
     ds = mpe.parameter_shift(fit2)
@@ -268,9 +270,8 @@ def test_pass_at_large_n_takes_the_taylor_expansion_and_matches_the_full_rule():
             "poisson": (poisson_model, rng.poisson(np.exp(X @ [-0.5, 0.2, -0.1])).astype(float))}
     for name, (model, y) in data.items():
         fit = mpe.Laplace(model, curvature="ggn", progress=False).run(KEY, X, y=y)
-        eng = fit.stream("y")
-        fast = eng.site_mpe(fit.posterior)
-        full = eng.site_mpe(fit.posterior, quadrature_tol=0)
+        fast = fit.site_mpe("y")
+        full = fit.site_mpe("y", quadrature_tol=0)
         # logistic: every block; Poisson (rates ≈ 0.6): blocks without large counts (e^η varies fast there)
         assert "taylor expansion" in fast.method, (name, fast.method)
         assert name != "logistic" or fast.method.startswith("taylor expansion"), fast.method

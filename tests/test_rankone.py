@@ -13,10 +13,14 @@ import numpyro
 import numpyro.distributions as dist
 import pytest
 
-from numpyro_mpe.engine.streaming import StreamingSite
+from numpyro_mpe.engine import terms
+from numpyro_mpe.engine.layout import Layout
+from numpyro_mpe.engine.site import PassOptions, predictor_pass
+from numpyro_mpe.engine.sums import site_sums
 from numpyro_mpe.gaussian import DiagGaussianPosterior, LowRankGaussianPosterior
 from numpyro_mpe.model import rankone
 from numpyro_mpe.model.adapter import ModelAdapter
+from numpyro_mpe.model.rows import row_plan
 
 numpyro.enable_x64()
 KEY = jax.random.PRNGKey(0)
@@ -179,16 +183,17 @@ def test_engine_sums_equal_the_dense_per_site_path(monkeypatch):
     probe = jax.random.normal(KEY, (theta.shape[0], 3))
 
     def sums():
-        eng = StreamingSite(adapter, "y", chunk_size=128, curvature="ggn", progress=False)
-        active = eng.active(theta)
-        blocks = jax.eval_shape(lambda t, rows: eng._site_jacobians(t, rows, active)[2],
-                                theta, eng.chunk_data(theta, 0)["rows"])
-        grad, curv_diag = eng.reduce(theta, "grad", "diag")[1:]
-        out = {"grad": grad, "diag": curv_diag, "matvec": eng.reduce(theta, "grad", "matvec", probe=probe)[2]}
+        site = terms.SiteData(adapter, "y", Layout.build(len(y), 128), curvature="ggn", stream=True,
+                              plan=row_plan(adapter, "y")[0])
+        blocks = jax.eval_shape(lambda t, rows: terms._site_jacobians(adapter, site.rows, t, rows)[2],
+                                theta, site.chunk(0, theta)["rows"])
+        grad, curv_diag = site_sums(site, theta, "all", "diag")[1:]
+        out = {"grad": grad, "diag": curv_diag, "matvec": site_sums(site, theta, "all", "matvec", probe)[2]}
+        opts = PassOptions.make(len(site.rows.active), len(y), adapter.num_params, adapter.structure.dtype)
         diag = DiagGaussianPosterior(theta, 4.0 + curv_diag)  # a prior precision of 4 plus the GGN diagonal
         low = LowRankGaussianPosterior.build(theta, 4.0 + curv_diag, probe)
         for tag, post in (("diag", diag), ("lowrank", low)):
-            res = eng.site_mpe(post)
+            res = predictor_pass(site, post._replace(mean=theta), opts)
             out[tag] = {f: np.asarray(getattr(res, f)) for f in ("prediction_var", "elpd_loo", "leverage")}
         return out, blocks
 

@@ -1,9 +1,9 @@
 """Scale (issue #4): prediction-space (GGN) MPE, structured posteriors, streaming over chunks, sharding.
 
 Independent truths: the dense exact path (forward-over-forward Hessians of each ℓ_i and whitened P×P
-cavities, :func:`numpyro_mpe.engine.mpe.exact_memories` + :func:`numpyro_mpe.engine.mpe.site_mpe`), the
-full-model
-damped Newton, and the same computation on one device in another process.
+cavities: :func:`numpyro_mpe.engine.memories.exact_memories` through
+:func:`numpyro_mpe.engine.site.memory_pass`), the full-model damped Newton, and the same computation on one
+device in another process.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ from jax.flatten_util import ravel_pytree
 from scipy.stats import spearmanr
 
 import numpyro_mpe as mpe
-from numpyro_mpe.engine.mpe import exact_memories, site_mpe
-from numpyro_mpe.engine.streaming import StreamingSite, row_plan
+from numpyro_mpe.engine.memories import exact_memories
+from numpyro_mpe.engine.site import PassOptions, memory_pass, predictor_chunk
+from numpyro_mpe.engine.terms import chunk_terms
+from numpyro_mpe.model.rows import row_plan
 
 KEY = jax.random.PRNGKey(0)
 OUTS = ("lpd", "elpd_loo", "p_loo", "sensitivity", "leverage", "prediction_shift", "prediction_var", "shift")
@@ -70,11 +72,18 @@ def data(n=300, p=4, seed=0, kind="bernoulli"):
     return X, y
 
 
+def site_mpe(fit, post, name, memories):
+    """The pass over held memories under ``post`` (P×P whitened cavities for dense memories), the full
+    quadrature rule on every row."""
+    pred = fit.predictor_state(name)
+    opts = PassOptions.make(len(pred.active), fit.adapter.observed[name].num_obs, fit.adapter.num_params,
+                            fit.adapter.structure.dtype, tol=0.0)
+    return memory_pass(fit.adapter, post, name, memories, pred, opts, chunk_size=4096)
+
+
 def dense_exact(fit, name="y"):
     """The dense exact path: exact per-observation Hessians, whitened P×P eigendecompositions."""
-    mem = exact_memories(fit.adapter, fit.posterior.mean, name)
-    pred = fit.predictor_state(name)
-    return site_mpe(fit.adapter, fit.posterior, name, mem, pred=pred, progress=False)
+    return site_mpe(fit, fit.posterior, name, exact_memories(fit.adapter, fit.posterior.mean, name))
 
 
 def max_err(a, b, fields=OUTS):
@@ -87,7 +96,7 @@ def max_err(a, b, fields=OUTS):
 def test_ggn_equals_exact_on_canonical_glms(model, kind):
     X, y = data(kind=kind)
     fit = mpe.Laplace(model, curvature="ggn", chunk_size=64, progress=False).run(KEY, X, y=y)
-    assert fit.info["streamed"] and fit.stream("y").streams
+    assert fit.info["streamed"] and fit.site_data("y").rows.source == "rows"
     ref = mpe.Laplace(model, progress=False).run(KEY, X, y=y)
     # same MAP and precision as the full-model damped Newton with the exact Hessian
     np.testing.assert_allclose(fit.posterior.mean, ref.posterior.mean, atol=1e-9)
@@ -126,18 +135,17 @@ def test_streaming_same_outputs_for_any_chunk_size():
     for f in fits[:-1]:
         assert max(max_err(f.site_mpe("y"), ref).values()) < 1e-10
         np.testing.assert_allclose(f.posterior.mean, fits[-1].posterior.mean, atol=1e-10)
-    assert fits[0].stream("y").layout.num_chunks == 61
+    assert fits[0].site_data("y").layout.num_chunks == 61
 
 
 def test_streaming_memory_is_per_chunk():
     """The per-chunk Jacobian is chunk×K×P; no array of the pass is N×P (shift is not kept when asked)."""
     X, y = data(n=500)
     fit = mpe.Laplace(logistic, curvature="ggn", chunk_size=50, progress=False).run(KEY, X, y=y)
-    eng = fit.stream("y")
-    res = eng.site_mpe(fit.posterior, keep_shift=False)
+    site = fit.site_data("y")
+    res = fit.site_mpe("y", keep_shift=False)
     assert res.shift is None and res.elpd_loo.shape == (500,)
-    data0 = eng.chunk_data(fit.posterior.mean, 0)
-    tm, _ = eng.terms(fit.posterior.mean, data0, eng.active(fit.posterior.mean))
+    tm, _ = chunk_terms(fit.adapter, site.rows, site.chunk(0, fit.posterior.mean), fit.posterior.mean)
     assert tm.jac.shape == (50, 1, 4)
     np.testing.assert_allclose(res.elpd_loo, fit.site_mpe("y").elpd_loo, atol=1e-12)
 
@@ -149,7 +157,7 @@ def test_assembly_on_host_equals_one_program_and_outlives_its_buffers():
     import gc
 
     from numpyro_mpe.engine.assembly import _assemble
-    from numpyro_mpe.engine.streaming import Layout
+    from numpyro_mpe.engine.layout import Layout
 
     lay = Layout.build(10_003, 512)
     rng = np.random.default_rng(0)
@@ -171,7 +179,7 @@ def test_pooled_buffers_are_reused_only_once_released():
     import gc
 
     from numpyro_mpe.engine.assembly import HostPool
-    from numpyro_mpe.engine.streaming import Layout
+    from numpyro_mpe.engine.layout import Layout
 
     if jax.devices()[0].platform != "cpu":
         pytest.skip("host buffers are used on CPU devices only")
@@ -225,7 +233,7 @@ def test_model_that_cannot_run_on_rows_falls_back():
     fit = mpe.Laplace(model, curvature="ggn", chunk_size=32, progress=False).run(KEY, y=y)
     plan, why = row_plan(fit.adapter, "y")
     assert plan is None and "subset of rows" in why
-    assert not fit.info["streamed"] and not fit.stream("y").streams
+    assert not fit.info["streamed"] and fit.site_data("y").rows.source == "held"
     ref = mpe.Laplace(logistic, curvature="ggn", chunk_size=32, progress=False).run(KEY, X, y=y)
     assert max(max_err(fit.site_mpe("y"), ref.site_mpe("y")).values()) < 1e-9
 
@@ -241,8 +249,7 @@ def test_structured_posteriors_match_the_dense_path():
         fit = mpe.Laplace(logistic, curvature="ggn", progress=False, **kw).run(KEY, X, y=y)
         post = fit.posterior
         assert post.structure == kw["posterior"]
-        dense = site_mpe(fit.adapter, post.dense(), "y", fit.memories("y"), pred=fit.predictor_state("y"),
-                         progress=False)
+        dense = site_mpe(fit, post.dense(), "y", fit.memories("y"))
         assert max(max_err(fit.site_mpe("y"), dense).values()) < 1e-10
         # the structure keeps the exact diagonal of S
         np.testing.assert_allclose(np.diag(np.asarray(post.precision)), np.diag(s), rtol=1e-10)
@@ -284,10 +291,9 @@ def test_wide_model_diag_per_observation_reverse_mode():
     assert fit.adapter.num_params == 361 and fit.info["optimizer"] == "lbfgs"
     grad = jax.grad(fit.adapter.potential)(fit.posterior.mean)
     assert float(jnp.max(jnp.abs(grad))) < 1e-5
-    assert not fit.stream("y").is_linear(fit.posterior.mean)
+    assert not fit.site_data("y").is_linear(fit.posterior.mean)
     res = fit.site_mpe("y")
-    dense = site_mpe(fit.adapter, fit.posterior.dense(), "y", fit.memories("y"),
-                     pred=fit.predictor_state("y"), progress=False)
+    dense = site_mpe(fit, fit.posterior.dense(), "y", fit.memories("y"))
     assert max(max_err(res, dense).values()) < 1e-9
     # the diagonal precision, summed per latent site over chunks, is the diagonal of the GGN formed from
     # the whole model's Jacobian (forward mode over all rows) plus the prior precisions (1/σ²)
@@ -320,11 +326,9 @@ def test_wide_model_two_components_per_site_blocks_match_the_dense_path(structur
     fit = mpe.Laplace(mlp_two_outputs, optimizer="lbfgs", curvature="ggn", chunk_size=150, progress=False,
                       init_strategy=numpyro.infer.init_to_sample, **structure).run(KEY, X, y=y)
     assert fit.adapter.num_params == 360 and fit.posterior.structure == structure["posterior"]
-    eng = fit.stream("y")
-    assert len(eng.active(fit.posterior.mean)) == 2
+    assert len(fit.site_data("y").rows.active) == 2
     res = fit.site_mpe("y")
-    dense = site_mpe(fit.adapter, fit.posterior.dense(), "y", fit.memories("y"),
-                     pred=fit.predictor_state("y"), progress=False)
+    dense = site_mpe(fit, fit.posterior.dense(), "y", fit.memories("y"))
     assert max(max_err(res, dense).values()) < 1e-9
     assert np.all(np.asarray(res.leverage) > 0) and np.mean(np.asarray(res.valid)) > 0.8
 
@@ -347,7 +351,7 @@ SHARD_SCRIPT = textwrap.dedent("""
         res = fit.site_mpe("y")
         d = {{f: np.asarray(getattr(res, f)).tolist() for f in OUTS}}
         d["mean"] = np.asarray(fit.posterior.mean).tolist()
-        d["layout"] = [fit.stream("y").layout.chunk, fit.stream("y").layout.num_chunks]
+        d["layout"] = [fit.site_data("y").layout.chunk, fit.site_data("y").layout.num_chunks]
         out[tag] = d
     print("RESULT" + json.dumps(out))
 """)
@@ -380,9 +384,8 @@ def test_sharded_equals_single_device():
 def test_vi_backends_take_posterior_and_curvature():
     X, y = data(n=120)
     fit = mpe.SVI(logistic, posterior="full", num_steps=300, progress=False, curvature="ggn").run(KEY, X, y=y)
-    assert fit.curvature == "ggn" and fit.streaming_site("y") is not None
-    ref = site_mpe(fit.adapter, fit.posterior, "y", fit.memories("y"), pred=fit.predictor_state("y"),
-                   progress=False)
+    assert fit.curvature == "ggn" and fit.uses_predictor("y")
+    ref = site_mpe(fit, fit.posterior, "y", fit.memories("y"))
     assert max(max_err(fit.site_mpe("y"), ref).values()) < 1e-10
     with pytest.raises(ValueError, match="NGVI cannot provide posterior='lowrank'"):
         mpe.NGVI(logistic, posterior="lowrank")
@@ -437,10 +440,16 @@ def test_ggn_without_predictor_warns_and_uses_exact():
 
 
 def test_streaming_site_needs_a_predictor():
-    X, y = data(n=30)
-    fit = mpe.Laplace(logistic, progress=False).run(KEY, X, y=y)
-    with pytest.raises(mpe.MPEError, match="curvature must be one of"):
-        StreamingSite(fit.adapter, "y", curvature="fisher")
+    def mixture(y=None):
+        mu = numpyro.sample("mu", dist.Normal(0, 5))
+        with numpyro.plate("data", y.shape[0]):
+            mix = dist.MixtureSameFamily(dist.Categorical(jnp.array([0.5, 0.5])),
+                                         dist.Normal(jnp.stack([mu, mu + 3.0]), 1.0))
+            numpyro.sample("y", mix, obs=y)
+
+    fit = mpe.Laplace(mixture, progress=False).run(KEY, y=np.random.default_rng(0).normal(size=30))
+    with pytest.raises(mpe.MPEError, match="site 'y' has no predictor"):
+        fit.site_data("y")
 
 
 # ===================================================================== XLA's CPU runtime
@@ -498,11 +507,14 @@ def test_per_observation_pass_has_no_batched_lapack_factorization(case):
         fit = mpe.Laplace(normal_scale, curvature="ggn", progress=False).run(KEY, X, y=y)
     res = fit.site_mpe("y")
     assert np.mean(np.asarray(res.valid)) > 0.9
-    eng = fit.stream("y")
-    programs = [f for key, f in eng._fns.items() if key[0] == "mpe"]
-    assert len(programs) == 1
+    site = fit.site_data("y")
+    opts = fit.pass_options("y")
     theta = fit.posterior.mean
-    jaxpr = jax.make_jaxpr(programs[0])(theta, eng.chunk_data(theta, 0), fit.posterior)
+
+    def program(data, post):
+        return predictor_chunk(fit.adapter, site.rows, data, post, KEY, opts=opts, mesh=site.layout.mesh)
+
+    jaxpr = jax.make_jaxpr(program)(site.chunk(0, theta), fit.posterior)
     assert batched_factorizations(jaxpr.jaxpr) == []
     solve = jax.make_jaxpr(jax.vmap(jnp.linalg.solve))(jnp.ones((3, 2, 2)), jnp.ones((3, 2)))
     assert batched_factorizations(solve.jaxpr)

@@ -8,7 +8,8 @@ import pytest
 from scipy.stats import norm
 
 import numpyro_mpe as mpe
-from numpyro_mpe.loo.tuning import TUNING_COLUMNS, plot_tuning
+from numpyro_mpe.io.plots import plot_tuning
+from numpyro_mpe.loo.tuning import TUNING_COLUMNS
 
 SIGMA = 1.0
 SCALES = [0.03, 0.1, 0.3, 1.0, 3.0, 10.0]

@@ -21,8 +21,8 @@ from numpyro.infer.util import potential_energy
 
 import numpyro_mpe as mpe
 from numpyro_mpe.errors import MPEError
-from numpyro_mpe.gaussian import from_precision
-from numpyro_mpe.inference.variational import consistent_precision, draws, variational_memories
+from numpyro_mpe.gaussian import draws, from_precision
+from numpyro_mpe.inference.variational import consistent_precision, variational_memories
 
 numpyro.enable_x64()
 KEY = jax.random.PRNGKey(0)

@@ -713,5 +713,78 @@ def plot_training(history: Any, ax: Any = None, *, num_obs: int | None = None):
     return ax
 
 
+
+
+
+def plot_tuning(table: pd.DataFrame, ax: Any = None, *, logx: bool | None = None):
+    """The tuning curves of :func:`tune_prior`: MPE LOO-NLL, held-out NLL and brute-force LOO by value.
+
+    All curves are per-observation negative log predictive densities: −elpd_loo / N for the MPE (line,
+    with ±SE/N band), the held-out NLL (line), and −elpd_loo_exact / N at the ``exact_at`` values (diamonds;
+    over the subset size when ``exact_indices`` was a subset).  Stars mark the value picked by each curve.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        The result of :func:`tune_prior`.
+    ax : matplotlib.axes.Axes, optional
+        Axes to draw on; ``None`` creates a figure.
+    logx : bool, optional
+        Log-scale x axis; default when all values are positive and span more than a factor 10.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> from numpyro_mpe.io.plots import plot_tuning
+    >>> t = pd.DataFrame({"value": [0.1, 1.0, 10.0], "elpd_loo": [-30.0, -25.0, -27.0], "se": [3.0] * 3,
+    ...                   "heldout_nll": [0.9, 0.8, 0.85]})
+    >>> t.attrs.update(num_obs=30, arg_name="prior_scale")
+    >>> ax = plot_tuning(t)
+    >>> ax.get_xscale()
+    'log'
+    """
+    n = table.attrs.get("num_obs") or 1
+    x = table["value"].to_numpy(float)
+    if logx is None:
+        logx = bool(np.all(x > 0) and x.max() / x.min() > 10)
+    if ax is None:
+        ax = _new_axes(1, figsize=(6.5, 4.2))
+    _style(ax)
+    loo = -table["elpd_loo"].to_numpy(float) / n
+    ax.plot(x, loo, color=_BLUE, marker="o", markersize=4, linewidth=1.8, label="MPE leave-one-out NLL",
+            gid="loo_nll")
+    if "se" in table:
+        se = table["se"].to_numpy(float) / n
+        ax.fill_between(x, loo - se, loo + se, color=_BLUE, alpha=0.12, linewidth=0)
+    j = int(np.nanargmin(loo))
+    ax.plot([x[j]], [loo[j]], linestyle="", marker="*", markersize=13, color=_BLUE, markeredgecolor="white",
+            zorder=5, gid="best_loo")
+    if "heldout_nll" in table and table["heldout_nll"].notna().any():
+        h = table["heldout_nll"].to_numpy(float)
+        ax.plot(x, h, color=_ORANGE, marker="s", markersize=3.5, linewidth=1.8, label="held-out NLL",
+                gid="heldout_nll")
+        k = int(np.nanargmin(h))
+        ax.plot([x[k]], [h[k]], linestyle="", marker="*", markersize=13, color=_ORANGE,
+                markeredgecolor="white", zorder=5, gid="best_heldout")
+    if "elpd_loo_exact" in table and table["elpd_loo_exact"].notna().any():
+        idx = table.attrs.get("exact_indices")
+        m = n if not idx else len(idx)
+        ex = -table["elpd_loo_exact"].to_numpy(float) / m
+        ok = np.isfinite(ex)
+        ax.plot(x[ok], ex[ok], linestyle="", marker="D", markersize=7, markerfacecolor="none",
+                markeredgecolor=_GREY, markeredgewidth=1.5, label="brute-force LOO (refits)", gid="exact")
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(table.attrs.get("arg_name") or "value")
+    ax.set_ylabel("negative log predictive density per observation")
+    ax.legend(fontsize=9, frameon=False)
+    ax.set_title("Hyperparameter selection by MPE leave-one-out", fontsize=11, loc="left")
+    return ax
+
+
 __all__ = ["K_THRESHOLD", "plot_elpd_comparison", "plot_groups", "plot_leverage_vs_k", "plot_sensitivity",
-           "plot_training"]
+           "plot_tuning", "plot_training"]

@@ -120,7 +120,7 @@ def posterior_summary(fit: Fit, idata=None, num_samples: int = 4000, rng_key=Non
     frame = pd.DataFrame.from_dict(rows, orient="index", columns=["mean", "sd"])
     frame.index.name = "parameter"
     if idata is not None:
-        from numpyro_mpe.io.export import _group
+        from numpyro_mpe.loo.arviz_compat import group as _group
 
         try:
             post = _group(idata, "posterior")

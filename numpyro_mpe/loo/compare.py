@@ -9,14 +9,14 @@ import arviz as az
 import numpy as np
 import pandas as pd
 
-from numpyro_mpe.io.export import (
+from numpyro_mpe.loo.arviz_compat import (
     GOOD_K,
-    _container,
-    _sample_groups,
-    _se,
+    container,
+    elpd_se,
     log_likelihood_array,
     logmeanexp_draws,
     pointwise_elpd,
+    sample_groups,
 )
 
 if TYPE_CHECKING:
@@ -110,7 +110,7 @@ def compare_psis(fit: Fit, idata=None, var_name: str | None = None, num_samples:
     ds = fit.sensitivities(site.name)
     from_q = idata is None
     if from_q:
-        idata = _container(_sample_groups(fit, num_samples, rng_key, [site.name]))
+        idata = container(sample_groups(fit, num_samples, rng_key, [site.name]))
     ll = log_likelihood_array(idata, site.name)
     n_chains, n_draws = int(ll.sizes.get("chain", 1)), int(ll.sizes.get("draw", 1))
     if from_q:
@@ -148,11 +148,11 @@ def compare_psis(fit: Fit, idata=None, var_name: str | None = None, num_samples:
         n_obs=int(site.num_obs),
         n_compared=int(both.sum()),
         elpd_loo_mpe=float(e_m.sum()),
-        se_elpd_loo_mpe=_se(e_m),
+        se_elpd_loo_mpe=elpd_se(e_m),
         elpd_loo_psis=float(e_p.sum()),
-        se_elpd_loo_psis=_se(e_p),
+        se_elpd_loo_psis=elpd_se(e_p),
         elpd_diff=float((e_m - e_p).sum()),
-        se_elpd_diff=_se(e_m - e_p),
+        se_elpd_diff=elpd_se(e_m - e_p),
         p_loo_mpe=float(df.p_loo_mpe.values[both].sum()),
         p_loo_psis=float(df.p_loo_psis.values[both].sum()),
         corr_elpd_pearson=_corr(df.elpd_loo_mpe.values, df.elpd_loo_psis.values, "pearson"),

@@ -1,27 +1,28 @@
-"""Brute-force leave-one-out refits of a Laplace posterior: the ground truth the MPE approximates.
+"""Brute-force leave-one-out: refit without each observation, by the fit's own method — the ground truth the
+MPE approximates.
 
-For each listed observation i of an observed site, :func:`exact_loo` minimizes the potential without i,
+For each listed observation i of an observed site, :func:`exact_loo` runs the backend's refit
+(:class:`~numpyro_mpe.inference.base.Refit`) with weight 0 on i: Newton on U₋i(θ) = U(θ) + log p(y_i | θ)
+from the fit's mean for Laplace (the refit's Laplace approximation q₋i = N(m₋i, ∇²U₋i(m₋i)⁻¹)), warm-started
+SVI or NGVI for variational fits (the refit's Gaussian).  It integrates log E_{q₋i}[p(y_i | θ)] by Monte Carlo
+in θ-space with antithetic draws common to every observation.  Nothing here uses the package's memories,
+cavities or predictor quadrature, so the results are an independent check of
+:meth:`numpyro_mpe.Fit.sensitivities`:
 
-    U₋i(θ) = U(θ) − ℓ_i(θ) = U(θ) + log p(y_i | θ),
+* Laplace, ``max_steps=1``: one plain Newton step θ₁ = m − ∇²U₋i(m)⁻¹ ∇U₋i(m), which the MPE shift
+  m₋i − m = (S − Ĥ_i)⁻¹ ĝ_i equals to round-off (∇U(m) = 0);
+* the converged refit (default) is the exact Laplace (or SVI, NGVI) leave-one-out posterior.
 
-by Newton's method warm-started at the full fit's mean m, takes the Laplace approximation of the refit,
-q₋i = N(m₋i, S₋i⁻¹) with S₋i = ∇²U₋i(m₋i), and integrates log E_{q₋i}[p(y_i | θ)] by Monte Carlo in θ-space.
-Nothing here uses the package's memories, cavities or predictor quadrature, so the results are an
-independent check of :meth:`numpyro_mpe.Fit.sensitivities`:
-
-* ``max_steps=1`` is one plain Newton step θ₁ = m − ∇²U₋i(m)⁻¹ ∇U₋i(m), which the MPE shift
-  m₋i − m = (S − Ĥ_i)⁻¹ ĝ_i equals to round-off for a Laplace fit (∇U(m) = 0);
-* the converged refit (default) is the exact Laplace leave-one-out posterior.
-
-Cost: one Newton solve (P×P Hessians of the whole potential) and ``num_samples`` evaluations of the site's
-log-likelihood per observation, so use it on a few observations or small data.
+Cost: one refit and ``num_samples`` evaluations of the site's log-likelihood per observation, so use it on a
+few observations or small data.  :func:`exact_group_loo` removes whole groups (Laplace).
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,173 +32,49 @@ from jax.scipy.linalg import solve_triangular
 from jax.scipy.special import logsumexp
 from tqdm.auto import tqdm
 
-
-class RefitState(NamedTuple):
-    """State of the Newton iteration of one leave-one-out refit.
-
-    ``theta`` is the accepted iterate with the value, gradient and Hessian (``hess_fit`` of U,
-    ``hess_lik`` of log p(y_i | θ)) of U₋i there; ``hess_lik0`` is ∇² log p(y_i | θ) at the start and
-    ``cand`` the next candidate.  ``evals`` counts the evaluations (the start and ``evals − 1`` Newton
-    steps).
-    """
-
-    theta: jax.Array
-    value: jax.Array
-    grad: jax.Array
-    hess_fit: jax.Array
-    hess_lik: jax.Array
-    hess_lik0: jax.Array
-    cand: jax.Array
-    damping: jax.Array
-    evals: jax.Array
+from numpyro_mpe.errors import MPEError
+from numpyro_mpe.inference.laplace import LaplaceRefit, newton_refit
+from numpyro_mpe.inference.newton import converged, minimize
+from numpyro_mpe.loo.common import flat_indices, label_list
+from numpyro_mpe.model.adapter import ModelAdapter
 
 
-def _converged(value, grad, gtol):
-    return jnp.max(jnp.abs(grad)) <= gtol * jnp.maximum(1.0, jnp.abs(value))
+@partial(jax.jit, static_argnames=("name",))
+def _summary(adapter: ModelAdapter, post, weights, m_ref, mean_i, chol_i, z, name: str):
+    """Shift, sensitivity, leverage and the Monte Carlo ``elpd_loo`` of one refit without the observations
+    whose weight is 0 (``z``: standard-normal draws, none for no ``elpd_loo``)."""
+    removed = weights == 0
+
+    def ll_removed(t):
+        return jnp.sum(jnp.where(removed, adapter.log_lik(t, name), 0.0))
+
+    shift = mean_i - m_ref
+    h = -jax.hessian(ll_removed)(post.mean)  # ∇²ℓ_G(m)
+    a_w = post.whiten(post.whiten(0.5 * (h + h.T)).T)
+    out = {"shift": shift, "sensitivity": _precision_norm(post, shift),
+           "leverage": jnp.linalg.eigvalsh(0.5 * (a_w + a_w.T))[-1]}
+    ok = jnp.all(jnp.isfinite(chol_i))
+    if z.shape[0]:
+        chol_i = jnp.where(ok, chol_i, jnp.eye(shift.shape[0], dtype=shift.dtype))
+        draws = mean_i + solve_triangular(chol_i.T, z.T, lower=False).T  # θ_s ~ N(m₋i, S₋i⁻¹)
+        ll = jax.lax.map(ll_removed, draws, batch_size=min(z.shape[0], 256))
+        w = jnp.exp(ll - jnp.max(ll))
+        out["elpd_loo"] = jnp.where(ok, logsumexp(ll) - jnp.log(z.shape[0]), jnp.nan)
+        out["elpd_loo_mcse"] = jnp.where(ok, jnp.std(w) / jnp.mean(w) / jnp.sqrt(z.shape[0]), jnp.nan)
+    else:
+        out["elpd_loo"] = out["elpd_loo_mcse"] = jnp.asarray(jnp.nan, shift.dtype)
+    return out
 
 
-def newton_refit(fun_fit, fun_lik, theta0, max_steps, *, gtol: float) -> RefitState:
-    """Minimize f = ``fun_fit`` + ``fun_lik`` from ``theta0`` by Newton's method.
-
-    ``max_steps == 1`` takes exactly one undamped step θ₁ = θ₀ − ∇²f(θ₀)⁻¹∇f(θ₀), accepted whatever
-    its value (the step the MPE equals).  Otherwise each step solves (∇²f + μI)δ = −∇f, starting undamped
-    (μ = 0): a step that does not increase f is taken and μ shrinks back towards 0, a step that does is
-    rejected and μ grows (Levenberg).  Stops when ‖∇f‖_∞ ≤ gtol · max(1, |f|) or after ``max_steps``
-    steps.  The two Hessians are kept apart so that ∇² of ``fun_lik`` at ``theta0`` is returned too.
-    ``max_steps`` may be traced; the whole function is traceable (one model Hessian in the graph).
-    """
-
-    def parts(t):
-        (vf, gf), (vl, gl) = jax.value_and_grad(fun_fit)(t), jax.value_and_grad(fun_lik)(t)
-        return (gf, gl), (vf + vl, gf + gl)
-
-    def vgh(t):
-        (hf, hl), (v, g) = jax.jacfwd(parts, has_aux=True)(t)
-        return v, g, 0.5 * (hf + hf.T), 0.5 * (hl + hl.T)
-
-    p = theta0.shape[0]
-    dtype = theta0.dtype
-    eye = jnp.eye(p, dtype=dtype)
-    zeros = jnp.zeros((p, p), dtype)
-    max_steps = jnp.asarray(max_steps)
-    one_step = max_steps == 1
-    init = RefitState(theta0, jnp.asarray(jnp.inf, dtype), jnp.zeros_like(theta0), zeros, zeros, zeros,
-                      theta0, jnp.zeros((), dtype), jnp.asarray(0))
-
-    def cond(s):
-        running = ~_converged(s.value, s.grad, gtol) & jnp.isfinite(s.value)
-        more = jnp.where(one_step, s.evals < 2, running & (s.evals <= max_steps))
-        return (s.evals == 0) | more
-
-    def body(s):
-        v, g, hf, hl = vgh(s.cand)
-        first = s.evals == 0
-        finite = jnp.isfinite(v) & jnp.all(jnp.isfinite(g))
-        ok = first | one_step | (finite & (v <= s.value + 1e-12 * (1.0 + jnp.abs(s.value))))
-        theta = jnp.where(ok, s.cand, s.theta)
-        value, grad = jnp.where(ok, v, s.value), jnp.where(ok, g, s.grad)
-        hess_fit, hess_lik = jnp.where(ok, hf, s.hess_fit), jnp.where(ok, hl, s.hess_lik)
-        h = hess_fit + hess_lik
-        scale = jnp.maximum(1.0, jnp.max(jnp.abs(jnp.diagonal(h))))
-        grown = jnp.where(s.damping == 0, 1e-6 * scale, jnp.minimum(10.0 * s.damping, 1e12 * scale))
-        shrunk = jnp.where(s.damping < 1e-8 * scale, 0.0, s.damping / 10.0)
-        damping = jnp.where(first | one_step, 0.0, jnp.where(ok, shrunk, grown))
-        cand = theta + jnp.linalg.solve(h + damping * eye, -grad)
-        return RefitState(theta, value, grad, hess_fit, hess_lik, jnp.where(first, hl, s.hess_lik0), cand,
-                          damping, s.evals + 1)
-
-    return jax.lax.while_loop(cond, body, init)
+def _precision_norm(post, d):
+    """√(dᵀ S d), the shift in posterior-sd units."""
+    return jnp.sqrt(jnp.clip(d @ post.precision_matvec(d), 0.0, None))
 
 
-def _flat_indices(indices, num_obs: int, var_name: str) -> np.ndarray:
-    if indices is None:
-        return np.arange(num_obs)
-    idx = np.atleast_1d(np.asarray(indices))
-    if idx.ndim != 1:
-        raise IndexError(f"indices must be an int or a 1-d sequence of flat indices, got shape {idx.shape}")
-    if idx.size and not np.issubdtype(idx.dtype, np.integer):
-        raise IndexError(f"indices must be integers (flat indices into '{var_name}'), got dtype {idx.dtype}")
-    idx = idx.astype(int)
-    bad = (idx < -num_obs) | (idx >= num_obs)
-    if bad.any():
-        raise IndexError(
-            f"index {int(idx[bad][0])} is out of range for the {num_obs} observations of '{var_name}': "
-            f"flat indices must lie in [0, {num_obs}) (or [-{num_obs}, 0) counting from the end)"
-        )
-    return np.where(idx < 0, idx + num_obs, idx)
-
-
-def _cached(fit, key, build):
-    cache = getattr(fit, "_cache", None)
-    if not isinstance(cache, dict):
-        return build()
-    if key not in cache:
-        cache[key] = build()
-    return cache[key]
-
-
-def _refit_fn(fit, name: str, gtol: float):
-    """The jitted refit of one observation, ``(i, max_steps) -> dict``, cached on the fit."""
-
-    def build():
-        adapter = fit.adapter
-        post = fit.posterior
-        m = jnp.asarray(post.mean)
-        chol = jnp.asarray(post.chol)
-        p = m.shape[0]
-        linv = solve_triangular(chol, jnp.eye(p, dtype=m.dtype), lower=True)
-
-        @jax.jit
-        def refit(i, max_steps):
-            state = newton_refit(adapter.potential, lambda t: adapter.log_lik(t, name)[i], m, max_steps,
-                                 gtol=gtol)
-            shift = state.theta - m
-            l_cav = jnp.linalg.cholesky(state.hess_fit + state.hess_lik)  # S₋i = ∇²U₋i(m₋i)
-            a_w = linv @ (-state.hess_lik0) @ linv.T  # S^{-1/2} ∇²ℓ_i(m) S^{-1/2}, ℓ_i = −log p(y_i|θ)
-            return {
-                "shift": shift,
-                "sensitivity": jnp.linalg.norm(chol.T @ shift),  # √(shiftᵀ S shift) = ‖Lᵀ shift‖
-                "leverage": jnp.linalg.eigvalsh(a_w)[-1],
-                "converged": _converged(state.value, state.grad, gtol) & jnp.isfinite(state.value),
-                "steps": state.evals - 1,
-                "theta": state.theta,
-                "chol_cav": l_cav,
-            }
-
-        return refit
-
-    return _cached(fit, ("exact_loo_refit", name, gtol), build)
-
-
-def _elpd_fn(fit, name: str):
-    """The jitted ``(i, θ₋i, L₋i, z) -> (elpd, mcse)``: log-mean-exp of log p(y_i | θ₋i + L₋i⁻ᵀ z_s)."""
-
-    def build():
-        adapter = fit.adapter
-
-        @jax.jit
-        def elpd(i, theta, l_cav, z):
-            ok = jnp.all(jnp.isfinite(l_cav))
-            l_cav = jnp.where(ok, l_cav, jnp.eye(theta.shape[0], dtype=theta.dtype))
-            draws = theta + solve_triangular(l_cav.T, z.T, lower=False).T  # θ_s ~ N(m₋i, S₋i⁻¹)
-            ll = jax.vmap(lambda t: adapter.log_lik(t, name)[i])(draws)
-            num = z.shape[0]
-            w = jnp.exp(ll - jnp.max(ll))
-            mcse = jnp.std(w) / jnp.mean(w) / jnp.sqrt(num)
-            value = logsumexp(ll) - jnp.log(num)
-            return jnp.where(ok, value, jnp.nan), jnp.where(ok, mcse, jnp.nan)
-
-        return elpd
-
-    return _cached(fit, ("exact_loo_elpd", name), build)
-
-
-def refit_dataset(adapter, site, idx, arrays: dict) -> xr.Dataset:
-    """The Dataset of brute-force refits over dim ``obs`` (shared by every backend's exact LOO).
-
-    ``arrays`` holds ``shift (n, P)``, ``sensitivity``, ``elpd_loo``, ``elpd_loo_mcse``, ``leverage``,
-    ``converged`` and ``steps`` for the flat indices ``idx``; the site's observation coordinates are attached.
-    """
+def refit_dataset(adapter: ModelAdapter, site, idx, arrays: dict) -> xr.Dataset:
+    """The Dataset of brute-force refits over dim ``obs``: ``shift (n, P)``, ``sensitivity``, ``elpd_loo``,
+    ``elpd_loo_mcse``, ``leverage``, ``converged`` and ``steps`` for the flat indices ``idx``, with the site's
+    observation coordinates attached."""
     name = site.name
     coords: dict[str, Any] = {"obs": idx, "param": adapter.param_labels()}
     for dim, pos in zip(site.dims, np.unravel_index(idx, site.obs_shape)):
@@ -217,37 +94,50 @@ def refit_dataset(adapter, site, idx, arrays: dict) -> xr.Dataset:
     )
 
 
-def exact_loo(fit, indices: int | Sequence[int] | np.ndarray | None, var_name: str | None = None, *,
-              max_steps: int = 100, num_samples: int = 4000, rng_key=None, progress: bool = True,
-              gtol: float = 1e-10) -> xr.Dataset:
-    """Leave-one-out by brute force: refit the Laplace posterior without each listed observation.
+def _draws(num_samples: int, p: int, dtype, rng_key):
+    num_samples = int(num_samples)
+    if num_samples == 1 or num_samples < 0:
+        raise MPEError(f"num_samples must be 0 (no elpd_loo) or at least 2, got {num_samples}")
+    half = (num_samples + 1) // 2
+    z = jax.random.normal(rng_key, (max(half, 1), p), dtype)
+    return jnp.concatenate([z, -z])[:num_samples]
 
-    For each flat index i, minimizes U₋i(θ) = U(θ) + log p(y_i | θ) by Newton's method from the full fit's
-    mean m, and takes the refit's Laplace approximation q₋i = N(m₋i, S₋i⁻¹), S₋i = ∇²U₋i(m₋i).  This is
-    the exact counterpart of the closed-form MPE outputs of :meth:`numpyro_mpe.Fit.sensitivities`, and
-    independent of them (no memories, cavities or predictor quadrature are used).
+
+def exact_loo(fit, indices: int | Sequence[int] | np.ndarray | None, var_name: str | None = None, *,
+              num_samples: int = 4000, rng_key=None, progress: bool = True, max_steps: int | None = None,
+              gtol: float | None = None, coupled: bool | None = None) -> xr.Dataset:
+    """Leave-one-out by brute force: refit without each listed observation, by the fit's own method.
+
+    For each flat index i the backend's refit runs with weight 0 on i (:class:`~numpyro_mpe.inference.base.
+    Refit`; a Laplace fit: Newton on U₋i(θ) = U(θ) + log p(y_i | θ) from the fit's mean m, then the refit's
+    Laplace approximation q₋i = N(m₋i, S₋i⁻¹), S₋i = ∇²U₋i(m₋i); SVI and NGVI fits: SVI or NGVI warm-started
+    from the fit).  This is the exact counterpart of the closed-form MPE outputs of
+    :meth:`numpyro_mpe.Fit.sensitivities`, and independent of them (no memories, cavities or predictor
+    quadrature are used).
 
     Parameters
     ----------
     fit : numpyro_mpe.Fit
-        A fitted model (Laplace; for a VI fit the refit starts from q's mean).
+        A fitted model.
     indices : int, sequence of int, or None
-        Flat indices into the observations of ``var_name`` (C order over its observation dims, as the
-        rows of ``fit.site_mpe(var_name)``); negative values count from the end; ``None`` means all.
+        Flat indices into the observations of ``var_name`` (C order over its observation dims, as the rows of
+        ``fit.site_mpe(var_name)``); negative values count from the end; ``None`` means all.
     var_name : str, optional
         Observed site; required when the model has several.
-    max_steps : int, default 100
-        Newton steps per refit.  ``max_steps=1`` is exactly one undamped Newton step
-        θ₁ = m − ∇²U₋i(m)⁻¹∇U₋i(m), which the MPE posterior-mean shift equals to round-off.
     num_samples : int, default 4000
         Draws from q₋i for ``elpd_loo`` (antithetic pairs of standard-normal draws, common to all
         observations); ``0`` skips ``elpd_loo`` (NaN), leaving only the refits.
     rng_key : jax.random.PRNGKey, optional
-        Key of those draws; ``PRNGKey(0)`` by default.
+        Key of those draws (and of the refits' own draws, for SVI and NGVI).
     progress : bool, default True
         Show a progress bar over the observations.
-    gtol : float, default 1e-10
-        Convergence tolerance on ‖∇U₋i‖_∞ relative to max(1, |U₋i|).
+    max_steps, gtol : optional
+        Laplace fits: Newton steps per refit (default 100; ``max_steps=1`` is exactly one undamped Newton step
+        θ₁ = m − ∇²U₋i(m)⁻¹∇U₋i(m), which the MPE posterior-mean shift equals to round-off) and the
+        convergence tolerance on ‖∇U₋i‖_∞ relative to max(1, |U₋i|) (default 1e-10).
+    coupled : bool, optional
+        Refits that share their random numbers (SVI): shift relative to a reference refit with every
+        observation kept (default), so that the noise the runs share cancels; ``False``: relative to m.
 
     Returns
     -------
@@ -255,14 +145,17 @@ def exact_loo(fit, indices: int | Sequence[int] | np.ndarray | None, var_name: s
         Over dim ``obs`` (coordinate: the flat index; the site's own observation dims are attached as
         non-index coordinates) and ``param`` (labels of the unconstrained θ entries):
 
-        * ``shift`` (obs, param): m₋i − m in unconstrained space (read it as ``ds["shift"]``:
-          ``ds.shift`` is xarray's ``Dataset.shift`` method);
+        * ``shift`` (obs, param): m₋i − m in unconstrained space (read it as ``ds["shift"]``: ``ds.shift`` is
+          xarray's ``Dataset.shift`` method);
         * ``sensitivity``: √(shiftᵀ S shift), S the full-data precision;
         * ``elpd_loo``: log E_{q₋i}[p(y_i | θ)] by Monte Carlo in θ-space, and ``elpd_loo_mcse`` its
-          Monte Carlo standard error (delta method); NaN where S₋i is not positive definite;
-        * ``leverage``: largest eigenvalue of S^{-1/2} ∇²ℓ_i(m) S^{-1/2} (for a Laplace fit, of
-          S^{-1/2}(S − ∇²U₋i(m))S^{-1/2}), ℓ_i = −log p(y_i | θ);
-        * ``converged`` (bool): the gradient tolerance was met; ``steps``: Newton steps taken.
+        Monte Carlo
+          standard error (delta method); NaN where S₋i is not positive definite;
+        * ``leverage``: largest eigenvalue of S^{-1/2} ∇²ℓ_i(m) S^{-1/2}, ℓ_i = −log p(y_i | θ);
+        * ``converged`` (bool): the refit converged; ``steps``: its steps.
+
+        ``attrs["refit"]`` says what one refit is; ``attrs["reference_shift"]`` (coupled refits) is √(δᵀSδ)
+        of the reference refit's offset δ = m_ref − m.
 
     Examples
     --------
@@ -282,65 +175,64 @@ def exact_loo(fit, indices: int | Sequence[int] | np.ndarray | None, var_name: s
     >>> bool(jnp.allclose(ds["shift"].values, mpe_shift))  # exact for a linear-Gaussian model
     True
     """
-    by_method = getattr(getattr(fit, "refit_fn", None), "exact_loo", None)
-    if by_method is not None:  # a VI fit: refit by the same method (max_steps and gtol do not apply)
-        return by_method(fit, indices, var_name, num_samples=num_samples, rng_key=rng_key, progress=progress)
     adapter = fit.adapter
     site = adapter.observed_site(var_name)
     name = site.name
-    idx = _flat_indices(indices, site.num_obs, name)
+    idx = flat_indices(indices, site.num_obs, name)
+    refit = fit.refit
+    if refit is None or max_steps is not None or gtol is not None:
+        if refit is not None:
+            raise MPEError("max_steps and gtol apply to the Newton refits of Laplace fits; this "
+                           f"{fit.method} fit refits by its own method")
+        refit = LaplaceRefit(100 if max_steps is None else max_steps, 1e-10 if gtol is None else gtol)
     post = fit.posterior
     m = jnp.asarray(post.mean)
-    dtype = m.dtype
-    p = m.shape[0]
-    chol = jnp.asarray(post.chol)
-    if not bool(jnp.all(jnp.isfinite(chol))):
-        raise ValueError("the fit's precision has no Cholesky factor (not positive definite)")
-    max_steps = int(max_steps)
-    num_samples = int(num_samples)
-    if num_samples == 1 or num_samples < 0:
-        raise ValueError(f"num_samples must be 0 (no elpd_loo) or at least 2, got {num_samples}")
-    rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
-    half = (num_samples + 1) // 2
-    z = jax.random.normal(rng_key, (half, p), dtype)
-    z = jnp.concatenate([z, -z])[:num_samples]
-
-    refit = _refit_fn(fit, name, float(gtol))
-    elpd_fn = _elpd_fn(fit, name) if num_samples else None
-    max_steps_arr = jnp.asarray(max_steps)
-    keys = ("shift", "sensitivity", "leverage", "converged", "steps", "elpd_loo", "elpd_loo_mcse")
-    out: dict[str, list] = {k: [] for k in keys}
-    for i in tqdm(idx, desc=f"exact LOO {name}", disable=not progress, leave=False):
-        i = jnp.asarray(i)
-        r = refit(i, max_steps_arr)
-        if elpd_fn is None:
-            r["elpd_loo"] = r["elpd_loo_mcse"] = jnp.asarray(jnp.nan, dtype)
-        else:
-            r["elpd_loo"], r["elpd_loo_mcse"] = elpd_fn(i, r["theta"], r["chol_cav"], z)
-        r = jax.device_get(r)
-        for k in keys:
-            out[k].append(r[k])
+    p, dtype = m.shape[0], m.dtype
+    if fit.refit is None:  # Newton refits are deterministic: the key is the draws' own
+        z = _draws(num_samples, p, dtype, jax.random.PRNGKey(0) if rng_key is None else rng_key)
+        key_fit = None
+    else:
+        key_fit, key_z = jax.random.split(jax.random.PRNGKey(1) if rng_key is None else rng_key)
+        z = _draws(num_samples, p, dtype, key_z)
+    run = refit.prepare(fit, name, key_fit)
+    ones = jnp.ones(site.num_obs, dtype)
+    coupled = refit.coupled if coupled is None else bool(coupled) and refit.coupled
+    m_ref = run(ones).mean if coupled else m
+    keys = ("shift", "sensitivity", "leverage", "elpd_loo", "elpd_loo_mcse")
+    out: dict[str, list] = {k: [] for k in (*keys, "converged", "steps")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for i in tqdm(idx, desc=f"exact LOO {name}", disable=not progress, leave=False):
+            w = ones.at[int(i)].set(0.0)
+            r = run(w)
+            s = jax.device_get(_summary(adapter, post, w, m_ref, r.mean, r.chol, z, name))
+            for k in keys:
+                out[k].append(s[k])
+            out["converged"].append(bool(r.converged))
+            out["steps"].append(int(r.steps))
     arrays = {k: np.asarray(v) for k, v in out.items()}
     if not len(idx):
         arrays["shift"] = np.zeros((0, p), dtype)
-    not_conv = idx[~arrays["converged"].astype(bool)] if max_steps > 1 else idx[:0]
+    not_conv = idx[~arrays["converged"].astype(bool)]
     if not_conv.size:
         warnings.warn(
-            f"exact_loo: {not_conv.size} refit(s) of '{name}' did not converge in {max_steps} Newton steps "
-            f"(flat indices {not_conv[:10].tolist()}{' ...' if not_conv.size > 10 else ''}); raise "
-            "max_steps, or look at `converged` and `steps`", stacklevel=2)
-    no_cav = idx[np.isnan(arrays["elpd_loo"])] if num_samples else idx[:0]
+            f"exact_loo: {not_conv.size} refit(s) of '{name}' did not converge ({refit.describe()}; flat "
+            f"indices {label_list(not_conv)}); look at `converged` and `steps`", stacklevel=2)
+    no_cav = idx[np.isnan(arrays["elpd_loo"])] if int(num_samples) else idx[:0]
     if no_cav.size:
         warnings.warn(
-            f"exact_loo: at {no_cav.size} refit(s) of '{name}' the Hessian of U₋i is not positive definite "
-            f"(flat indices {no_cav[:10].tolist()}{' ...' if no_cav.size > 10 else ''}): the Laplace "
-            "leave-one-out posterior does not exist there and elpd_loo is NaN", stacklevel=2)
-
+            f"exact_loo: at {no_cav.size} refit(s) of '{name}' the refit's precision is not positive "
+            f"definite (flat indices {label_list(no_cav)}): the leave-one-out Gaussian does not exist there "
+            "and elpd_loo is NaN", stacklevel=2)
     ds = refit_dataset(adapter, site, idx, arrays)
-    integration = (f"Monte Carlo in θ-space ({num_samples} antithetic draws from the refit's Laplace "
-                   "posterior)" if num_samples else "not computed (num_samples=0)")
-    ds.attrs.update(var_name=name, method="exact_loo", max_steps=max_steps, num_samples=num_samples,
-                    gtol=gtol, elpd_integration=integration)
+    integration = (f"Monte Carlo in θ-space ({int(num_samples)} antithetic draws from the refit's Gaussian)"
+                   if int(num_samples) else "not computed (num_samples=0)")
+    ds.attrs.update(var_name=name, method="exact_loo", refit=refit.describe(), num_samples=int(num_samples),
+                    elpd_integration=integration, coupled=bool(coupled))
+    if coupled:
+        ds.attrs["reference_shift"] = float(_precision_norm(post, m_ref - m))
+    if isinstance(refit, LaplaceRefit):
+        ds.attrs.update(max_steps=refit.max_steps, gtol=refit.gtol)
     ds["shift"].attrs["description"] = "m_-i - m (unconstrained space), brute-force refit without i"
     ds["sensitivity"].attrs["description"] = "sqrt(shift' S shift), S the full-data precision"
     ds["leverage"].attrs["description"] = "max eig of S^-1/2 Hess(-log p(y_i|theta))(m) S^-1/2"
@@ -348,94 +240,53 @@ def exact_loo(fit, indices: int | Sequence[int] | np.ndarray | None, var_name: s
 
 
 # ------------------------------------------------------------------ leave-group-out
-def _group_refit_fn(fit, name: str, gtol: float):
-    """The jitted brute-force refit without one group, ``(mask, max_steps) -> dict``, cached on the fit.
+@partial(jax.jit, static_argnames=("name",))
+def _group_refit(adapter: ModelAdapter, m, mask, max_steps, gtol, name: str):
+    """The refit without the group ``mask`` and the Laplace approximation of q₋G(θ) p(y_G | θ) (a second
+    Newton solve from m: the second component of the importance proposal for ``elpd_loo``)."""
+    state = newton_refit(adapter, m, jnp.where(mask, 0.0, 1.0).astype(m.dtype), max_steps, gtol, name)
+    theta_c, h_cav = state.theta, state.hess
 
-    Besides the refit q₋G = N(m₋G, S₋G⁻¹) it finds the Laplace approximation of the integrand of the group's
-    predictive density, q₋G(θ) p(y_G | θ), by a second Newton solve from m: the second component of the
-    importance proposal for ``elpd_loo``.
-    """
+    def tilted(t):  # −log [q₋G(t) p(y_G | t)] up to a constant
+        d = t - theta_c
+        return 0.5 * d @ h_cav @ d - jnp.sum(jnp.where(mask, adapter.log_lik(t, name), 0.0))
 
-    def build():
-        adapter = fit.adapter
-        post = fit.posterior
-        m = jnp.asarray(post.mean)
-        chol = jnp.asarray(post.chol)
-        p = m.shape[0]
-        linv = solve_triangular(chol, jnp.eye(p, dtype=m.dtype), lower=True)
+    def vgh(t):
+        v, g = jax.value_and_grad(tilted)(t)
+        return v, g, jax.hessian(tilted)(t)
 
-        @jax.jit
-        def refit(mask, max_steps):
-            def group_ll(t):
-                return jnp.sum(jnp.where(mask, adapter.log_lik(t, name), 0.0))
-
-            state = newton_refit(adapter.potential, group_ll, m, max_steps, gtol=gtol)
-            h_cav = state.hess_fit + state.hess_lik  # S₋G = ∇²U₋G(m₋G)
-            l_cav = jnp.linalg.cholesky(h_cav)
-            theta_c = state.theta
-
-            def cavity_quad(t):
-                d = t - theta_c
-                return 0.5 * d @ h_cav @ d
-
-            tilt = newton_refit(cavity_quad, lambda t: -group_ll(t), m, max_steps, gtol=gtol)
-            l_tilt = jnp.linalg.cholesky(tilt.hess_fit + tilt.hess_lik)
-            shift = state.theta - m
-            a_w = linv @ (-state.hess_lik0) @ linv.T
-            return {
-                "shift": shift,
-                "sensitivity": jnp.linalg.norm(chol.T @ shift),
-                "leverage": jnp.linalg.eigvalsh(a_w)[-1],
-                "converged": _converged(state.value, state.grad, gtol) & jnp.isfinite(state.value),
-                "steps": state.evals - 1,
-                "theta": theta_c,
-                "chol_cav": l_cav,
-                "theta_tilt": tilt.theta,
-                "chol_tilt": l_tilt,
-            }
-
-        return refit
-
-    return _cached(fit, ("exact_group_refit", name, gtol), build)
+    tilt = minimize(vgh, m, gtol=gtol, max_steps=max_steps, damping=0.0, polish=0)
+    return (state.theta, jnp.linalg.cholesky(h_cav), converged(state.value, state.grad, gtol)
+            & jnp.isfinite(state.value), state.steps, tilt.theta, jnp.linalg.cholesky(tilt.hess))
 
 
-def _group_elpd_fn(fit, name: str):
-    """The jitted defensive importance-sampling estimate of log E_{q₋G}[p(y_G | θ)] and its MCSE."""
+@partial(jax.jit, static_argnames=("name",))
+def _group_elpd(adapter: ModelAdapter, mask, theta_c, l_c, theta_t, l_t, z, name: str):
+    """Defensive importance sampling of log E_{q₋G}[p(y_G | θ)]: half the draws from q₋G, half from the
+    tilted Laplace approximation; and its Monte Carlo standard error."""
+    num = z.shape[0]
+    n_a = num - num // 2
+    alpha = n_a / num
+    ok = jnp.all(jnp.isfinite(l_c)) & jnp.all(jnp.isfinite(l_t))
+    eye = jnp.eye(theta_c.shape[0], dtype=theta_c.dtype)
+    l_c = jnp.where(ok, l_c, eye)
+    l_t = jnp.where(ok, l_t, eye)
+    draws = jnp.concatenate([
+        theta_c + solve_triangular(l_c.T, z[:n_a].T, lower=False).T,  # from q₋G
+        theta_t + solve_triangular(l_t.T, z[n_a:].T, lower=False).T,  # from the tilted Laplace
+    ])
 
-    def build():
-        adapter = fit.adapter
+    def log_gauss(t, mean, lo):
+        return -0.5 * jnp.sum(((t - mean) @ lo) ** 2, -1) + jnp.sum(jnp.log(jnp.diagonal(lo)))
 
-        @jax.jit
-        def elpd(mask, theta_c, l_c, theta_t, l_t, z):
-            num = z.shape[0]
-            n_a = num - num // 2
-            alpha = n_a / num
-            ok = jnp.all(jnp.isfinite(l_c)) & jnp.all(jnp.isfinite(l_t))
-            eye = jnp.eye(theta_c.shape[0], dtype=theta_c.dtype)
-            l_c = jnp.where(ok, l_c, eye)
-            l_t = jnp.where(ok, l_t, eye)
-            draws = jnp.concatenate([
-                theta_c + solve_triangular(l_c.T, z[:n_a].T, lower=False).T,  # from q₋G
-                theta_t + solve_triangular(l_t.T, z[n_a:].T, lower=False).T,  # from the tilted Laplace
-            ])
-
-            def log_gauss(t, mean, l):
-                return -0.5 * jnp.sum(((t - mean) @ l) ** 2, -1) + jnp.sum(jnp.log(jnp.diagonal(l)))
-
-            def one(t):
-                return jnp.sum(jnp.where(mask, adapter.log_lik(t, name), 0.0))
-
-            ll = jax.lax.map(one, draws, batch_size=min(num, 256))
-            lq_c = log_gauss(draws, theta_c, l_c)
-            lq_t = log_gauss(draws, theta_t, l_t)
-            log_w = ll + lq_c - jnp.logaddexp(jnp.log(alpha) + lq_c, jnp.log1p(-alpha) + lq_t)
-            value = logsumexp(log_w) - jnp.log(num)
-            mcse = jnp.std(jnp.exp(log_w - value)) / jnp.sqrt(num)
-            return jnp.where(ok, value, jnp.nan), jnp.where(ok, mcse, jnp.nan)
-
-        return elpd
-
-    return _cached(fit, ("exact_group_elpd", name), build)
+    ll = jax.lax.map(lambda t: jnp.sum(jnp.where(mask, adapter.log_lik(t, name), 0.0)), draws,
+                     batch_size=min(num, 256))
+    lq_c = log_gauss(draws, theta_c, l_c)
+    lq_t = log_gauss(draws, theta_t, l_t)
+    log_w = ll + lq_c - jnp.logaddexp(jnp.log(alpha) + lq_c, jnp.log1p(-alpha) + lq_t)
+    value = logsumexp(log_w) - jnp.log(num)
+    mcse = jnp.std(jnp.exp(log_w - value)) / jnp.sqrt(num)
+    return jnp.where(ok, value, jnp.nan), jnp.where(ok, mcse, jnp.nan)
 
 
 def exact_group_loo(fit, groups, var_name: str | None = None, *, max_steps: int = 100,
@@ -510,44 +361,45 @@ def exact_group_loo(fit, groups, var_name: str | None = None, *, max_steps: int 
     m = jnp.asarray(post.mean)
     p = m.shape[0]
     if not bool(jnp.all(jnp.isfinite(jnp.asarray(post.chol)))):
-        raise ValueError("the fit's precision has no Cholesky factor (not positive definite)")
+        raise MPEError("the fit's precision has no Cholesky factor (not positive definite)")
     max_steps = int(max_steps)
     num_samples = int(num_samples)
-    if num_samples == 1 or num_samples < 0:
-        raise ValueError(f"num_samples must be 0 (no elpd_loo) or at least 2, got {num_samples}")
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
     z = jax.random.normal(rng_key, (max(num_samples, 2), p), m.dtype)
-    refit = _group_refit_fn(fit, name, float(gtol))
-    elpd_fn = _group_elpd_fn(fit, name) if num_samples else None
+    _draws(num_samples, p, m.dtype, rng_key)  # checks num_samples
     keys = ("shift", "sensitivity", "leverage", "converged", "steps", "elpd_loo", "elpd_loo_mcse")
     out: dict[str, list] = {k: [] for k in keys}
+    ones = jnp.ones(site.num_obs, m.dtype)
+    no_z = jnp.zeros((0, p), m.dtype)
     for k in tqdm(range(len(labels)), desc=f"exact leave-group-out {name}", disable=not progress,
                   leave=False):
         mask = jnp.asarray(codes == k)
-        r = refit(mask, jnp.asarray(max_steps))
-        if elpd_fn is None:
-            r["elpd_loo"] = r["elpd_loo_mcse"] = jnp.asarray(jnp.nan, m.dtype)
+        theta_c, l_c, conv, steps, theta_t, l_t = _group_refit(adapter, m, mask, max_steps, float(gtol), name)
+        s = _summary(adapter, post, jnp.where(mask, 0.0, ones), m, theta_c, l_c, no_z, name)
+        r = {"shift": s["shift"], "sensitivity": s["sensitivity"], "leverage": s["leverage"],
+             "converged": conv, "steps": steps}
+        if num_samples:
+            r["elpd_loo"], r["elpd_loo_mcse"] = _group_elpd(adapter, mask, theta_c, l_c, theta_t, l_t, z,
+                                                            name)
         else:
-            r["elpd_loo"], r["elpd_loo_mcse"] = elpd_fn(mask, r["theta"], r["chol_cav"], r["theta_tilt"],
-                                                        r["chol_tilt"], z)
+            r["elpd_loo"] = r["elpd_loo_mcse"] = jnp.asarray(jnp.nan, m.dtype)
         r = jax.device_get(r)
         for key in keys:
             out[key].append(r[key])
     arrays = {k: np.asarray(v) for k, v in out.items()}
-    converged = arrays["converged"].astype(bool)
-    if max_steps > 1 and not converged.all():
-        bad = labels[~converged]
+    conv = arrays["converged"].astype(bool)
+    if max_steps > 1 and not conv.all():
+        bad = labels[~conv]
         warnings.warn(
             f"exact_group_loo: {bad.size} refit(s) of '{name}' did not converge in {max_steps} Newton steps "
-            f"(groups {bad[:10].tolist()}{' ...' if bad.size > 10 else ''}); raise max_steps, or look at "
-            "`converged` and `steps`", stacklevel=2)
+            f"(groups {label_list(bad)}); raise max_steps, or look at `converged` and `steps`", stacklevel=2)
     if num_samples:
         no_cav = labels[np.isnan(arrays["elpd_loo"])]
         if no_cav.size:
             warnings.warn(
                 f"exact_group_loo: at {no_cav.size} refit(s) of '{name}' the Hessian of U₋G is not positive "
-                f"definite (groups {no_cav[:10].tolist()}{' ...' if no_cav.size > 10 else ''}): the Laplace "
-                "leave-group-out posterior does not exist there and elpd_loo is NaN", stacklevel=2)
+                f"definite (groups {label_list(no_cav)}): the Laplace leave-group-out posterior does not "
+                "exist there and elpd_loo is NaN", stacklevel=2)
     ds = xr.Dataset(
         {
             "shift": ((dim, "param"), arrays["shift"].reshape(len(labels), p)),
@@ -555,7 +407,7 @@ def exact_group_loo(fit, groups, var_name: str | None = None, *, max_steps: int 
             "elpd_loo": (dim, arrays["elpd_loo"]),
             "elpd_loo_mcse": (dim, arrays["elpd_loo_mcse"]),
             "leverage": (dim, arrays["leverage"]),
-            "converged": (dim, converged),
+            "converged": (dim, conv),
             "steps": (dim, arrays["steps"].astype(int)),
             "size": (dim, np.bincount(codes, minlength=len(labels))),
         },
@@ -570,3 +422,37 @@ def exact_group_loo(fit, groups, var_name: str | None = None, *, max_steps: int 
     ds["sensitivity"].attrs["description"] = "sqrt(shift' S shift), S the full-data precision"
     ds["leverage"].attrs["description"] = "max eig of S^-1/2 Hess(-log p(y_G|theta))(m) S^-1/2"
     return ds
+
+
+def exact_loo_svi(fit, indices, var_name: str | None = None, **options) -> xr.Dataset:
+    """:func:`exact_loo` of a fit made by :class:`numpyro_mpe.SVI` or :func:`numpyro_mpe.from_svi` (refits by
+    SVI); ``options`` as there."""
+    from numpyro_mpe.inference.svi import SVIRefit
+
+    if not isinstance(fit.refit, SVIRefit):
+        raise MPEError("exact_loo_svi needs a fit made by mpe.SVI or mpe.from_svi, got "
+                       f"method={fit.method!r}; use mpe.exact_loo")
+    return exact_loo(fit, indices, var_name, **options)
+
+
+def exact_loo_ngvi(fit, indices, var_name: str | None = None, *, num_steps: int | None = None,
+                   lr: float | None = None, control: bool = True, **options) -> xr.Dataset:
+    """:func:`exact_loo` of a fit made by :class:`numpyro_mpe.NGVI` (refits by NGVI continued from the fit's
+    optimizer state, ``num_steps`` steps at the constant learning rate ``lr``, with the paired all-ones run as
+    a control variate when ``control``); ``options`` as there."""
+    from numpyro_mpe.inference.ngvi import NGVIRefit
+
+    if not isinstance(fit.refit, NGVIRefit):
+        raise MPEError(f"exact_loo_ngvi needs a fit made by mpe.NGVI, got method={fit.method!r}; use "
+                       "mpe.exact_loo")
+    refit = NGVIRefit(fit.refit.ngvi, num_steps=num_steps, lr=lr, control=control)
+    return exact_loo(_with_refit(fit, refit), indices, var_name, **options)
+
+
+def _with_refit(fit, refit):
+    """The same fit with another refit (the cache is shared)."""
+    import copy
+
+    other = copy.copy(fit)
+    other.refit = refit
+    return other

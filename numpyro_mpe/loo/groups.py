@@ -29,11 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import xarray as xr
-from jax.scipy.special import logsumexp
 from tqdm.auto import tqdm
 
-from numpyro_mpe.engine.mpe import whitened_memory
+from numpyro_mpe.engine.cavity import whitened_memory
 from numpyro_mpe.errors import MPEError
+from numpyro_mpe.loo.common import label_list, log_mean_exp
 
 #: Model log-likelihood values (draws × observations) evaluated per batch.
 _BATCH_ELEMENTS = 2**22
@@ -58,11 +58,6 @@ class GroupMPE(NamedTuple):
 
 
 # ------------------------------------------------------------------ labels
-def _label_list(labels, limit: int = 10) -> str:
-    labels = np.asarray(labels).tolist()
-    return f"{labels[:limit]}{' ...' if len(labels) > limit else ''}"
-
-
 def resolve_groups(site, groups) -> tuple[np.ndarray, np.ndarray, str]:
     """Group codes ``(N,)``, the unique labels and the group dim name from ``groups``.
 
@@ -131,13 +126,13 @@ def resolve_groups(site, groups) -> tuple[np.ndarray, np.ndarray, str]:
     if missing.any():
         bad = np.flatnonzero(missing)
         raise MPEError(f"{bad.size} group label(s) of '{site.name}' are missing (NaN/None) at flat indices "
-                       f"{_label_list(bad)}; give every observation a group")
+                       f"{label_list(bad)}; give every observation a group")
     if categories is not None:
         counts = np.bincount(arr, minlength=categories.size)
         empty = categories[counts == 0]
         if empty.size:
             raise MPEError(
-                f"empty group(s) {_label_list(empty.tolist())}: these categories of the group labels have no "
+                f"empty group(s) {label_list(empty.tolist())}: these categories of the group labels have no "
                 f"observation of '{site.name}', so there is nothing to leave out; drop them first, e.g. "
                 "labels.cat.remove_unused_categories()"
             )
@@ -154,17 +149,6 @@ def _draw_batches(fn, draws, num_obs: int):
     """``fn`` mapped over the rows of ``draws`` in batches that keep draws × observations moderate."""
     batch = int(max(1, min(draws.shape[0], _BATCH_ELEMENTS // max(num_obs, 1))))
     return jax.lax.map(fn, draws, batch_size=batch)
-
-
-def _log_mean_exp(log_w):
-    """log mean exp along the last axis, and the Monte Carlo standard error of it (delta method)."""
-    log_w = np.asarray(log_w, dtype=float)
-    n = log_w.shape[-1]
-    est = np.asarray(logsumexp(jnp.asarray(log_w), axis=-1)) - np.log(n)
-    with np.errstate(invalid="ignore", over="ignore"):
-        rel = np.exp(log_w - est[..., None])
-        mcse = np.std(rel, axis=-1) / np.sqrt(n)
-    return est, mcse
 
 
 def group_mpe(fit, groups, var_name=None, *, num_samples: int = 2000, rng_key=None,
@@ -303,8 +287,8 @@ def group_mpe(fit, groups, var_name=None, *, num_samples: int = 2000, rng_key=No
         mask = jnp.asarray(codes == k)
         a, b = one_group(g_w[k], lam[k], qmat[k], mask, jnp.asarray(ll_b[:, k]))
         lw_elpd[k], lw_lpd[k] = np.asarray(a), np.asarray(b)
-    elpd, mcse = _log_mean_exp(lw_elpd)
-    lpd, _ = _log_mean_exp(lw_lpd)
+    elpd, mcse = log_mean_exp(lw_elpd)
+    lpd, _ = log_mean_exp(lw_lpd)
     valid = np.asarray(valid)
     elpd = np.where(valid, elpd, np.nan)
     mcse = np.where(valid, mcse, np.nan)
@@ -316,7 +300,7 @@ def group_mpe(fit, groups, var_name=None, *, num_samples: int = 2000, rng_key=No
         bad = labels[~valid]
         warnings.warn(
             f"{bad.size} of {n_groups} groups of '{name}' have leverage >= 1 (labels "
-            f"{_label_list(bad.tolist())}, leverage {np.array2string(lev[~valid][:10], precision=3)}): "
+            f"{label_list(bad.tolist())}, leverage {np.array2string(lev[~valid][:10], precision=3)}): "
             "removing them leaves a cavity "
             "precision S - sum of H_i that is not positive definite, so their leave-group-out Gaussian does "
             "not exist; their elpd_loo, p_loo, sensitivity and shift are NaN and `valid` is False",

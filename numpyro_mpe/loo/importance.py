@@ -25,14 +25,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import xarray as xr
-from jax.scipy.special import gammaln, logsumexp
+from jax.scipy.special import gammaln
 from tqdm.auto import tqdm
 
-from numpyro_mpe.engine.mpe import whitened_memory
-from numpyro_mpe.loo.psis import psis_smooth
-
-#: Log-weights whose spread is below this are treated as constant (no Pareto tail to fit).
-CONSTANT_LOG_WEIGHTS = float(np.sqrt(np.finfo(float).eps))
+from numpyro_mpe.engine.cavity import whitened_memory
+from numpyro_mpe.loo.common import (
+    flat_indices,
+    obs_coords,
+    smooth_log_weights,
+    weighted_estimate,
+)
 
 
 def _whitened(post, g, h):
@@ -54,50 +56,6 @@ def _proposal_one(post, g, h, clip):
     c = q * (1.0 / jnp.sqrt(1.0 - lam))
     logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(post.chol))) + jnp.sum(jnp.log1p(-lam))
     return u, c, logdet
-
-
-def smooth_log_weights(log_r):
-    """PSIS of the rows of ``log_r`` ``(K, S)``, robust to constant rows and ``-inf`` entries.
-
-    Returns normalized smoothed log-weights ``(K, S)`` and k̂ ``(K,)``.  A row whose finite entries are
-    constant to :data:`CONSTANT_LOG_WEIGHTS` is normalized unsmoothed with k̂ = −inf (bounded weights,
-    no tail); a row with no finite entry gives NaN weights and k̂ = inf.
-    """
-    log_r = np.asarray(log_r, dtype=float)
-    k, s = log_r.shape
-    smoothed = np.full_like(log_r, np.nan)
-    khat = np.full(k, np.inf)
-    finite = np.isfinite(log_r)
-    with np.errstate(invalid="ignore"):
-        spread = np.max(np.where(finite, log_r, -np.inf), -1) - np.min(np.where(finite, log_r, np.inf), -1)
-    const = finite.any(-1) & (spread <= CONSTANT_LOG_WEIGHTS)
-    if const.any():  # the weights are equal: uniform over the finite draws
-        smoothed[const] = np.where(finite[const], -np.log(finite[const].sum(-1, keepdims=True)), -np.inf)
-        khat[const] = -np.inf
-    rest = finite.any(-1) & ~const
-    if rest.any():
-        lr = np.where(finite[rest], log_r[rest], -np.inf)
-        sm, kh = psis_smooth(lr)
-        smoothed[rest], khat[rest] = sm, kh
-    return smoothed, khat
-
-
-def _weighted_estimate(smoothed, ll):
-    """log Σ_s w̃_s p_s, its Monte Carlo standard error (delta method) and the ESS 1/Σ w̃²."""
-    ll = np.where(np.isfinite(smoothed), ll, -np.inf)
-    est = np.asarray(logsumexp(jnp.asarray(smoothed + ll), axis=-1))
-    w = np.exp(smoothed)
-    rel = np.exp(ll - est[:, None])  # p_s / p̂
-    mcse = np.sqrt(np.nansum(w**2 * (rel - 1.0) ** 2, -1))
-    ess = 1.0 / np.nansum(w**2, -1)
-    return est, mcse, ess
-
-
-def _coords(site, idx):
-    coords = {"obs": idx}
-    for d, k in zip(site.dims, np.unravel_index(idx, site.obs_shape)):
-        coords[d if d != "obs" else f"{site.name}_obs"] = ("obs", np.asarray(k))
-    return coords
 
 
 def importance_loo(fit, indices=None, num_samples: int = 1000, rng_key=None, var_name=None, *,
@@ -193,7 +151,7 @@ def importance_loo(fit, indices=None, num_samples: int = 1000, rng_key=None, var
         {"elpd_loo": ("obs", est["elpd"]), "elpd_loo_mcse": ("obs", est["mcse"]),
          "pareto_k": ("obs", est["khat"]), "ess": ("obs", est["ess"]),
          "leverage": ("obs", np.asarray(res.leverage, dtype=float)[idx])},
-        coords=_coords(site, idx),
+        coords=obs_coords(site, idx),
     )
     proposal = "Gaussian" if df is None else f"Student-t (df={df})"
     ds.attrs.update(var_name=site.name, num_samples=num_samples, clip=clip,
@@ -249,7 +207,7 @@ def _unit_importance(fit, name, rows, num_rows, num_samples, rng_key, clip, prog
     log_r, lls = np.stack(log_r), np.stack(lls)
     log_r = np.where(np.isfinite(log_r) & np.isfinite(lls), log_r, -np.inf)
     smoothed, khat = smooth_log_weights(log_r)
-    elpd, mcse, ess = _weighted_estimate(smoothed, np.where(np.isfinite(lls), lls, -np.inf))
+    elpd, mcse, ess = weighted_estimate(smoothed, np.where(np.isfinite(lls), lls, -np.inf))
     return {"elpd": elpd, "mcse": mcse, "khat": khat, "ess": ess}
 
 
@@ -259,8 +217,6 @@ def select_indices(indices, leverage, valid, num_obs: int, khat_psis=None, var_n
     Raises ``IndexError`` naming the valid range for an index out of range, ``ValueError`` for an unknown
     string or a non-integer array.
     """
-    from numpyro_mpe.loo.exact import _flat_indices
-
     if indices is None:
         return np.arange(num_obs)
     if isinstance(indices, str):
@@ -279,7 +235,7 @@ def select_indices(indices, leverage, valid, num_obs: int, khat_psis=None, var_n
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"indices must be integers (flat indices), 'flagged' or a boolean mask, got dtype "
                          f"{arr.dtype}")
-    return _flat_indices(arr.astype(int) if arr.size else np.zeros(0, int), num_obs, var_name)
+    return flat_indices(arr.astype(int) if arr.size else np.zeros(0, int), num_obs, var_name)
 
 
 def importance_groups(fit, groups, var_name=None, select=None, num_samples: int = 1000, rng_key=None, *,

@@ -18,6 +18,7 @@ which estimates |E_{p(θ|y₋i)}[c(θ)] − E_{p(θ|y)}[c(θ)]| / sd_p[c(θ)] by
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 import jax
@@ -25,8 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 
-from numpyro_mpe.engine.mpe import map_chunks
+from numpyro_mpe.engine.layout import map_rows
+from numpyro_mpe.engine.site import map_shifts
 from numpyro_mpe.errors import ModelError
+from numpyro_mpe.loo.arviz_compat import latent_dims, named_dims
 
 if TYPE_CHECKING:
     from numpyro_mpe.fit import Fit
@@ -59,6 +62,24 @@ def _resolve_names(fit: Fit, var_names) -> tuple[list[str], bool]:
     return seen, any(n in det for n in seen)
 
 
+@partial(jax.jit, static_argnames=("names", "deterministic"))
+def _jvp_rows(adapter, m, k, names: tuple, deterministic: bool):
+    """Rows ``k`` of Jᵀ: the unit directions e_k pushed through the constrain map at m (forward mode)."""
+    def flat(theta):
+        vals = adapter.constrain(theta, deterministic=deterministic)
+        return jnp.concatenate([jnp.ravel(jnp.asarray(vals[n], m.dtype)) for n in names])
+
+    basis = jax.nn.one_hot(k, m.shape[0], dtype=m.dtype)
+    return jax.vmap(lambda e: jax.jvp(flat, (m,), (e,))[1])(basis)
+
+
+def _standardized(d, jac_t, inv_sd):
+    return (d @ jac_t) * inv_sd
+
+
+_standardized_rows = jax.jit(_standardized)
+
+
 def constrained_jacobian(fit: Fit, names: Sequence[str], deterministic: bool = False):
     """Jᵀ of θ ↦ (c_n(θ) for n in ``names``, flattened and concatenated) at the mean m: ``(P, P_c)``.
 
@@ -75,22 +96,14 @@ def constrained_jacobian(fit: Fit, names: Sequence[str], deterministic: bool = F
     m = jnp.asarray(fit.posterior.mean)
     p = m.shape[0]
 
-    def flat(theta):
-        vals = ad.constrain(theta, deterministic=deterministic)
-        return jnp.concatenate([jnp.ravel(jnp.asarray(vals[n], m.dtype)) for n in names])
-
     spec = jax.eval_shape(lambda t: ad.constrain(t, deterministic=deterministic), m)
     shapes = {n: tuple(spec[n].shape) for n in names}
     width = sum(int(np.prod(s, dtype=int)) for s in shapes.values())
     per_dir = width + sum(s.num_obs for s in ad.observed.values()) + p
     chunk = int(max(1, min(p, _JVP_CHUNK_ELEMENTS // max(1, per_dir))))
 
-    @jax.jit
-    def rows(a):
-        basis = jax.nn.one_hot(a["k"], p, dtype=m.dtype)
-        return jax.vmap(lambda e: jax.jvp(flat, (m,), (e,))[1])(basis)
-
-    jac_t = map_chunks(rows, {"k": jnp.arange(p)}, p, chunk, "constrain Jacobian", False)
+    jac_t = map_rows(lambda a: _jvp_rows(ad, m, a, tuple(names), deterministic), jnp.arange(p), p, chunk,
+                     desc="constrain Jacobian")
     return jac_t, shapes
 
 
@@ -176,7 +189,7 @@ def parameter_shift(fit: Fit, var_names=None, var_name: str | None = None,
     ad = fit.adapter
     site = ad.observed_site(var_name)
     names, with_det = _resolve_names(fit, var_names)
-    chunk_size = int(fit.chunk_size if chunk_size is None else chunk_size)
+    chunk_size = int(fit.chunk_size(var_name) if chunk_size is None else chunk_size)
     res = fit.site_mpe(site.name)
     dtype = fit.posterior.mean.dtype
 
@@ -185,21 +198,16 @@ def parameter_shift(fit: Fit, var_names=None, var_name: str | None = None,
     sd = jnp.sqrt(jnp.sum(b * b, axis=0))
     inv_sd = jnp.where(sd > 0, 1.0 / jnp.where(sd > 0, sd, 1.0), 0.0).astype(dtype)
 
-    def standardized(d):
-        return (d @ jac_t) * inv_sd
-
     n = site.num_obs
-    if res.shift is None:  # the streamed pass did not keep the N×P shifts: recompute them chunk by chunk
-        out = fit.streaming_site(site.name).map_shifts(fit.posterior, standardized,
-                                                        f"parameter shift {site.name}")
+    if res.shift is None:  # the pass did not keep the N×P shifts: recompute them chunk by chunk
+        out = map_shifts(fit.site_data(site.name), fit.posterior, _standardized, (jac_t, inv_sd),
+                         progress=fit.progress, desc=f"parameter shift {site.name}")
     else:
-        out = map_chunks(jax.jit(lambda a: standardized(a["d"])), {"d": jnp.asarray(res.shift, dtype)}, n,
-                         chunk_size, f"parameter shift {site.name}", fit.progress)
+        out = map_rows(lambda d: _standardized_rows(d, jac_t, inv_sd), jnp.asarray(res.shift, dtype), n,
+                       chunk_size, desc=f"parameter shift {site.name}", progress=fit.progress)
     out = np.asarray(out)
 
-    from numpyro_mpe.io.export import _latent_dims, _named_dims
-
-    latent_dims = _latent_dims(fit)
+    latent = latent_dims(fit)
     obs_dims = list(site.dims)
     coords: dict = dict(site.coords())
     data = {}
@@ -207,7 +215,7 @@ def parameter_shift(fit: Fit, var_names=None, var_name: str | None = None,
     for name in names:
         shape = shapes[name]
         size = int(np.prod(shape, dtype=int))
-        dims = _named_dims(name, latent_dims.get(name, ()), len(shape))
+        dims = named_dims(name, latent.get(name, ()), len(shape))
         dims = [f"{name}_{d}" if d in obs_dims else d for d in dims]
         for d, k in zip(dims, shape):
             if d in coords and len(coords[d]) != k:

@@ -7,7 +7,8 @@ model argument), and reports for each the MPE estimate of the leave-one-out pred
 
 its standard error, the held-out negative log predictive density where a held-out set is given, and — at a
 few values — brute-force leave-one-out by refitting without each observation, the ground truth the MPE
-approximates.  The value with the largest MPE ``elpd_loo`` is the pick; :func:`plot_tuning` draws the curves.
+approximates.  The value with the largest MPE ``elpd_loo`` is the pick;
+:func:`numpyro_mpe.io.plots.plot_tuning` draws the curves.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import numpy as np
 import pandas as pd
 from numpyro.infer import init_to_median
 
-from numpyro_mpe.errors import check_options
 from numpyro_mpe.fit import Fit
-from numpyro_mpe.inference.training import _heldout_adapter, _mc_nll
+from numpyro_mpe.inference.training import heldout_adapter, mc_nll_jit
+from numpyro_mpe.options import check_options
 
 #: Columns of the table returned by :func:`tune_prior`.
 TUNING_COLUMNS = ("value", "elpd_loo", "se", "p_loo", "n_invalid", "loo_nll", "heldout_nll", "elpd_loo_exact",
@@ -48,26 +49,26 @@ def _backend(method: str | Callable, model: Callable, options: dict):
 
 
 def _exact(fit: Fit, indices, var_name: str, options: dict):
-    """Brute-force LOO by the fit's own method: its ``refit_fn.exact_loo`` (NGVI, SVI refits, with their own
-    options), else Laplace refits."""
-    opts = {"progress": False, **options}
-    by_method = getattr(fit.refit_fn, "exact_loo", None)
-    if by_method is not None:
-        return by_method(fit, indices, var_name, **opts)
-    from numpyro_mpe.loo.exact import exact_loo
+    """Brute-force LOO by the fit's own method (:func:`~numpyro_mpe.loo.exact.exact_loo`; NGVI fits take
+    ``num_steps``, ``lr`` and ``control``)."""
+    from numpyro_mpe.inference.ngvi import NGVIRefit
+    from numpyro_mpe.loo.exact import exact_loo, exact_loo_ngvi
 
+    opts = {"progress": False, **options}
+    if isinstance(fit.refit, NGVIRefit):
+        return exact_loo_ngvi(fit, indices, var_name, **opts)
     return exact_loo(fit, indices, var_name, **opts)
 
 
 def _heldout_nll(fit: Fit, model: Callable, heldout, kwargs_value: dict, var_name: str, num_samples: int,
                  rng_key) -> float:
     args, kwargs = heldout
-    held = _heldout_adapter(model, (tuple(args), {**dict(kwargs), **kwargs_value}), rng_key,
-                            init_to_median, fit.adapter, var_name)
+    held = heldout_adapter(model, (tuple(args), {**dict(kwargs), **kwargs_value}), rng_key, init_to_median,
+                           fit.adapter, var_name)
     z = jax.random.normal(rng_key, ((num_samples + 1) // 2, fit.adapter.num_params), fit.posterior.mean.dtype)
     z = jnp.concatenate([z, -z])[:num_samples]
     draws = fit.posterior.mean + fit.posterior.unwhiten(z.T).T
-    return float(jax.jit(lambda d: _mc_nll(held, var_name, d))(draws))
+    return float(mc_nll_jit(held, var_name, draws))
 
 
 def tune_prior(model: Callable, arg_name: str | None, values: Sequence[float], rng_key, *args,
@@ -217,78 +218,3 @@ def tune_prior(model: Callable, arg_name: str | None, values: Sequence[float], r
         exact_indices=None if exact_indices is None else np.asarray(exact_indices).tolist(),
     )
     return table
-
-
-def plot_tuning(table: pd.DataFrame, ax: Any = None, *, logx: bool | None = None):
-    """The tuning curves of :func:`tune_prior`: MPE LOO-NLL, held-out NLL and brute-force LOO by value.
-
-    All curves are per-observation negative log predictive densities: −elpd_loo / N for the MPE (line,
-    with ±SE/N band), the held-out NLL (line), and −elpd_loo_exact / N at the ``exact_at`` values (diamonds;
-    over the subset size when ``exact_indices`` was a subset).  Stars mark the value picked by each curve.
-
-    Parameters
-    ----------
-    table : pandas.DataFrame
-        The result of :func:`tune_prior`.
-    ax : matplotlib.axes.Axes, optional
-        Axes to draw on; ``None`` creates a figure.
-    logx : bool, optional
-        Log-scale x axis; default when all values are positive and span more than a factor 10.
-
-    Returns
-    -------
-    matplotlib.axes.Axes
-
-    Examples
-    --------
-    >>> import pandas as pd
-    >>> from numpyro_mpe.loo.tuning import plot_tuning
-    >>> t = pd.DataFrame({"value": [0.1, 1.0, 10.0], "elpd_loo": [-30.0, -25.0, -27.0], "se": [3.0] * 3,
-    ...                   "heldout_nll": [0.9, 0.8, 0.85]})
-    >>> t.attrs.update(num_obs=30, arg_name="prior_scale")
-    >>> ax = plot_tuning(t)
-    >>> ax.get_xscale()
-    'log'
-    """
-    from numpyro_mpe.io.plots import _BLUE, _GREY, _ORANGE, _new_axes, _style
-
-    n = table.attrs.get("num_obs") or 1
-    x = table["value"].to_numpy(float)
-    if logx is None:
-        logx = bool(np.all(x > 0) and x.max() / x.min() > 10)
-    if ax is None:
-        ax = _new_axes(1, figsize=(6.5, 4.2))
-    _style(ax)
-    loo = -table["elpd_loo"].to_numpy(float) / n
-    ax.plot(x, loo, color=_BLUE, marker="o", markersize=4, linewidth=1.8, label="MPE leave-one-out NLL",
-            gid="loo_nll")
-    if "se" in table:
-        se = table["se"].to_numpy(float) / n
-        ax.fill_between(x, loo - se, loo + se, color=_BLUE, alpha=0.12, linewidth=0)
-    j = int(np.nanargmin(loo))
-    ax.plot([x[j]], [loo[j]], linestyle="", marker="*", markersize=13, color=_BLUE, markeredgecolor="white",
-            zorder=5, gid="best_loo")
-    if "heldout_nll" in table and table["heldout_nll"].notna().any():
-        h = table["heldout_nll"].to_numpy(float)
-        ax.plot(x, h, color=_ORANGE, marker="s", markersize=3.5, linewidth=1.8, label="held-out NLL",
-                gid="heldout_nll")
-        k = int(np.nanargmin(h))
-        ax.plot([x[k]], [h[k]], linestyle="", marker="*", markersize=13, color=_ORANGE,
-                markeredgecolor="white", zorder=5, gid="best_heldout")
-    if "elpd_loo_exact" in table and table["elpd_loo_exact"].notna().any():
-        idx = table.attrs.get("exact_indices")
-        m = n if not idx else len(idx)
-        ex = -table["elpd_loo_exact"].to_numpy(float) / m
-        ok = np.isfinite(ex)
-        ax.plot(x[ok], ex[ok], linestyle="", marker="D", markersize=7, markerfacecolor="none",
-                markeredgecolor=_GREY, markeredgewidth=1.5, label="brute-force LOO (refits)", gid="exact")
-    if logx:
-        ax.set_xscale("log")
-    ax.set_xlabel(table.attrs.get("arg_name") or "value")
-    ax.set_ylabel("negative log predictive density per observation")
-    ax.legend(fontsize=9, frameon=False)
-    ax.set_title("Hyperparameter selection by MPE leave-one-out", fontsize=11, loc="left")
-    return ax
-
-
-__all__ = ["TUNING_COLUMNS", "plot_tuning", "tune_prior"]

@@ -33,6 +33,7 @@ from numpyro.infer.util import constrain_fn, potential_energy
 
 from numpyro_mpe.errors import ModelError, PosteriorError
 from numpyro_mpe.model.predictor import Predictor, make_predictor
+from numpyro_mpe.programs import enable_persistent_cache
 
 
 @dataclass(frozen=True)
@@ -330,6 +331,7 @@ class ModelAdapter:
         """
         if not callable(model):
             raise ModelError(f"model must be a NumPyro model (a callable), got {type(model).__name__}")
+        enable_persistent_cache()
         args, kwargs = convert_inputs(tuple(args), dict(kwargs or {}))
         lists: tuple = ()
         for _ in range(8):  # an observed list of numbers: convert its argument and trace again
@@ -372,7 +374,7 @@ class ModelAdapter:
         dtype = jnp.result_type(*[d for _, _, d in latent])
         structure = ModelStructure(model, binding, tuple(latent_sites), tuple(specs), tuple(det),
                                    jnp.dtype(dtype))
-        blank = cls(structure, values, jnp.zeros(start, dtype), (None,) * len(specs),
+        blank = cls(structure, values, np.zeros(start, np.dtype(dtype)), (None,) * len(specs),
                     (None,) * len(specs))
         site_values, site_weights = _observed_values(blank)
         for spec, value in zip(specs, site_values):
@@ -570,10 +572,11 @@ def _observed_values(adapter: ModelAdapter):
 
 
 @jax.jit
-def _init_attempt(adapter: ModelAdapter, key, init_strategy_box):
+def _init_attempt(adapter: ModelAdapter, key, attempt, init_strategy_box):
     init_strategy = init_strategy_box.fn
     model = adapter.model
     a, kw = adapter.args, adapter.kwargs
+    key = jax.random.fold_in(key, attempt)
     traced = handlers.substitute(handlers.seed(model, key), substitute_fn=init_strategy)
     tr = handlers.trace(traced).get_trace(*a, **kw)
     z = {s.name: biject_to(tr[s.name]["fn"].support).inv(tr[s.name]["value"]) for s in adapter.latent}
@@ -598,8 +601,8 @@ def _initial_point(adapter: ModelAdapter, rng_key, init_strategy, max_tries: int
     op, which costs one XLA compilation per operation).
     """
     box = _Static(init_strategy)
-    for key in jax.random.split(rng_key, max_tries):
-        theta, ok = _init_attempt(adapter, key, box)
+    for attempt in range(max_tries):
+        theta, ok = _init_attempt(adapter, rng_key, np.int32(attempt), box)
         if bool(ok):
             return theta
     return None
@@ -644,9 +647,9 @@ def _validated_predictors(adapter: ModelAdapter) -> ModelAdapter:
     """Keep a site's predictor only if f(η_i(θ), y_i) reproduces the model's log-likelihood."""
     if not any(s.predictor is not None for s in adapter.structure.sites):
         return adapter
-    theta0 = adapter.init_theta
-    thetas = jnp.stack([theta0, theta0 + 0.3 * jax.random.normal(jax.random.PRNGKey(1), theta0.shape,
-                                                                 theta0.dtype)])
+    theta0 = np.asarray(adapter.init_theta)
+    thetas = np.stack([theta0, theta0 + 0.3 * np.random.default_rng(1).normal(size=theta0.shape)])
+    thetas = thetas.astype(theta0.dtype)
     try:
         errors = np.asarray(_predictor_check(adapter, thetas))
         failure = None

@@ -1,0 +1,222 @@
+"""The MPE leave-one-out of one observed site as the installed ArviZ's ELPD object (``fit.loo()``)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING
+
+import arviz as az
+import jax
+import numpy as np
+import xarray as xr
+
+from numpyro_mpe.loo.arviz_compat import (
+    ARVIZ_1,
+    GOOD_K,
+    container,
+    elpd_se,
+    log_lik_on_draws,
+    pointwise_elpd,
+)
+
+if TYPE_CHECKING:
+    from numpyro_mpe.fit import Fit
+
+
+def _psis_on_q(fit: Fit, var_name: str, idx: np.ndarray, num_samples: int, rng_key):
+    """PSIS-LOO with ``num_samples`` draws from q for the flat observations ``idx`` of ``var_name``.
+
+    Runs the installed ArviZ's own ``loo`` on those observations only; returns pointwise elpd and k̂.
+    """
+    rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
+    draws = fit.posterior.sample(rng_key, num_samples)
+    ll = log_lik_on_draws(fit, draws, var_name, idx)  # (S, n_bad)
+    dims = ["chain", "draw", "__obs__"]
+    groups = {
+        "posterior": xr.Dataset({"__theta__": (("chain", "draw"), np.zeros((1, num_samples)))}),
+        "log_likelihood": xr.Dataset({var_name: (dims, ll[None])}),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = az.loo(container(groups), pointwise=True, var_name=var_name, reff=1.0)
+    return np.asarray(pointwise_elpd(res)).ravel(), np.asarray(res["pareto_k"]).ravel()
+
+
+def elpd_data(fit: Fit, var_name: str | None = None, *, method: str = "mpe", groups=None,
+              num_samples: int = 2000, rng_key=None, df: float | None = None):
+    """The MPE leave-one-out of one observed site as the installed ArviZ's ELPD object.
+
+    Built as ``az.loo(..., pointwise=True)`` builds its result, so that ``az.compare`` and
+    ``az.plot_compare`` take it beside ordinary PSIS-LOO results:
+
+    * ``elpd_loo`` (arviz 0.x) / ``elpd`` (arviz ≥ 1): Σ_i ``elpd_loo``\\_i of :meth:`Fit.sensitivities`;
+      ``se`` the standard error with the installed ArviZ's convention (√(N·var), ddof 0 on 0.x, 1 on ≥ 1);
+      ``p_loo`` / ``p``: Σ_i ``p_loo``\\_i;
+    * ``loo_i`` / ``elpd_i``: the pointwise values over the observation dims;
+    * ``pareto_k``: the MPE **leverage** (the closed-form twin of k̂; same 0.7 threshold, ``good_k = 0.7``);
+    * ``warning``: True when some leverage exceeds 0.7 or some cavity is invalid;
+    * ``n_samples``: the posterior draws behind the numbers — 0 where ``elpd_loo`` is closed form
+      (quadrature in predictor space), ``fit.num_samples`` where it was integrated by Monte Carlo, raised to
+      ``num_samples`` when the PSIS fallback below ran;
+    * ``scale``: ``"log"``.
+
+    Observations whose cavity is invalid (leverage ≥ 1: ``valid`` False, ``elpd_loo`` NaN) have no Gaussian
+    leave-one-out posterior.  To keep the totals finite, their ``elpd_loo`` is replaced by PSIS-LOO on
+    ``num_samples`` draws from q (for those observations only; ``p_loo`` = MPE ``lpd`` − that value), and a
+    warning says so.
+
+    ``method="mpe-is"`` replaces the *flagged* observations (leverage > 0.5 or an invalid cavity) by MPE
+    importance sampling (:func:`numpyro_mpe.loo.importance.importance_loo`, ``num_samples`` draws from
+    each MPE
+    leave-one-out Gaussian, consistent for the exact Bayesian LOO); their ``pareto_k`` is then the k̂ of the
+    MPE-IS weights (−inf where the weights are constant), the others keep the leverage, and a warning names
+    the observations whose MPE-IS k̂ is still above 0.7.
+
+    ``groups`` gives leave-group-out (:func:`numpyro_mpe.loo.groups.group_dataset`): one pointwise value per
+    group over the group dim, ``pareto_k`` the group leverage, ``n_data_points`` the number of groups and
+    ``n_samples`` the draws per group.  A group whose cavity is invalid gets MPE importance sampling
+    (:func:`numpyro_mpe.loo.importance.importance_groups`) instead, with a warning.  Two such results over the
+    same groups compare with ``az.compare``.
+
+    Parameters
+    ----------
+    fit : Fit
+        A fitted model.
+    var_name : str, optional
+        Observed site; required when the model has several (as in ``az.loo``).
+    method : {"mpe", "mpe-is"}, default "mpe"
+        Closed-form MPE, or MPE importance sampling for the flagged observations.
+    groups : str or array_like, optional
+        Leave-group-out: the name of an observation dim (plate) or labels aligned with the observations.
+    num_samples : int, default 2000
+        Draws for the PSIS fallback on invalid cavities, for MPE-IS per flagged observation, or per group.
+    rng_key : jax.random.PRNGKey, optional
+        Key for those draws; ``PRNGKey(0)`` when omitted.
+    df : float, optional
+        MPE-IS proposal: ``None`` the Gaussian MPE leave-one-out posterior, a number a Student-t with ``df``
+        degrees of freedom around it (see :func:`numpyro_mpe.loo.importance.importance_loo`).
+
+    Returns
+    -------
+    arviz.stats.stats_utils.ELPDData or arviz_stats.utils.ELPDDataLOO
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``method``, or ``method="mpe-is"`` with ``groups``.
+
+    Examples
+    --------
+    >>> loo_mpe = fit.loo()  # doctest: +SKIP
+    >>> az.compare({"mpe": loo_mpe, "nuts": az.loo(idata_nuts)})  # doctest: +SKIP
+    >>> loo_is = fit.loo(method="mpe-is")  # doctest: +SKIP
+    >>> az.compare({"a": fit_a.loo(groups="firm"), "b": fit_b.loo(groups="firm")})  # doctest: +SKIP
+    """
+    if method not in ("mpe", "mpe-is"):
+        raise ValueError(f"method must be 'mpe' (closed-form MPE) or 'mpe-is' (MPE importance sampling for "
+                         f"the flagged observations), got '{method}'")
+    site = fit.adapter.observed_site(var_name)
+    if groups is not None:
+        if method != "mpe":
+            raise ValueError("method='mpe-is' is for leave-one-out; with groups= use method='mpe' (a group "
+                             "whose cavity is invalid gets MPE importance sampling anyway)")
+        from numpyro_mpe.loo.groups import group_dataset
+        from numpyro_mpe.loo.importance import importance_groups
+
+        ds = group_dataset(fit, groups, site.name, num_samples=num_samples, rng_key=rng_key)
+        dim = ds["elpd_loo"].dims[0]
+        elpd_i = ds["elpd_loo"].copy()
+        p_loo_i = ds["p_loo"].copy()
+        pareto_k = ds["leverage"].copy()
+        valid = np.asarray(ds["valid"])
+        n_samples = int(num_samples)
+        if not valid.all():
+            bad_labels = ds[dim].values[~valid]
+            res = importance_groups(fit, groups, site.name, select=bad_labels, num_samples=num_samples,
+                                    rng_key=rng_key, progress=False)
+            elpd_i.values[~valid] = res["elpd_loo"].values
+            p_loo_i.values[~valid] = ds["lpd"].values[~valid] - res["elpd_loo"].values
+            warnings.warn(
+                f"{bad_labels.size} of {valid.size} groups of '{site.name}' have an invalid MPE cavity "
+                f"(leverage >= 1, groups {bad_labels[:10].tolist()}{' ...' if bad_labels.size > 10 else ''})"
+                "; "
+                f"their elpd_loo is MPE importance sampling on {num_samples} draws instead (Pareto k-hat "
+                f"{np.array2string(res['pareto_k'].values[:10], precision=2)}), so the totals mix the closed "
+                "form and importance sampling; pareto_k keeps the leverage",
+                stacklevel=2,
+            )
+        n_data = int(valid.size)
+        warn = bool(np.any(np.asarray(pareto_k) > GOOD_K) or not valid.all())
+    else:
+        ds = fit.sensitivities(site.name)
+        elpd_i = ds["elpd_loo"].copy()
+        p_loo_i = ds["p_loo"].copy()
+        pareto_k = ds["leverage"].copy()
+        valid = np.asarray(ds["valid"]).ravel()
+        lpd = np.asarray(ds["lpd"]).ravel()
+        flat_elpd = np.asarray(elpd_i).ravel().copy()
+        flat_p = np.asarray(p_loo_i).ravel().copy()
+        flat_k = np.asarray(pareto_k, dtype=float).ravel().copy()
+        bad = np.flatnonzero(~valid | ~np.isfinite(flat_elpd))
+        n_samples = fit.site_mpe(site.name).integration.num_samples  # 0 for quadrature
+        if method == "mpe-is":
+            from numpyro_mpe.loo.importance import importance_loo
+
+            flagged = np.union1d(np.flatnonzero(flat_k > 0.5), bad)
+            if flagged.size:
+                res = importance_loo(fit, flagged, num_samples=num_samples, rng_key=rng_key,
+                                     var_name=site.name, df=df, progress=False)
+                flat_elpd[flagged] = res["elpd_loo"].values
+                flat_p[flagged] = lpd[flagged] - res["elpd_loo"].values
+                flat_k[flagged] = res["pareto_k"].values
+                n_samples = max(n_samples, int(num_samples))
+                high = flagged[res["pareto_k"].values > GOOD_K]
+                if high.size:
+                    warnings.warn(
+                        f"MPE importance sampling: {high.size} of the {flagged.size} flagged observations of "
+                        f"'{site.name}' still have Pareto k-hat > {GOOD_K} (flat indices "
+                        f"{high[:10].tolist()}{' ...' if high.size > 10 else ''}, k-hat "
+                        f"{np.array2string(flat_k[high][:10], precision=2)}); their elpd_loo is unreliable: "
+                        "raise num_samples, try a heavier-tailed proposal (importance_loo(..., df=5)), or "
+                        "refit without them",
+                        stacklevel=2,
+                    )
+        elif bad.size:
+            elpd_bad, k_bad = _psis_on_q(fit, site.name, bad, num_samples, rng_key)
+            flat_elpd[bad] = elpd_bad
+            flat_p[bad] = lpd[bad] - elpd_bad
+            n_samples = max(n_samples, int(num_samples))
+            warnings.warn(
+                f"{bad.size} of {site.num_obs} observations of '{site.name}' have an invalid MPE cavity "
+                f"(leverage >= 1, flat indices {bad[:10].tolist()}{' ...' if bad.size > 10 else ''}); their "
+                f"elpd_loo is PSIS-LOO on {num_samples} draws from q instead (Pareto k-hat "
+                f"{np.array2string(k_bad[:10], precision=2)}{' ...' if bad.size > 10 else ''}), so the "
+                "totals mix MPE and PSIS; pareto_k keeps the leverage",
+                stacklevel=2,
+            )
+        elpd_i.values = flat_elpd.reshape(elpd_i.shape)
+        p_loo_i.values = flat_p.reshape(p_loo_i.shape)
+        pareto_k = pareto_k.astype(float)
+        pareto_k.values = flat_k.reshape(pareto_k.shape)
+        n_data = int(site.num_obs)
+        warn = bool(np.any(flat_k > GOOD_K) or (method == "mpe" and bad.size > 0))
+    elpd_i.name = "elpd_i" if ARVIZ_1 else "loo_i"
+    pareto_k.name = "pareto_k"
+    for da in (elpd_i, pareto_k, p_loo_i):
+        da.attrs = {}
+    elpd = float(np.sum(elpd_i.values))
+    se = elpd_se(elpd_i.values)
+    p_loo = float(np.sum(p_loo_i.values))
+    if ARVIZ_1:
+        from arviz_stats.utils import ELPDDataLOO
+
+        return ELPDDataLOO(elpd=elpd, se=se, p=p_loo, n_samples=int(n_samples), n_data_points=n_data,
+                           scale="log", warning=warn, good_k=GOOD_K, elpd_i=elpd_i, pareto_k=pareto_k,
+                           approx_posterior=False, p_loo_i=p_loo_i.rename("p_loo_i"))
+    from arviz.stats.stats_utils import ELPDData
+
+    return ELPDData(
+        data=[elpd, se, p_loo, int(n_samples), n_data, warn, elpd_i, pareto_k, "log", GOOD_K],
+        index=["elpd_loo", "se", "p_loo", "n_samples", "n_data_points", "warning", "loo_i", "pareto_k",
+               "scale", "good_k"],
+    )
