@@ -27,6 +27,25 @@ from numpyro_mpe.model.rows import row_plan
 from numpyro_mpe.options import MPEOptions
 from numpyro_mpe.programs import track
 
+
+def _split_rows(res: SiteMPE, sizes: list) -> list:
+    """A :class:`SiteMPE` over stacked rows cut into consecutive parts of ``sizes`` rows."""
+    if len(sizes) == 1:
+        return [res]
+    ends = np.cumsum(sizes)
+    out = []
+    for lo, hi in zip(ends - np.asarray(sizes), ends):
+        def cut(x, lo=lo, hi=hi):  # on the host: slicing device arrays would compile a program per offset
+            return None if x is None else np.asarray(x)[lo:hi]
+
+        rows = ("lpd", "elpd_loo", "p_loo", "sensitivity", "leverage", "valid", "shift", "prediction_shift",
+                "prediction_var")
+        fields = {f: cut(getattr(res, f)) for f in rows}
+        extra = None if res.extra is None else {k: cut(v) for k, v in res.extra.items()}
+        out.append(res._replace(**fields, extra=extra))
+    return out
+
+
 #: Per-observation outputs of :meth:`Fit.sensitivities` (the public contract).
 OUTPUTS = ("lpd", "elpd_loo", "p_loo", "sensitivity", "leverage")
 #: Rows per chunk of the passes over held memories (dense P×P per row).
@@ -57,11 +76,14 @@ class Fit:
         :func:`numpyro_mpe.exact_loo` for variational fits.
     options : MPEOptions
         Chunk size, Monte Carlo draws, progress bars, curvature and devices of the passes.
+    site_data : dict, optional
+        Observed sites' rows already laid out in chunks (:class:`~numpyro_mpe.engine.terms.SiteData`, by
+        site name), e.g. by a streamed fit: the data are placed once.
     """
 
     def __init__(self, adapter: ModelAdapter, posterior: GaussianPosterior, method: str,
                  info: dict | None = None, *, memories: MemorySpec | None = None, refit=None,
-                 options: MPEOptions | None = None):
+                 options: MPEOptions | None = None, site_data: dict | None = None):
         self.adapter = adapter
         self.posterior = posterior
         self.method = method
@@ -70,28 +92,17 @@ class Fit:
         self.memories_spec = memories or MemorySpec()
         self.refit = refit
         self.options = options or MPEOptions()
-        self._cache: dict[str, Any] = {}
+        self._cache: dict[Any, Any] = {("site_data", k): v for k, v in (site_data or {}).items()}
 
     def __repr__(self) -> str:
         sites = ", ".join(f"{n}{s.obs_shape}" for n, s in self.adapter.observed.items())
         return f"Fit(method={self.method!r}, P={self.adapter.num_params}, observed=[{sites}])"
 
     # ------------------------------------------------------------ options, for callers
-    @property
-    def progress(self) -> bool:
-        return self.options.progress
-
-    @property
-    def num_samples(self) -> int:
-        return self.options.num_samples
-
-    @property
-    def curvature(self) -> str:
-        return self.options.curvature
-
-    @property
-    def observed_names(self) -> list[str]:
-        return list(self.adapter.observed)
+    progress = property(lambda self: self.options.progress, doc="Progress bars on long passes.")
+    refit_fn = property(lambda self: self.refit, doc="The former name of :attr:`refit`.")
+    curvature = property(lambda self: self.options.curvature, doc="'exact' or 'ggn'.")
+    observed_names = property(lambda self: list(self.adapter.observed), doc="The observed sites.")
 
     def chunk_size(self, var_name: str | None = None) -> int:
         """Rows per chunk of the passes over ``var_name``: the option, else sized by memory."""
@@ -102,9 +113,26 @@ class Fit:
         return auto_chunk_size(self.adapter.num_params, k, self.adapter.structure.dtype.itemsize)
 
     # ------------------------------------------------------------ the site's engine
+    def site_group(self, var_name: str) -> tuple:
+        """The observed sites whose pass runs with ``var_name``'s in one program: sites with an equal
+        predictor (class, parameters, shapes) whose rows fit in one chunk together — a model written as a
+        loop over time steps or groups then compiles one program for all of them.  ``(var_name,)``
+        otherwise."""
+        site = self.adapter.observed[var_name]
+        if site.predictor is None or (self.options.devices is not None and len(self.options.devices) > 1):
+            return (var_name,)
+        members = tuple(n for n, s in self.adapter.observed.items()
+                        if s.predictor is not None and s.predictor == site.predictor
+                        and s.event_shape == site.event_shape)
+        total = sum(self.adapter.observed[n].num_obs for n in members)
+        if len(members) < 2 or total > self.chunk_size(var_name):
+            return (var_name,)
+        return members
+
     def site_data(self, var_name: str | None = None, stream: bool = False) -> SiteData:
-        """The rows of ``var_name`` laid out in chunks (a site with a predictor); ``stream``: run the model
-        on chunks of rows even when one chunk would hold them all (the streamed MAP)."""
+        """The rows of ``var_name`` laid out in chunks (a site with a predictor; with the other sites of its
+        :meth:`site_group`); ``stream``: run the model on chunks of rows even when one chunk would hold them
+        all (the streamed MAP)."""
         site = self.adapter.observed_site(var_name)
         key = ("site_data", site.name)
         cached = self._cache.get(key)
@@ -114,6 +142,14 @@ class Fit:
             from numpyro_mpe.errors import MPEError
 
             raise MPEError(f"site '{site.name}' has no predictor ({site.no_predictor_reason})")
+        group = () if stream else self.site_group(site.name)
+        if len(group) > 1:
+            total = sum(self.adapter.observed[n].num_obs for n in group)
+            layout = Layout.build(total, total, jax.devices()[:1])
+            data = SiteData(self.adapter, group[0], layout, curvature=self.options.curvature, group=group)
+            for n in group:
+                self._cache[("site_data", n)] = data
+            return data
         layout = Layout.build(site.num_obs, self.chunk_size(site.name), self.options.devices)
         plan, why = None, None
         if stream or layout.num_chunks > 1 or layout.mesh.size > 1:
@@ -192,10 +228,13 @@ class Fit:
                      expect_q: bool = False) -> PassOptions:
         """The :class:`~numpyro_mpe.engine.site.PassOptions` of ``var_name``'s pass."""
         site = self.adapter.observed[var_name]
-        k = len(self.site_data(var_name).rows.active) if site.predictor is not None else 0
+        k, num = 0, site.num_obs
+        if site.predictor is not None:
+            data = self.site_data(var_name)
+            k, num = len(data.rows.active), data.layout.num
         if not self.uses_predictor(var_name):
             quadrature_tol = 0.0  # held memories: the full rule on every row
-        return PassOptions.make(k, site.num_obs, self.adapter.num_params, self.adapter.structure.dtype,
+        return PassOptions.make(k, num, self.adapter.num_params, self.adapter.structure.dtype,
                                 num_samples=self.options.num_samples, tol=quadrature_tol,
                                 keep_shift=keep_shift, first_order=first_order, expect_q=expect_q)
 
@@ -217,11 +256,13 @@ class Fit:
         key = ("mpe", site.name)
         if default and key in self._cache:
             return self._cache[key]
+        group = self.site_group(site.name) if self.uses_predictor(site.name) else (site.name,)
         with track(f"site_mpe({site.name})", self.info["compile"]):
             res = self._site_mpe(site.name, self.pass_options(site.name, **opts))
+        parts = dict(zip(group, _split_rows(res, [self.adapter.observed[n].num_obs for n in group])))
         if default:
-            self._cache[key] = res
-        return res
+            self._cache.update({("mpe", n): r for n, r in parts.items()})
+        return parts[site.name]
 
     def _site_mpe(self, name: str, opts: PassOptions) -> SiteMPE:
         key = jax.random.PRNGKey(0)

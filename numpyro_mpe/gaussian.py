@@ -53,9 +53,7 @@ class GaussianPosterior(NamedTuple):
 
     structure = "full"
 
-    @property
-    def dim(self) -> int:
-        return int(self.mean.shape[-1])
+    dim = property(lambda self: int(self.mean.shape[-1]))  # P
 
     def covariance(self) -> jax.Array:
         """S⁻¹, formed explicitly (P×P)."""
@@ -150,9 +148,7 @@ class DiagGaussianPosterior(NamedTuple):
 
     structure = "diag"
 
-    @property
-    def dim(self) -> int:
-        return int(self.mean.shape[-1])
+    dim = property(lambda self: int(self.mean.shape[-1]))  # P
 
     def cov_matvec(self, v):
         """S⁻¹ v for ``v`` of shape ``(P,)`` or ``(P, k)``."""
@@ -239,9 +235,7 @@ class LowRankGaussianPosterior(NamedTuple):
         tau, z = jnp.linalg.eigh(r @ r.T)
         return cls(mean, diag, factor, q @ z, jnp.clip(tau, 0.0, None))
 
-    @property
-    def dim(self) -> int:
-        return int(self.mean.shape[-1])
+    dim = property(lambda self: int(self.mean.shape[-1]))  # P
 
     def _root_pow(self, v, power):
         """A^power v for the symmetric root A (power = ±1, ±2)."""

@@ -57,6 +57,25 @@ def check_options(owner: str, options: dict, allowed) -> None:
         raise TypeError(f"{owner} got unknown option(s) {unknown}; known options are {sorted(allowed)}")
 
 
+def keyword_options(init):
+    """Decorate a keyword-only ``__init__`` so that an unknown keyword raises the same ``TypeError`` as
+    :func:`check_options`: naming it and listing the known options."""
+    import functools
+    import inspect
+
+    sig = inspect.signature(init)
+    known = [n for n, p in sig.parameters.items() if p.kind == p.KEYWORD_ONLY or
+             (p.kind == p.POSITIONAL_OR_KEYWORD and n not in ("self", "model"))]
+
+    @functools.wraps(init)
+    def wrapped(self, *args, **kwargs):
+        check_options(type(self).__name__, {k: v for k, v in kwargs.items() if k not in sig.parameters},
+                      known)
+        return init(self, *args, **kwargs)
+
+    return wrapped
+
+
 class MPEOptions(NamedTuple):
     """How a Fit runs its per-observation passes.
 

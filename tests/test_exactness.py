@@ -345,7 +345,7 @@ def test_theta_space_monte_carlo_fallback():
     assert fit.adapter.observed["y"].predictor is None
     ds = fit.sensitivities()
     assert "θ-space" in ds.attrs["elpd_integration"]
-    n_mc = fit.num_samples
+    n_mc = fit.options.num_samples
     # 1. Integration only: Gauss-Hermite in numpy on the MPE's cavity, built from finite differences of
     #    the independent log-likelihood (ĝ_i, Ĥ_i) and the fit's scalar precision.
     m = float(fit.posterior.mean[0])

@@ -256,7 +256,7 @@ def test_from_svi_maps_guide_order_onto_adapter(guide_cls):
     if guide_cls is AutoLaplaceApproximation:
         median = _unconstrained_flat(guide.median(res.params))
         np.testing.assert_allclose(np.asarray(fit.posterior.mean), median, rtol=1e-6, atol=1e-8)
-        assert fit.method == "laplace" and fit.refit_fn is None
+        assert fit.method == "laplace" and fit.refit is None
         return
     _check_against_guide(guide, res.params, np.asarray(fit.posterior.mean),
                          np.asarray(fit.info["q"].covariance()))

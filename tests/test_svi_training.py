@@ -59,7 +59,7 @@ def test_svi_history_matches_site_mpe_of_final_guide(data):
     # callback: Checkpoint objects, increasing steps, the last one the final guide's Gaussian
     assert all(isinstance(c, Checkpoint) for c in seen)
     assert [c.step for c in seen] == list(h.step)
-    refit = fit.refit_fn
+    refit = fit.refit
     q = guide_extractor(refit.guide, fit.adapter)(refit.params).posterior()
     np.testing.assert_allclose(seen[-1].mean, q.mean, atol=1e-10)
     np.testing.assert_allclose(seen[-1].precision, q.precision, rtol=1e-8, atol=1e-8)

@@ -224,13 +224,10 @@ def expected_memories(adapter: ModelAdapter, q, name: str, *, num_samples: int =
 
     Examples
     --------
-    >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
+    >>> import jax, jax.numpy as jnp, numpyro
     >>> from numpyro_mpe.model import ModelAdapter
     >>> from numpyro_mpe.gaussian import from_precision
-    >>> def model(x, y=None):
-    ...     b = numpyro.sample("b", dist.Normal(0, 1))
-    ...     with numpyro.plate("data", x.shape[0]):
-    ...         numpyro.sample("y", dist.Bernoulli(logits=b * x), obs=y)
+    >>> from numpyro_mpe.io.toy import logistic_line_model as model
     >>> x = jnp.linspace(-1, 1, 5)
     >>> ad = ModelAdapter.build(model, jax.random.PRNGKey(0), (x,), {"y": (x > 0) * 1.0})
     >>> q = from_precision(jnp.zeros(1), 4.0 * jnp.eye(1))

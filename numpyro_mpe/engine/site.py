@@ -80,7 +80,7 @@ class Integration(NamedTuple):
 
     def __str__(self) -> str:
         if self.space == "theta":
-            return f"monte-carlo in theta-space ({self.num_samples} draws from q)"
+            return f"monte-carlo in θ-space ({self.num_samples} draws from q)"
         if self.kind == "monte-carlo":
             return f"monte-carlo in predictor space (K={self.dims}, {self.num_samples} common draws)"
         full = GAUSS_HERMITE_TIERS[self.dims][-1]
@@ -315,7 +315,9 @@ def predictor_pass(site: SiteData, post, opts: PassOptions, *, rng_key=None, poo
                      lay.num_chunks, desc=f"MPE {site.name}", progress=progress, into=Into())
     labels = tuple(site.site.predictor.labels[i] for i in rows.active)
     integration = _integration(opts, len(rows.active), np.concatenate(tiers))
-    return assemble(site.name, res, labels, integration, site.site.num_obs)
+    others = len(rows.names) - 1
+    name = site.name if not others else f"{site.name}' and the {others} sites like it ('{site.name}"
+    return assemble(name, res, labels, integration, lay.num)
 
 
 def memory_pass(adapter: ModelAdapter, post, name: str, memories, pred, opts: PassOptions, *,

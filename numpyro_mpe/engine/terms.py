@@ -42,7 +42,9 @@ class SiteRows(NamedTuple):
 
     ``source``: ``"rows"`` (model on sliced rows by ``plan``), ``"whole"`` (whole model, one chunk) or
     ``"held"`` (η, J held per chunk); ``active``: the predictor components that depend on θ;
-    ``curvature``: ``"exact"`` or ``"ggn"``.
+    ``curvature``: ``"exact"`` or ``"ggn"``.  ``group``: for ``"whole"``, the observed sites whose rows are
+    stacked (sites with equal predictors, e.g. one site per time step of a model written as a loop: one
+    program serves them all); empty means ``(name,)``.
     """
 
     name: str
@@ -50,6 +52,11 @@ class SiteRows(NamedTuple):
     active: tuple
     curvature: str
     plan: RowPlan | None = None
+    group: tuple = ()
+
+    @property
+    def names(self) -> tuple:
+        return self.group or (self.name,)
 
 
 class ChunkTerms(NamedTuple):
@@ -203,12 +210,21 @@ def _site_jacobians(adapter: ModelAdapter, rows: SiteRows, theta, row_args):
     return eta, aux, blocks
 
 
-def whole_eta_jac(adapter: ModelAdapter, name: str, theta):
-    """η (N, K_all), J (N, K_all, P) and aux of every row from the whole model (forward mode)."""
-    def eta_fn(t):
-        return adapter.eta(t, name)
+def whole_eta(adapter: ModelAdapter, names: tuple, theta):
+    """η (N, K_all) and aux of every row of the sites ``names`` (stacked) from one trace of the model."""
+    tr = adapter.trace(theta)
+    parts = [adapter.observed[n].predictor.params(tr[n]["fn"]) for n in names]
+    if len(parts) == 1:
+        return parts[0]
+    aux = {k: jnp.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
+    return jnp.concatenate([p[0] for p in parts]), aux
 
-    return eta_fn(theta), jax.jacfwd(eta_fn)(theta), adapter.predictor_aux(theta, name)
+
+def whole_eta_jac(adapter: ModelAdapter, names: tuple, theta):
+    """η (N, K_all), J (N, K_all, P) and aux of every row of the sites ``names`` from the whole model
+    (forward mode)."""
+    eta, aux = whole_eta(adapter, names, theta)
+    return eta, jax.jacfwd(lambda t: whole_eta(adapter, names, t)[0])(theta), aux
 
 
 def split_latent(adapter: ModelAdapter, x) -> list:
@@ -229,7 +245,7 @@ def _eta_blocks(adapter: ModelAdapter, rows: SiteRows, data: dict, theta, post=N
     p = theta.shape[0]
     act = np.asarray(rows.active)
     if rows.source == "whole":
-        eta, jac, aux = whole_eta_jac(adapter, rows.name, theta)
+        eta, jac, aux = whole_eta_jac(adapter, rows.names, theta)
         blocks = [jac[:, act, :]]
     elif rows.source == "held":
         eta, aux, blocks = data["eta"], data["aux"], [data["jac"][:, act, :]]
@@ -282,9 +298,13 @@ def chunk_observed(adapter: ModelAdapter, rows: SiteRows, data: dict):
     """The chunk's observed values (c, ...) and weights (c,): from ``data`` for a chunked source, from the
     adapter for ``"whole"``."""
     if rows.source == "whole":
-        site = adapter.observed[rows.name]
-        w = adapter.predictor_mask(rows.name)
-        return site.flat_value, (jnp.ones(site.num_obs, adapter.structure.dtype) if w is None else w)
+        ys, ws = [], []
+        for n in rows.names:
+            site = adapter.observed[n]
+            w = adapter.predictor_mask(n)
+            ys.append(site.flat_value)
+            ws.append(jnp.ones(site.num_obs, adapter.structure.dtype) if w is None else w)
+        return (ys[0], ws[0]) if len(ys) == 1 else (jnp.concatenate(ys), jnp.concatenate(ws))
     return data["y"], data["w"]
 
 
@@ -297,7 +317,7 @@ def _predictor_probe(adapter: ModelAdapter, rows: SiteRows, data: dict, theta, d
     def eta_of(t):
         if rows.source == "rows":
             return eta_rows(adapter, rows, t, data["rows"])[0]
-        return adapter.eta(t, rows.name)
+        return whole_eta(adapter, rows.names, t)[0]
 
     moved = jnp.sum(jnp.abs(jax.vmap(lambda d: jax.jvp(eta_of, (theta,), (d,))[1])(dirs)), axis=(0, 1))
 
@@ -308,7 +328,7 @@ def _predictor_probe(adapter: ModelAdapter, rows: SiteRows, data: dict, theta, d
     return moved, g, jax.vmap(lambda d: jax.jvp(jax.grad(weighted), (theta,), (d,))[1])(v)
 
 
-_held_terms = jax.jit(whole_eta_jac, static_argnames=("name",))
+_held_terms = jax.jit(whole_eta_jac, static_argnames=("names",))
 
 
 class SiteData:
@@ -321,7 +341,8 @@ class SiteData:
     """
 
     def __init__(self, adapter: ModelAdapter, name: str, layout, *, curvature: str = "exact",
-                 stream: bool = False, plan: RowPlan | None = None, no_plan_reason: str | None = None):
+                 stream: bool = False, plan: RowPlan | None = None, no_plan_reason: str | None = None,
+                 group: tuple = ()):
         site = adapter.observed[name]
         self.adapter, self.name, self.site, self.layout = adapter, name, site, layout
         self.no_plan_reason = no_plan_reason
@@ -340,7 +361,10 @@ class SiteData:
         if source == "rows":
             for k, x in zip(plan.batched, plan.rows_of(adapter)):
                 self._put(("row", k), layout.place(x))
-        self.rows = SiteRows(name, source, tuple(range(site.predictor.num_eta)), curvature, self.plan)
+        if group and source != "whole":
+            raise ValueError("sites are grouped only when one chunk holds all their rows")
+        self.rows = SiteRows(name, source, tuple(range(site.predictor.num_eta)), curvature, self.plan,
+                             tuple(group))
         self._held_at = None
         self._probes: dict = {}
         moved, _ = self._probe(adapter.init_theta)
@@ -370,7 +394,7 @@ class SiteData:
     def _held(self, theta):
         """η, J, aux of every row at ``theta`` from the whole model, placed per chunk (once per θ)."""
         if self._held_at is None or not bool(jnp.all(self._held_at[0] == theta)):
-            eta, jac, aux = _held_terms(self.adapter, self.name, theta)
+            eta, jac, aux = _held_terms(self.adapter, (self.name,), theta)
             lay = self.layout
             placed = {"eta": lay.place(eta), "jac": lay.place(jac),
                       "aux": {k: lay.place(v) for k, v in aux.items()}}
@@ -387,7 +411,7 @@ class SiteData:
         if key not in self._probes:
             rng = np.random.default_rng(7)
             dtype = np.dtype(theta.dtype)
-            n = self.layout.chunk if self.rows.source == "rows" else self.site.num_obs
+            n = self.layout.chunk if self.rows.source == "rows" else self.layout.num
             k_all = self.site.predictor.num_eta
             dirs = rng.normal(size=(2, theta.shape[0])).astype(dtype)
             c = rng.normal(size=(n, k_all)).astype(dtype)

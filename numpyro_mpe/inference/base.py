@@ -36,6 +36,7 @@ class Refit(Protocol):
     """
 
     coupled: bool
+    label: str  # the ``method`` attribute of brute-force LOO results ("exact_loo", "exact_loo_svi", ...)
 
     def prepare(self, fit: Fit, var_name: str, rng_key) -> Callable[[jax.Array], RefitResult]: ...
 

@@ -34,7 +34,7 @@ from numpyro_mpe.inference.streamed import (
 )
 from numpyro_mpe.model.adapter import ModelAdapter
 from numpyro_mpe.model.rows import row_plan
-from numpyro_mpe.options import STRUCTURES, MPEOptions, check_choice, check_positive_int
+from numpyro_mpe.options import STRUCTURES, MPEOptions, check_choice, check_positive_int, keyword_options
 from numpyro_mpe.programs import track
 
 OPTIMIZERS = ("auto", "newton", "lbfgs")
@@ -102,6 +102,7 @@ class Laplace:
     True
     """
 
+    @keyword_options
     def __init__(self, model: Callable, *, init_strategy=init_to_median, max_steps: int | None = None,
                  gtol: float | None = None, posterior: str = "full", rank: int = 10, optimizer: str = "auto",
                  curvature: str = "exact", chunk_size: int | None = None, num_samples: int = 2000,
@@ -154,19 +155,15 @@ class Laplace:
             warnings.warn(
                 f"Laplace: the optimizer did not converge in {int(state.steps)} steps "
                 f"(max |grad U| = {gnorm:.3g}); raise max_steps or check the model", stacklevel=3)
+        info = {"steps": int(state.steps), "grad_norm": gnorm, "potential": value, "streamed": False}
         precision = post.precision
-        fit = Fit(adapter, post, method="laplace",
-                  info={"steps": int(state.steps), "grad_norm": gnorm, "potential": value, "streamed": False},
-                  options=self.options)
         if self.curvature == "ggn":
-            precision = ggn_precision(fit, precision)
+            precision = ggn_precision(Fit(adapter, post, "laplace", options=self.options), precision)
             post = from_precision(theta, precision)
         check_precision(adapter, precision)
         if self.structure != "full":
             post = dense_structured(adapter, theta, precision, self.structure, self.rank)
-        fit.posterior = post
-        fit._cache.clear()
-        return fit
+        return Fit(adapter, post, method="laplace", info=info, options=self.options)
 
     # ------------------------------------------------------------ streamed fit
     def _streaming_site(self, adapter: ModelAdapter) -> tuple[SiteData | None, str | None]:
@@ -216,11 +213,10 @@ class Laplace:
             check_precision(adapter, post.precision)
         else:
             check_structured(adapter, post)
-        fit = Fit(adapter, post, method="laplace", info={"steps": res.steps, "grad_norm": gnorm,
-                                                          "potential": res.value, "streamed": True,
-                                                          "optimizer": opt}, options=self.options)
-        fit._cache[("site_data", site.name)] = site  # the data are placed once
-        return fit
+        return Fit(adapter, post, method="laplace", info={"steps": res.steps, "grad_norm": gnorm,
+                                                           "potential": res.value, "streamed": True,
+                                                           "optimizer": opt},
+                   options=self.options, site_data={site.name: site})
 
 
 def _check_finite(theta, value) -> None:
@@ -312,6 +308,7 @@ class LaplaceRefit:
     round-off; the default converges (the exact Laplace leave-one-out posterior)."""
 
     coupled = False
+    label = "exact_loo"
 
     def __init__(self, max_steps: int = 100, gtol: float = 1e-10):
         self.max_steps = check_positive_int("max_steps", max_steps)

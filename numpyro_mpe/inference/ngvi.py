@@ -35,7 +35,7 @@ from numpyro_mpe.inference.von import (
     von_precision,
 )
 from numpyro_mpe.model.adapter import ModelAdapter
-from numpyro_mpe.options import MPEOptions, check_choice, check_positive_int
+from numpyro_mpe.options import MPEOptions, check_choice, check_positive_int, keyword_options
 
 
 class NGVIRefit:
@@ -43,6 +43,7 @@ class NGVIRefit:
     (:meth:`NGVI.refit`), its noise cancelled by a paired all-ones run (``control``)."""
 
     coupled = False
+    label = "exact_loo_ngvi"
 
     def __init__(self, ngvi: NGVI, num_steps: int | None = None, lr: float | None = None,
                  control: bool = True):
@@ -158,12 +159,9 @@ class NGVI:
 
     Examples
     --------
-    >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
+    >>> import jax, jax.numpy as jnp, numpyro
     >>> import numpyro_mpe as mpe
-    >>> def model(x, y=None):
-    ...     b = numpyro.sample("b", dist.Normal(0, 10))
-    ...     with numpyro.plate("data", x.shape[0]):
-    ...         numpyro.sample("y", dist.Normal(b * x, 1.0), obs=y)
+    >>> from numpyro_mpe.io.toy import line_data, line_model as model
     >>> x = jnp.linspace(-1, 1, 40); y = 2 * x
     >>> fit = mpe.NGVI(model, "full", num_steps=300, lr=0.3, antithetic=True, memories="delta",
     ...                progress=False).run(jax.random.PRNGKey(0), x, y=y)
@@ -172,6 +170,7 @@ class NGVI:
     >>> ds = fit.sensitivities()  # per-observation MPE outputs, as for a Laplace fit
     """
 
+    @keyword_options
     def __init__(self, model: Callable, posterior: str | None = None, *, precision: str | None = None,
                  num_steps: int = 1000, lr: float | Callable | None = None,
                  lr_schedule: Callable | None = None,
@@ -188,14 +187,14 @@ class NGVI:
             raise MPEError(f"posterior={posterior!r} and precision={precision!r} disagree; give one of them")
         structure = posterior or precision or "diag"
         if structure == "lowrank":
-            raise MPEError("NGVI cannot provide posterior='lowrank' (its natural-gradient updates keep a "
-                           "full or diagonal precision); use posterior='diag' or 'full', or "
+            raise MPEError("NGVI cannot provide posterior='lowrank': its precision must be 'diag' or 'full' "
+                           "(natural-gradient updates keep a full or diagonal precision); use "
                            "mpe.SVI(model, posterior='lowrank') / mpe.Laplace(model, posterior='lowrank')")
         self.precision = check_choice("posterior", structure, ("diag", "full"))
         self.model = model
         self.num_steps = check_positive_int("num_steps", num_steps)
         if lr is not None and lr_schedule is not None:
-            raise MPEError("give either lr (a number or a schedule) or lr_schedule, not both")
+            raise TypeError("give either lr (a number or a schedule) or lr_schedule, not both")
         sched = lr_schedule if lr_schedule is not None else (0.1 if lr is None else lr)
         if not callable(sched) and not float(sched) > 0:
             raise MPEError(f"lr must be positive, got {sched}")

@@ -52,7 +52,7 @@ from numpyro_mpe.inference.training import (
 )
 from numpyro_mpe.inference.variational import DEFAULT_SAMPLES, check_method, variational_posterior
 from numpyro_mpe.model.adapter import ModelAdapter
-from numpyro_mpe.options import MPEOptions, check_choice, check_options, check_positive_int
+from numpyro_mpe.options import MPEOptions, check_choice, check_options, check_positive_int, keyword_options
 
 
 # ---------------------------------------------------------------- refits
@@ -66,6 +66,7 @@ class SVIRefit:
     """
 
     coupled = True
+    label = "exact_loo_svi"
 
     def __init__(self, model: Callable, guide, params: dict, args: tuple, kwargs: dict, *, num_steps: int,
                  num_particles: int, lr: float, lr_end: float, clip_norm: float, stable_update: bool = True):
@@ -252,19 +253,17 @@ class SVI:
 
     Examples
     --------
-    >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
+    >>> import jax, jax.numpy as jnp, numpyro
     >>> import numpyro_mpe as mpe
-    >>> def model(x, y=None):
-    ...     b = numpyro.sample("b", dist.Normal(0, 10))
-    ...     with numpyro.plate("data", x.shape[0]):
-    ...         numpyro.sample("y", dist.Normal(b * x, 1.0), obs=y)
-    >>> x = jnp.linspace(-1, 1, 20); y = 2 * x
+    >>> from numpyro_mpe.io.toy import line_data, line_model as model
+    >>> x, y = line_data(kind="exact")
     >>> fit = mpe.SVI(model, posterior="full", num_steps=1000, progress=False).run(jax.random.PRNGKey(0), x,
     ...                                                                             y=y)
     >>> fit.method, abs(float(fit.posterior.mean[0]) - 2.0) < 0.1
     ('svi', True)
     """
 
+    @keyword_options
     def __init__(self, model: Callable, posterior: str | None = None, *, guide: str | None = None, optim=None,
                  num_steps: int = 2000, num_particles: int = 1, rank: int | None = None,
                  callback: Callable | None = None, every: int | None = None, init_strategy=init_to_median,
@@ -280,7 +279,8 @@ class SVI:
         structure = posterior or guide or "diag"
         if structure not in GUIDES:
             if isinstance(structure, str):
-                raise MPEError(f"posterior must be one of {sorted(GUIDES)}, got {structure!r}")
+                given = "posterior" if posterior is not None else "guide"
+                raise MPEError(f"{given} must be one of {sorted(GUIDES)}, got {structure!r}")
             check_guide(structure)
             raise MPEError(f"SVI takes posterior='diag'|'full'|'lowrank'; for a {guide_name(structure)} "
                            "instance run NumPyro's SVI and pass the result to mpe.from_svi")
@@ -448,15 +448,12 @@ def from_svi(model: Callable, guide, params: dict, *args, mpe_options: dict | No
 
     Examples
     --------
-    >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
+    >>> import jax, jax.numpy as jnp, numpyro
     >>> from numpyro.infer import SVI, Trace_ELBO
     >>> from numpyro.infer.autoguide import AutoMultivariateNormal
     >>> import numpyro_mpe as mpe
-    >>> def model(x, y=None):
-    ...     b = numpyro.sample("b", dist.Normal(0, 10))
-    ...     with numpyro.plate("data", x.shape[0]):
-    ...         numpyro.sample("y", dist.Normal(b * x, 1.0), obs=y)
-    >>> x = jnp.linspace(-1, 1, 20); y = 2 * x
+    >>> from numpyro_mpe.io.toy import line_data, line_model as model
+    >>> x, y = line_data(kind="exact")
     >>> guide = AutoMultivariateNormal(model)
     >>> svi = SVI(model, guide, numpyro.optim.Adam(0.01), Trace_ELBO())
     >>> res = svi.run(jax.random.PRNGKey(0), 2000, x, y=y, progress_bar=False)

@@ -43,7 +43,7 @@ from numpyro_mpe.errors import ModelError, MPEError
 from numpyro_mpe.fit import Fit
 from numpyro_mpe.gaussian import from_state
 from numpyro_mpe.model.adapter import ModelAdapter
-from numpyro_mpe.options import MPEOptions
+from numpyro_mpe.options import MPEOptions, check_options
 
 #: Columns of a training history (``fit.info["history"]``), in order.
 HISTORY_COLUMNS = ("step", "elpd_loo_mpe", "elpd_loo_mpe_se", "loo_nll", "loo_nll_first_order", "train_nll",
@@ -73,7 +73,8 @@ def memory_spec(kind: str | None, *, diagonal: bool = False, num_samples: int = 
 
 def fit_from_state(adapter: ModelAdapter, mean, precision, *, method: str = "ngvi", info: dict | None = None,
                    memories: str | None = "ggn", memory_samples: int = 1000, rng_key=None, refit=None,
-                   diagonal: bool | None = None, options: MPEOptions | None = None) -> Fit:
+                   diagonal: bool | None = None, options: MPEOptions | None = None,
+                   site_data: dict | None = None, **mpe_options) -> Fit:
     """A :class:`~numpyro_mpe.fit.Fit` whose q is an optimizer's current Gaussian N(mean, precision⁻¹).
 
     Parameters
@@ -100,29 +101,36 @@ def fit_from_state(adapter: ModelAdapter, mean, precision, *, method: str = "ngv
         Whether q is diagonal; default: whether ``precision`` is a vector.
     options : MPEOptions, optional
         Chunk size, draws, progress of the Fit's passes.
+    site_data : dict, optional
+        Rows already laid out (see :class:`~numpyro_mpe.fit.Fit`).
+    **mpe_options
+        ``chunk_size``, ``num_samples``, ``progress``, ``curvature``, ``devices``: the same as
+        ``options=MPEOptions.make(...)`` (give one or the other).
 
     Examples
     --------
-    >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
+    >>> import jax, jax.numpy as jnp, numpyro
     >>> from numpyro_mpe.model import ModelAdapter
-    >>> from numpyro_mpe.options import MPEOptions
-    >>> def model(x, y=None):
-    ...     b = numpyro.sample("b", dist.Normal(0, 10))
-    ...     with numpyro.plate("data", x.shape[0]):
-    ...         numpyro.sample("y", dist.Normal(b * x, 1.0), obs=y)
+    >>> from numpyro_mpe.options import MPEOptions, check_options
+    >>> from numpyro_mpe.io.toy import line_data, line_model as model
     >>> x = jnp.linspace(-1, 1, 20)
     >>> ad = ModelAdapter.build(model, jax.random.PRNGKey(0), (x,), {"y": 2 * x})
     >>> fit = fit_from_state(ad, jnp.array([2.0]), jnp.array([8.0]), options=MPEOptions(progress=False))
     >>> fit.sensitivities().sensitivity.shape
     (20,)
     """
+    if mpe_options:
+        if options is not None:
+            raise MPEError("give options= or the options as keywords, not both")
+        check_options("fit_from_state", mpe_options, MPEOptions._fields)
+        options = MPEOptions.make(**mpe_options)
     if diagonal is None:
         diagonal = jnp.ndim(precision) == 1
     spec = memory_spec(memories, diagonal=diagonal, num_samples=memory_samples, rng_key=rng_key)
     info = dict(info or {})
     info["memories"] = spec.describe()
     return Fit(adapter, from_state(mean, precision), method, info, memories=spec, refit=refit,
-               options=options)
+               options=options, site_data=site_data)
 
 
 def heldout_adapter(model, heldout, rng_key, init_strategy, train: ModelAdapter, var_name: str):
@@ -240,12 +248,9 @@ class CheckpointMPE:
 
     Examples
     --------
-    >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
+    >>> import jax, jax.numpy as jnp, numpyro
     >>> from numpyro_mpe.model import ModelAdapter
-    >>> def model(x, y=None):
-    ...     b = numpyro.sample("b", dist.Normal(0, 10))
-    ...     with numpyro.plate("data", x.shape[0]):
-    ...         numpyro.sample("y", dist.Normal(b * x, 1.0), obs=y)
+    >>> from numpyro_mpe.io.toy import line_data, line_model as model
     >>> x = jnp.linspace(-1, 1, 20)
     >>> ad = ModelAdapter.build(model, jax.random.PRNGKey(0), (x,), {"y": 2 * x})
     >>> ck = CheckpointMPE(ad, diagonal=True)
@@ -276,11 +281,9 @@ class CheckpointMPE:
 
     def fit(self, mean, precision, *, memories: str = "ggn", info: dict | None = None) -> Fit:
         """A :class:`Fit` from the state (memories through the predictor by default, as the outputs)."""
-        fit = fit_from_state(self.adapter, mean, precision, method="checkpoint", info=info, memories=memories,
-                             options=self.options)
-        if self._site_data is not None:  # the rows are laid out once per run
-            fit._cache[("site_data", self.name)] = self._site_data
-        return fit
+        site_data = None if self._site_data is None else {self.name: self._site_data}  # laid out once
+        return fit_from_state(self.adapter, mean, precision, method="checkpoint", info=info,
+                              memories=memories, options=self.options, site_data=site_data)
 
     def _outputs(self, mean, precision) -> dict:
         if self.site.predictor is None:  # through dense memories at the mean

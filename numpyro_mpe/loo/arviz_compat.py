@@ -112,7 +112,7 @@ def named_dims(name: str, dims: tuple, ndim: int) -> list[str]:
 
 def latent_dims(fit: Fit) -> dict[str, tuple]:
     """Plate names (sorted by ``dim``) of every latent and deterministic site, as ``arviz.from_numpyro``."""
-    tr = fit.adapter._trace(fit.posterior.mean)  # one model pass at the mean
+    tr = fit.adapter.trace(fit.posterior.mean)  # one model pass at the mean
     out = {}
     for name, site in tr.items():
         if site["type"] in ("sample", "deterministic") and not site.get("is_observed", False):

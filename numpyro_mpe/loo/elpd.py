@@ -56,7 +56,8 @@ def elpd_data(fit: Fit, var_name: str | None = None, *, method: str = "mpe", gro
     * ``pareto_k``: the MPE **leverage** (the closed-form twin of k̂; same 0.7 threshold, ``good_k = 0.7``);
     * ``warning``: True when some leverage exceeds 0.7 or some cavity is invalid;
     * ``n_samples``: the posterior draws behind the numbers — 0 where ``elpd_loo`` is closed form
-      (quadrature in predictor space), ``fit.num_samples`` where it was integrated by Monte Carlo, raised to
+      (quadrature in predictor space), ``fit.options.num_samples`` where it was integrated by Monte Carlo,
+      raised to
       ``num_samples`` when the PSIS fallback below ran;
     * ``scale``: ``"log"``.
 

@@ -159,15 +159,9 @@ def exact_loo(fit, indices: int | Sequence[int] | np.ndarray | None, var_name: s
 
     Examples
     --------
-    >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
-    >>> import numpyro_mpe as mpe
-    >>> numpyro.enable_x64()
-    >>> def model(x, y=None):
-    ...     b = numpyro.sample("b", dist.Normal(0, 10))
-    ...     with numpyro.plate("data", x.shape[0]):
-    ...         numpyro.sample("y", dist.Normal(b * x, 1.0), obs=y)
-    >>> x = jnp.linspace(-1, 1, 20); y = 2 * x + jnp.sin(7 * x)
-    >>> fit = mpe.Laplace(model, progress=False).run(jax.random.PRNGKey(0), x, y=y)
+    >>> from numpyro_mpe.io.toy import line_fit
+    >>> fit, x = line_fit()
+    >>> import jax.numpy as jnp, numpyro_mpe as mpe
     >>> ds = mpe.exact_loo(fit, [0, 19], progress=False)
     >>> ds.sensitivity.dims, bool(ds.converged.all())
     (('obs',), True)
@@ -227,7 +221,7 @@ def exact_loo(fit, indices: int | Sequence[int] | np.ndarray | None, var_name: s
     ds = refit_dataset(adapter, site, idx, arrays)
     integration = (f"Monte Carlo in θ-space ({int(num_samples)} antithetic draws from the refit's Gaussian)"
                    if int(num_samples) else "not computed (num_samples=0)")
-    ds.attrs.update(var_name=name, method="exact_loo", refit=refit.describe(), num_samples=int(num_samples),
+    ds.attrs.update(var_name=name, method=refit.label, refit=refit.describe(), num_samples=int(num_samples),
                     elpd_integration=integration, coupled=bool(coupled))
     if coupled:
         ds.attrs["reference_shift"] = float(_precision_norm(post, m_ref - m))
@@ -336,15 +330,9 @@ def exact_group_loo(fit, groups, var_name: str | None = None, *, max_steps: int 
 
     Examples
     --------
-    >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
-    >>> import numpyro_mpe as mpe
-    >>> numpyro.enable_x64()
-    >>> def model(x, y=None):
-    ...     b = numpyro.sample("b", dist.Normal(0, 10))
-    ...     with numpyro.plate("data", x.shape[0]):
-    ...         numpyro.sample("y", dist.Normal(b * x, 1.0), obs=y)
-    >>> x = jnp.linspace(-1, 1, 20); y = 2 * x + jnp.sin(7 * x)
-    >>> fit = mpe.Laplace(model, progress=False).run(jax.random.PRNGKey(0), x, y=y)
+    >>> from numpyro_mpe.io.toy import line_fit
+    >>> fit, x = line_fit()
+    >>> import jax.numpy as jnp, numpyro_mpe as mpe
     >>> labels = ["left"] * 10 + ["right"] * 10
     >>> ex = mpe.exact_group_loo(fit, labels, progress=False, num_samples=1000)
     >>> ds = fit.sensitivities(groups=labels)
@@ -443,8 +431,8 @@ def exact_loo_ngvi(fit, indices, var_name: str | None = None, *, num_steps: int 
     from numpyro_mpe.inference.ngvi import NGVIRefit
 
     if not isinstance(fit.refit, NGVIRefit):
-        raise MPEError(f"exact_loo_ngvi needs a fit made by mpe.NGVI, got method={fit.method!r}; use "
-                       "mpe.exact_loo")
+        raise TypeError(f"exact_loo_ngvi needs a fit made by mpe.NGVI, got method={fit.method!r}; use "
+                        "mpe.exact_loo")
     refit = NGVIRefit(fit.refit.ngvi, num_steps=num_steps, lr=lr, control=control)
     return exact_loo(_with_refit(fit, refit), indices, var_name, **options)
 

@@ -182,15 +182,8 @@ def group_mpe(fit, groups, var_name=None, *, num_samples: int = 2000, rng_key=No
 
     Examples
     --------
-    >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
-    >>> import numpyro_mpe as mpe
-    >>> numpyro.enable_x64()
-    >>> def model(x, y=None):
-    ...     b = numpyro.sample("b", dist.Normal(0, 10))
-    ...     with numpyro.plate("data", x.shape[0]):
-    ...         numpyro.sample("y", dist.Normal(b * x, 1.0), obs=y)
-    >>> x = jnp.linspace(-1, 1, 20); y = 2 * x + jnp.sin(7 * x)
-    >>> fit = mpe.Laplace(model, progress=False).run(jax.random.PRNGKey(0), x, y=y)
+    >>> from numpyro_mpe.io.toy import line_fit
+    >>> fit, x = line_fit()
     >>> res = group_mpe(fit, x > 0)      # two groups: x <= 0 and x > 0
     >>> res.labels.tolist(), res.size.tolist()
     ([False, True], [10, 10])
@@ -343,15 +336,8 @@ def group_dataset(fit, groups, var_name=None, num_samples: int = 2000, rng_key=N
 
     Examples
     --------
-    >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
-    >>> import numpyro_mpe as mpe
-    >>> numpyro.enable_x64()
-    >>> def model(x, y=None):
-    ...     b = numpyro.sample("b", dist.Normal(0, 10))
-    ...     with numpyro.plate("data", x.shape[0]):
-    ...         numpyro.sample("y", dist.Normal(b * x, 1.0), obs=y)
-    >>> x = jnp.linspace(-1, 1, 20); y = 2 * x + jnp.sin(7 * x)
-    >>> fit = mpe.Laplace(model, progress=False).run(jax.random.PRNGKey(0), x, y=y)
+    >>> from numpyro_mpe.io.toy import line_fit
+    >>> fit, x = line_fit()
     >>> ds = fit.sensitivities(groups=["left"] * 10 + ["right"] * 10)
     >>> ds.sizes["group"], ds.group.values.tolist(), ds["size"].values.tolist()
     (2, ['left', 'right'], [10, 10])

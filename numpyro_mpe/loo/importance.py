@@ -109,15 +109,9 @@ def importance_loo(fit, indices=None, num_samples: int = 1000, rng_key=None, var
 
     Examples
     --------
-    >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
-    >>> import numpyro_mpe as mpe
-    >>> numpyro.enable_x64()
-    >>> def model(x, y=None):
-    ...     b = numpyro.sample("b", dist.Normal(0, 10))
-    ...     with numpyro.plate("data", x.shape[0]):
-    ...         numpyro.sample("y", dist.Normal(b * x, 1.0), obs=y)
-    >>> x = jnp.linspace(-1, 1, 20); y = 2 * x + jnp.sin(7 * x)
-    >>> fit = mpe.Laplace(model, progress=False).run(jax.random.PRNGKey(0), x, y=y)
+    >>> from numpyro_mpe.io.toy import line_fit
+    >>> fit, x = line_fit()
+    >>> import jax.numpy as jnp, numpyro_mpe as mpe
     >>> ds = mpe.importance_loo(fit, [0, 19], num_samples=500)
     >>> ds.ess.values.round(6).tolist()  # linear-Gaussian: the MPE cavity is exact, the weights constant
     [500.0, 500.0]
@@ -251,13 +245,10 @@ def importance_groups(fit, groups, var_name=None, select=None, num_samples: int 
 
     Parameters
     ----------
-    fit : Fit
-        A fitted model.
-    groups : str or array_like
-        Name of an observation dim (plate) or labels aligned with the observations; see
-        :func:`numpyro_mpe.loo.groups.resolve_groups`.
-    var_name : str, optional
-        Observed site; required when the model has several.
+    fit, groups, var_name
+        The fitted model, the groups (a plate name or one label per observation; see
+        :func:`numpyro_mpe.loo.groups.resolve_groups`) and the observed site, as in
+        :func:`numpyro_mpe.loo.groups.group_mpe`.
     select : array_like, optional
         Labels of the groups to compute (default: all).
     num_samples, rng_key, clip, df, progress
@@ -271,16 +262,8 @@ def importance_groups(fit, groups, var_name=None, select=None, num_samples: int 
 
     Examples
     --------
-    >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
-    >>> import numpyro_mpe as mpe
-    >>> from numpyro_mpe.loo.importance import importance_groups
-    >>> numpyro.enable_x64()
-    >>> def model(x, y=None):
-    ...     b = numpyro.sample("b", dist.Normal(0, 10))
-    ...     with numpyro.plate("data", x.shape[0]):
-    ...         numpyro.sample("y", dist.Normal(b * x, 1.0), obs=y)
-    >>> x = jnp.linspace(-1, 1, 20); y = 2 * x + jnp.sin(7 * x)
-    >>> fit = mpe.Laplace(model, progress=False).run(jax.random.PRNGKey(0), x, y=y)
+    >>> from numpyro_mpe.io.toy import line_fit
+    >>> fit, x = line_fit()
     >>> ds = importance_groups(fit, x > 0, num_samples=500)
     >>> ds.ess.values.round(6).tolist()  # the cavity is exact: constant weights
     [500.0, 500.0]

@@ -173,12 +173,11 @@ def parameter_shift(fit: Fit, var_names=None, var_name: str | None = None,
     >>> import jax, jax.numpy as jnp, numpy as np, numpyro, numpyro.distributions as dist
     >>> import numpyro_mpe as mpe
     >>> numpyro.enable_x64()
+    >>> from numpyro_mpe.io.toy import line_data
+    >>> from numpyro_mpe.io.toy import line_model
     >>> def model(x, y=None):
-    ...     b = numpyro.sample("b", dist.Normal(0, 10))
-    ...     s = numpyro.sample("s", dist.HalfNormal(2))
-    ...     with numpyro.plate("data", x.shape[0]):
-    ...         numpyro.sample("y", dist.Normal(b * x, s), obs=y)
-    >>> x = jnp.linspace(-1, 1, 20); y = 2 * x + jnp.sin(7 * x)
+    ...     line_model(x, y, sigma=2.0)
+    >>> x, y = line_data()
     >>> fit = mpe.Laplace(model, progress=False).run(jax.random.PRNGKey(0), x, y=y)
     >>> ds = fit.parameter_shift()
     >>> sorted(ds.data_vars), ds["b"].dims

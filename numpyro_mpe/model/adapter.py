@@ -485,7 +485,8 @@ class ModelAdapter:
         compiled = jax.jit(fn)
         return lambda *rest: compiled(self, *rest)
 
-    def _trace(self, theta):
+    def trace(self, theta):
+        """The model's trace at ``theta`` on its data."""
         return self.trace_with(theta, self.args, self.kwargs)
 
     def trace_with(self, theta, args: tuple, kwargs: dict):
@@ -497,7 +498,8 @@ class ModelAdapter:
         return handlers.trace(model).get_trace(*args, **kwargs)
 
     @staticmethod
-    def _site_log_lik(site: dict, num_obs: int):
+    def site_log_lik(site: dict, num_obs: int):
+        """Per-observation log-likelihood of a traced observed site (mask and scale applied), ``(N,)``."""
         lp = site["fn"].log_prob(site["value"])
         if site.get("mask") is not None:
             lp = jnp.where(site["mask"], lp, 0.0)
@@ -508,21 +510,21 @@ class ModelAdapter:
     def log_lik(self, theta, var_name: str):
         """``log p(y_i | θ)`` for every observation of ``var_name``, flattened to ``(N,)``."""
         site = self.observed[var_name]
-        return self._site_log_lik(self._trace(theta)[var_name], site.num_obs)
+        return self.site_log_lik(self.trace(theta)[var_name], site.num_obs)
 
     def log_lik_all(self, theta) -> dict:
         """:meth:`log_lik` of every observed site from one model pass."""
-        tr = self._trace(theta)
-        return {n: self._site_log_lik(tr[n], s.num_obs) for n, s in self.observed.items()}
+        tr = self.trace(theta)
+        return {n: self.site_log_lik(tr[n], s.num_obs) for n, s in self.observed.items()}
 
     def eta(self, theta, var_name: str):
         """Predictor η(θ) of ``var_name``: ``(N, K_all)`` unconstrained distribution parameters."""
         site = self.observed[var_name]
-        return site.predictor.eta(self._trace(theta)[var_name]["fn"])
+        return site.predictor.eta(self.trace(theta)[var_name]["fn"])
 
     def predictor_aux(self, theta, var_name: str) -> dict:
         site = self.observed[var_name]
-        return site.predictor.aux(self._trace(theta)[var_name]["fn"])
+        return site.predictor.aux(self.trace(theta)[var_name]["fn"])
 
     def predictor_mask(self, var_name: str):
         """Per-observation weights (0 for masked-out observations, the site's scale) or ``None``; ``(N,)``."""
@@ -530,7 +532,7 @@ class ModelAdapter:
 
     def _predictor_log_lik(self, theta, var_name: str):
         site = self.observed[var_name]
-        tr_site = self._trace(theta)[var_name]
+        tr_site = self.trace(theta)[var_name]
         eta = site.predictor.eta(tr_site["fn"])
         aux = site.predictor.aux(tr_site["fn"])
         ll = site.predictor.log_lik(eta, site.flat_value, aux)
@@ -562,7 +564,8 @@ def _site_weights(site: dict, obs_shape: tuple, dtype):
 @jax.jit
 def _observed_values(adapter: ModelAdapter):
     """Observed values and weights of every site, from one trace of the model (its prior draws are unused)."""
-    tr = handlers.trace(handlers.seed(adapter.model, 0)).get_trace(*adapter.args, **adapter.kwargs)
+    seeded = handlers.substitute(handlers.seed(adapter.model, 0), substitute_fn=init_to_sample)
+    tr = handlers.trace(seeded).get_trace(*adapter.args, **adapter.kwargs)
     values, weights = [], []
     for spec in adapter.structure.sites:
         site = tr[spec.name]
@@ -610,7 +613,8 @@ def _initial_point(adapter: ModelAdapter, rng_key, init_strategy, max_tries: int
 
 def _non_finite_sites(adapter: ModelAdapter) -> list[str]:
     """Sites whose log-density (or factor) is not finite at a prior draw (for the error message)."""
-    tr = handlers.trace(handlers.seed(adapter.model, 0)).get_trace(*adapter.args, **adapter.kwargs)
+    seeded = handlers.substitute(handlers.seed(adapter.model, 0), substitute_fn=init_to_sample)
+    tr = handlers.trace(seeded).get_trace(*adapter.args, **adapter.kwargs)
     bad = []
     for name, site in tr.items():
         if site["type"] != "sample":
@@ -627,20 +631,25 @@ def _non_finite_sites(adapter: ModelAdapter) -> list[str]:
 @jax.jit
 def _predictor_check(adapter: ModelAdapter, thetas):
     """Per site with a predictor: the largest relative difference between f(η_i(θ), y_i) and the model's
-    log-likelihood at the rows of ``thetas``."""
-    out = []
-    for spec in adapter.structure.sites:
-        if spec.predictor is None:
-            out.append(jnp.zeros((), thetas.dtype))
-            continue
+    log-likelihood at the rows of ``thetas`` (one model trace per θ for all sites)."""
+    def one(theta):
+        tr = adapter.trace(theta)
+        errs = []
+        for spec, value, w in zip(adapter.structure.sites, adapter.site_values, adapter.site_weights):
+            if spec.predictor is None:
+                errs.append(jnp.zeros((), thetas.dtype))
+                continue
+            n = int(np.prod(spec.obs_shape, dtype=int))
+            ref = ModelAdapter.site_log_lik(tr[spec.name], n)
+            fn = tr[spec.name]["fn"]
+            got = spec.predictor.log_lik(spec.predictor.eta(fn), jnp.reshape(value, (n,) + spec.event_shape),
+                                         spec.predictor.aux(fn))
+            got = got if w is None else jnp.where(w != 0, got * w, 0.0)
+            errs.append(jnp.max(jnp.where(jnp.isfinite(ref) | jnp.isfinite(got),
+                                          jnp.abs(got - ref) / (1.0 + jnp.abs(ref)), 0.0)))
+        return jnp.stack(errs)
 
-        def one(theta, name=spec.name):
-            ref, got = adapter.log_lik(theta, name), adapter._predictor_log_lik(theta, name)
-            return jnp.max(jnp.where(jnp.isfinite(ref) | jnp.isfinite(got),
-                                     jnp.abs(got - ref) / (1.0 + jnp.abs(ref)), 0.0))
-
-        out.append(jnp.max(jax.vmap(one)(thetas)))
-    return jnp.stack(out)
+    return jnp.max(jax.vmap(one)(thetas), axis=0)
 
 
 def _validated_predictors(adapter: ModelAdapter) -> ModelAdapter:

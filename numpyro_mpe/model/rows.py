@@ -68,7 +68,7 @@ def _row_check(adapter: ModelAdapter, theta, plan: RowPlan, var_name: str, idx: 
     rows = [x[sel] for x in plan.rows_of(adapter)]
     tr = rows_site(adapter, plan, var_name, theta, rows)
     eta = site.predictor.params(tr["fn"], (len(idx),))[0]
-    ll = ModelAdapter._site_log_lik(tr, len(idx))
+    ll = ModelAdapter.site_log_lik(tr, len(idx))
 
     def single(row):
         tr1 = rows_site(adapter, plan, var_name, theta, [x[None] for x in row])
