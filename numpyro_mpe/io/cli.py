@@ -93,10 +93,6 @@ def _table(rows: list[list[str]], header: list[str], align: str | None = None) -
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def _fmt(x: float, spec: str = ".3f") -> str:
-    return "nan" if x is None or not np.isfinite(x) else format(x, spec)
-
-
 def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=150)
     import matplotlib.pyplot as plt
@@ -304,7 +300,8 @@ def _remove(path: Path) -> None:
 
 def _report(fit, site, table, mcmc_idata, top: int, rng_key, labels=None) -> str:
     """The printed summary: the fit, the most influential observations, and the elpd_loo totals."""
-    from numpyro_mpe.io.report import posterior_summary, value_formatter
+    from numpyro_mpe.io.format import format_number, value_formatter
+    from numpyro_mpe.io.tables import posterior_summary
 
     lines = []
     post = posterior_summary(fit, mcmc_idata, rng_key=rng_key)
@@ -314,9 +311,9 @@ def _report(fit, site, table, mcmc_idata, top: int, rng_key, labels=None) -> str
         header += ["NUTS mean", "sd"]
     rows = []
     for label, r in post.iterrows():
-        row = [label, _fmt(r["mean"]), _fmt(r["sd"])]
+        row = [label, format_number(r["mean"]), format_number(r["sd"])]
         if has_ref:
-            row += [_fmt(r["ref_mean"]), _fmt(r["ref_sd"])]
+            row += [format_number(r["ref_mean"]), format_number(r["ref_sd"])]
         rows.append(row)
     info = fit.info
     lines.append(f"Posterior (constrained space; Laplace: {info.get('steps', '?')} Newton steps, "
@@ -339,9 +336,9 @@ def _report(fit, site, table, mcmc_idata, top: int, rng_key, labels=None) -> str
             row = [str(int(i))] + ([str(r[d]) for d in site.dims] if multi else [])
             if labels is not None:
                 row.append(str(list(labels)[i]))
-            row += [fmt_y(y[i]).replace("−", "-"), _fmt(r["sensitivity"]), _fmt(r["leverage"]),
-                    _fmt(r["pareto_k"], ".2f"), _fmt(r["elpd_loo_mpe"], ".2f"),
-                    _fmt(r["elpd_loo_psis"], ".2f")]
+            row += [fmt_y(y[i]), format_number(r["sensitivity"]), format_number(r["leverage"]),
+                    format_number(r["pareto_k"], ".2f"), format_number(r["elpd_loo_mpe"], ".2f"),
+                    format_number(r["elpd_loo_psis"], ".2f")]
             rows.append(row)
         n_text = len(head) - 6
         lines.append("")
