@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from numpyro_mpe.io.cli import CLIError, build_parser, load_user_model, main
+from numpyro_mpe.io.cli_commands import run_folder
 
 pytestmark = pytest.mark.arviz  # the commands run the installed arviz's PSIS-LOO and netCDF export
 
@@ -184,10 +185,8 @@ def test_error_bad_options(tmp_path):
     notdir.write_text("x")
     # the out folder is checked before any fitting
     with pytest.raises(CLIError, match="not a directory"):
-        from numpyro_mpe.io.cli import _run_folder
-
-        _run_folder(None, (), {}, build_parser().parse_args(["run", str(MODEL), "--data", str(DATA),
-                                                             "--out", str(notdir)]), nuts=False)
+        args = build_parser().parse_args(["run", str(MODEL), "--data", str(DATA), "--out", str(notdir)])
+        run_folder(None, args, nuts=False)
 
 
 def test_run_usage(capsys):
