@@ -1,8 +1,9 @@
 """The analysis a ``numpyro-mpe`` command runs on one model, and the files it writes.
 
-:class:`Analysis` fits the model (Laplace), computes the MPE sensitivities, optionally runs NUTS, and
-compares with PSIS-LOO, printing ``[i/n] what ... done in 1.2 s`` around each step (:class:`Steps`); then
-writes the report folder (netCDF, CSV, figures, ``report.html``) or the HTML report alone.
+:class:`Analysis` checks the observed site it is asked for (``--var-name``) before any fit, then fits the
+model (Laplace), computes the MPE sensitivities, optionally runs NUTS, and compares with PSIS-LOO,
+printing ``[i/n] what ... done in 1.2 s`` around each step (:class:`Steps`); then writes the report folder
+(netCDF, CSV, figures, ``report.html``) or the HTML report alone.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from numpyro_mpe.io.cli_arguments import CLIError
 
 
 class Steps:
@@ -75,12 +78,16 @@ class Analysis:
     Examples
     --------
     >>> from pathlib import Path
+
+from numpyro_mpe.io.cli_arguments import CLIError
     >>> from numpyro_mpe.io.cli import build_parser
     >>> from numpyro_mpe.io.cli_analysis import Analysis
     >>> from numpyro_mpe.io.datasets import stackloss_inputs, stackloss_model
     >>> args = build_parser().parse_args(["demo", "--no-nuts", "--quiet", "--draws", "300"])
-    >>> an = Analysis(stackloss_model, *stackloss_inputs(), args, nuts=False).run()  # doctest: +SKIP
-    >>> an.write_folder(Path("report"))  # doctest: +SKIP
+    >>> an = Analysis(stackloss_model, *stackloss_inputs(), args, nuts=False)
+    >>> an.observed_site("y").num_obs  # checked before the fit  # doctest: +SKIP
+    21
+    >>> an.run().write_folder(Path("report"))  # doctest: +SKIP
     """
 
     def __init__(self, model, model_args: tuple, model_kwargs: dict, args: argparse.Namespace, *,
@@ -94,18 +101,43 @@ class Analysis:
         self.steps = Steps(5 if nuts else 4, args.quiet)
         keys = jax.random.split(jax.random.PRNGKey(args.seed), 5)
         self.k_fit, self.k_nuts, self.k_psis, self.k_export, self.k_summary = keys
+        self.site = None
         self.mcmc_idata = None
 
-    def run(self, var_name: str | None = None) -> Analysis:
-        """Fit, sensitivities of ``var_name``, NUTS (when asked) and the comparison; returns ``self``."""
+    def observed_site(self, var_name: str | None):
+        """The observed site to analyse, checked before any fit: ``var_name`` (``--var-name``), or the
+        model's only observed site when ``None``.
+
+        Traces the model on its data as the fit will (a model it cannot handle raises
+        :class:`~numpyro_mpe.errors.ModelError` here); a ``var_name`` the model does not observe, or none
+        when it observes several, is a :class:`CLIError` that names ``--var-name`` and the observed sites.
+        """
+        from numpyro_mpe.model import ModelAdapter
+
+        adapter = ModelAdapter.build(self.model, self.k_fit, self.model_args, self.model_kwargs)
+        names = list(adapter.observed)
+        if var_name is None and len(names) > 1:
+            raise CLIError(f"the model has several observed sites {names}; pick one with --var-name")
+        if var_name is not None and var_name not in adapter.observed:
+            raise CLIError(f"--var-name '{var_name}' is not an observed site of the model; observed sites: "
+                           f"{names}")
+        self.site = adapter.observed[names[0] if var_name is None else var_name]
+        return self.site
+
+    def run(self) -> Analysis:
+        """Fit, sensitivities of the observed site, NUTS (when asked) and the comparison; returns ``self``.
+
+        The site is the one :meth:`observed_site` checked, else the model's only one.
+        """
         from numpyro_mpe.inference import Laplace
         from numpyro_mpe.loo.compare import compare_psis
 
+        name = (self.site or self.observed_site(None)).name
         args, steps = self.args, self.steps
         with steps("Laplace fit"):
             self.fit = Laplace(self.model, progress=not args.quiet).run(self.k_fit, *self.model_args,
                                                                         **self.model_kwargs)
-        self.site = self.fit.adapter.observed_site(var_name)
+        self.site = self.fit.adapter.observed[name]
         with steps("MPE sensitivities"):
             self.ds = self.fit.sensitivities(self.site.name)
         if self.nuts:

@@ -59,7 +59,8 @@ def run_folder(inputs: ModelInputs, args: argparse.Namespace, *, nuts: bool, var
     Returns
     -------
     int
-        0; a ``--out`` that exists and is no directory raises :class:`CLIError` before any fit.
+        0.  A ``--out`` that exists and is no directory, a bad ``--var-name`` and an ``--id-column`` of the
+        wrong length raise :class:`CLIError` before any fit (and before ``--out`` is created).
 
     Examples
     --------
@@ -75,9 +76,10 @@ def run_folder(inputs: ModelInputs, args: argparse.Namespace, *, nuts: bool, var
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out '{out}' exists and is not a directory")
+    an = Analysis(inputs.model, inputs.args, inputs.kwargs, args, nuts=nuts)
+    labels = inputs.labels_for(an.observed_site(var_name))  # --var-name and --id-column before any fit
     out.mkdir(parents=True, exist_ok=True)
-    an = Analysis(inputs.model, inputs.args, inputs.kwargs, args, nuts=nuts).run(var_name)
-    labels = inputs.labels_for(an.site)
+    an.run()
     with an.steps("writing the report"):
         paths = an.write_folder(out, labels=labels, title=title, meta=meta)
     print()
@@ -167,8 +169,9 @@ def run_report(args: argparse.Namespace) -> int:
         out = out / "report.html"
     if not args.quiet:
         print(f"{PROG} {__version__} report: {inputs.where} ({len(inputs.table)} rows)", flush=True)
-    an = Analysis(inputs.model, inputs.args, inputs.kwargs, args, nuts=args.nuts).run(args.var_name)
-    labels = inputs.labels_for(an.site)
+    an = Analysis(inputs.model, inputs.args, inputs.kwargs, args, nuts=args.nuts)
+    labels = inputs.labels_for(an.observed_site(args.var_name))  # --var-name and --id-column before any fit
+    an.run()
     with an.steps("writing the report"):
         path = an.write_html(out, labels=labels, title=title,
                              meta={"model": inputs.where, "data": inputs.data})
