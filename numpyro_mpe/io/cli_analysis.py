@@ -88,6 +88,8 @@ from numpyro_mpe.io.cli_arguments import CLIError
     >>> an.observed_site("y").num_obs  # checked before the fit  # doctest: +SKIP
     21
     >>> an.run().write_folder(Path("report"))  # doctest: +SKIP
+    >>> an.write_html(Path("report.html"), title="Stack loss")  # doctest: +SKIP
+    >>> print(an.summary())  # doctest: +SKIP
     """
 
     def __init__(self, model, model_args: tuple, model_kwargs: dict, args: argparse.Namespace, *,
@@ -105,12 +107,25 @@ from numpyro_mpe.io.cli_arguments import CLIError
         self.mcmc_idata = None
 
     def observed_site(self, var_name: str | None):
-        """The observed site to analyse, checked before any fit: ``var_name`` (``--var-name``), or the
-        model's only observed site when ``None``.
+        """The observed site to analyse, checked before any fit.
 
         Traces the model on its data as the fit will (a model it cannot handle raises
-        :class:`~numpyro_mpe.errors.ModelError` here); a ``var_name`` the model does not observe, or none
-        when it observes several, is a :class:`CLIError` that names ``--var-name`` and the observed sites.
+        :class:`~numpyro_mpe.errors.ModelError` here).
+
+        Parameters
+        ----------
+        var_name : str or None
+            ``--var-name``; ``None`` for the model's only observed site.
+
+        Returns
+        -------
+        ObservedSite
+
+        Raises
+        ------
+        CLIError
+            ``var_name`` is not observed by the model, or is ``None`` and the model observes several
+            sites; the message names ``--var-name`` and lists the observed sites.
         """
         from numpyro_mpe.model import ModelAdapter
 
@@ -125,9 +140,15 @@ from numpyro_mpe.io.cli_arguments import CLIError
         return self.site
 
     def run(self) -> Analysis:
-        """Fit, sensitivities of the observed site, NUTS (when asked) and the comparison; returns ``self``.
+        """Fit, sensitivities of the observed site, NUTS (when asked) and the comparison.
 
         The site is the one :meth:`observed_site` checked, else the model's only one.
+
+        Returns
+        -------
+        Analysis
+            ``self``, with ``fit``, ``site``, ``ds`` (the sensitivities), ``mcmc_idata`` (NUTS, or ``None``)
+            and ``table`` (:func:`numpyro_mpe.compare_psis` output).
         """
         from numpyro_mpe.inference import Laplace
         from numpyro_mpe.loo.compare import compare_psis
@@ -162,7 +183,24 @@ from numpyro_mpe.io.cli_arguments import CLIError
 
     def write_html(self, path: Path, labels=None, title: str | None = None,
                    meta: dict | None = None) -> Path:
-        """``report.html`` of the analysis at ``path`` (at least 10 observations listed)."""
+        """Write the HTML report of the analysis (:func:`numpyro_mpe.io.report.write_report`).
+
+        Parameters
+        ----------
+        path : pathlib.Path
+            The file.
+        labels : pandas.Series, optional
+            One label per observation (``--id-column``).
+        title : str, optional
+            Of the report.
+        meta : dict, optional
+            Shown under the title: the model, the data.
+
+        Returns
+        -------
+        pathlib.Path
+            ``path``; the report lists at least 10 observations, ``--top`` when more.
+        """
         from numpyro_mpe.io.report import write_report
 
         return write_report(self.fit, path, idata=self.mcmc_idata, var_name=self.site.name, title=title,
@@ -171,7 +209,20 @@ from numpyro_mpe.io.cli_arguments import CLIError
 
     def write_folder(self, out: Path, labels=None, title: str | None = None,
                      meta: dict | None = None) -> list[Path]:
-        """inference_data.nc, nuts.nc, comparison.csv, three PNGs and report.html in ``out``."""
+        """Write the report folder: inference_data.nc, nuts.nc, comparison.csv, three PNGs, report.html.
+
+        Parameters
+        ----------
+        out : pathlib.Path
+            An existing folder; files there of the same names are replaced.
+        labels, title, meta : optional
+            As for :meth:`write_html`; ``labels`` also becomes a column of comparison.csv.
+
+        Returns
+        -------
+        list of pathlib.Path
+            The files written, in that order (no nuts.nc without NUTS).
+        """
         from numpyro_mpe.io.plots import plot_elpd_comparison, plot_leverage_vs_k, plot_sensitivity
 
         paths = []
@@ -197,7 +248,17 @@ from numpyro_mpe.io.cli_arguments import CLIError
         return paths
 
     def summary(self, labels=None) -> str:
-        """The printed summary (:func:`numpyro_mpe.io.text_summary.summary_text`)."""
+        """The summary a command prints (:func:`numpyro_mpe.io.text_summary.summary_text`).
+
+        Parameters
+        ----------
+        labels : pandas.Series, optional
+            One label per observation, a column of the listing.
+
+        Returns
+        -------
+        str
+        """
         from numpyro_mpe.io.text_summary import summary_text
 
         return summary_text(self.fit, self.site, self.table, self.mcmc_idata, self.args.top, self.k_summary,

@@ -18,7 +18,16 @@ DATA_FN = "data"
 
 
 class CLIError(Exception):
-    """A user error the command reports in one line (exit status 1), without a traceback."""
+    """A user error the command reports in one line (exit status 1), without a traceback.
+
+    Examples
+    --------
+    >>> from numpyro_mpe.io.cli_arguments import CLIError
+    >>> raise CLIError("--id-column 'county' is not a column of the data")
+    Traceback (most recent call last):
+    ...
+    numpyro_mpe.io.cli_arguments.CLIError: --id-column 'county' is not a column of the data
+    """
 
 
 def _int_at_least(minimum: int, what: str) -> Callable[[str], int]:

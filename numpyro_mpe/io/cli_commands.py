@@ -92,7 +92,17 @@ def run_folder(inputs: ModelInputs, args: argparse.Namespace, *, nuts: bool, var
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Run ``numpyro-mpe demo`` with parsed ``args``; returns the exit status.
+    """Run ``numpyro-mpe demo``: fit the bundled stack loss data, compare with PSIS-LOO, write the folder.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The ``demo`` options from :func:`numpyro_mpe.io.cli.build_parser`.
+
+    Returns
+    -------
+    int
+        The exit status, 0.
 
     Examples
     --------
@@ -118,7 +128,18 @@ def _user_title(args: argparse.Namespace, inputs: ModelInputs) -> str:
 
 
 def run_user(args: argparse.Namespace) -> int:
-    """Run ``numpyro-mpe run`` with parsed ``args``; returns the exit status.
+    """Run ``numpyro-mpe run FILE.py:NAME --data CSV``: a user's model, fitted, compared and reported.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The ``run`` options: the model file, ``--data`` and the rest (see ``numpyro-mpe run --help``).
+
+    Returns
+    -------
+    int
+        0 once the report folder is written; a mistake in the model file, the table or the options raises
+        :class:`CLIError` first.
 
     Examples
     --------
@@ -152,7 +173,17 @@ def _report_inputs(args: argparse.Namespace) -> tuple[ModelInputs, str]:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    """Run ``numpyro-mpe report`` with parsed ``args``; returns the exit status.
+    """Run ``numpyro-mpe report``: one HTML file for the demo's model, or for a user's with ``--data``.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The ``report`` options; ``args.out`` is the file to write, or a folder that gets ``report.html``.
+
+    Returns
+    -------
+    int
+        0, after printing the elpd_loo totals and the path written.
 
     Examples
     --------

@@ -171,8 +171,28 @@ class ModelInputs:
     id_column: str | None = None  # --id-column: the column of ``table`` that names the observations
 
     def labels_for(self, site) -> Any:
-        """One label per observation of ``site`` from ``id_column`` (a ``pandas.Series`` named after it),
-        or ``None`` without one; a :class:`CLIError` when the counts differ."""
+        """One label per observation of ``site``, from the column ``id_column`` of the table.
+
+        Parameters
+        ----------
+        site : ObservedSite
+            The observed site analysed (its ``num_obs`` must be the table's number of rows).
+
+        Returns
+        -------
+        pandas.Series or None
+            The labels as text, named after the column; ``None`` without an ``id_column``.
+
+        Raises
+        ------
+        CLIError
+            The column and the site have different lengths (e.g. the data function drops rows).
+
+        Examples
+        --------
+        >>> inputs.labels_for(adapter.observed["y"]).iloc[8]  # doctest: +SKIP
+        'District of Columbia'
+        """
         if self.id_column is None:
             return None
         values = self.table[self.id_column].astype(str).reset_index(drop=True)

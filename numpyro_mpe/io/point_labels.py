@@ -108,7 +108,20 @@ class PointLabels:
         self.items: list[tuple[float, float, str, str, float]] = []
 
     def add(self, x: float, y: float, text: str, color: str = "0.15", pad: float = 4.0) -> None:
-        """Label the point ``(x, y)`` with ``text`` (once per text; a non-finite point is skipped)."""
+        """Label the point ``(x, y)`` with ``text``, unless that text is already there or the point is not
+        finite.
+
+        Parameters
+        ----------
+        x, y : float
+            The point, in data coordinates.
+        text : str
+            The label.
+        color : str, default "0.15"
+            Its colour.
+        pad : float, default 4.0
+            Gap between the point and the label, in points.
+        """
         if np.isfinite(x) and np.isfinite(y) and all(it[2] != text for it in self.items):
             self.items.append((float(x), float(y), text, color, float(pad)))
 
@@ -116,7 +129,30 @@ class PointLabels:
                             flag_pad: float = 4.0) -> None:
         """Label every ``flagged`` point (magenta), then the ``top`` points with the largest ``scores``.
 
-        ``scores`` is ``-inf`` (or NaN) where a point must not be picked, e.g. the flagged ones.
+        Parameters
+        ----------
+        x, y : array_like
+            The points, one per observation.
+        texts : list of str
+            One label per point.
+        flagged : array_like of bool
+            The points labelled first, in :data:`~numpyro_mpe.io.style.FLAG` colour.
+        scores : array_like
+            Rank of the other points; ``-inf`` (or NaN) where a point must not be picked (the flagged).
+        top : int
+            How many points to label by score.
+        flag_pad : float, default 4.0
+            ``pad`` of the flagged labels (larger for larger markers).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> labels = PointLabels()
+        >>> flag = np.array([False, True, False])
+        >>> labels.add_flagged_and_top([0, 1, 2], [0.2, 0.9, 0.5], ["a", "b", "c"], flagged=flag,
+        ...                            scores=np.where(flag, -np.inf, [0.2, 0.9, 0.5]), top=1)
+        >>> [text for _, _, text, _, _ in labels.items]
+        ['b', 'c']
         """
         for i in np.flatnonzero(flagged):
             self.add(x[i], y[i], texts[i], color=FLAG, pad=flag_pad)
@@ -124,7 +160,19 @@ class PointLabels:
             self.add(x[i], y[i], texts[i])
 
     def place(self, ax, avoid: tuple[Any, Any] | None = None, fontsize: float = 9.0) -> None:
-        """Draw the labels on ``ax``, keeping clear of the data points ``avoid = (x, y)`` too."""
+        """Draw the labels on ``ax``, keeping clear of each other, their points and ``avoid``.
+
+        Call it once the axes limits are final: positions are chosen in display space.
+
+        Parameters
+        ----------
+        ax : matplotlib.axes.Axes
+            The axes of the points.
+        avoid : (array_like, array_like), optional
+            More points ``(x, y)`` to keep clear of (all the data, typically).
+        fontsize : float, default 9.0
+            Size of the labels.
+        """
         if not self.items:
             return
         ax.apply_aspect()

@@ -152,7 +152,23 @@ def png_data_uri(fig, dpi: int = 110) -> str:
 
 
 def figure_html(uri: str, alt: str, caption: str, css: str = "") -> str:
-    """A ``<figure>``: the image at ``uri`` with its ``alt`` text and a caption (HTML, kept as given).
+    """A ``<figure>``: the image at ``uri`` with its ``alt`` text and a caption.
+
+    Parameters
+    ----------
+    uri : str
+        The image, e.g. from :func:`png_data_uri`.
+    alt : str
+        Text for the image (escaped).
+    caption : str
+        The caption, HTML kept as given.
+    css : str, optional
+        Class of the ``<figure>``.
+
+    Returns
+    -------
+    str
+        One ``<figure>`` element.
 
     Examples
     --------
@@ -165,7 +181,19 @@ def figure_html(uri: str, alt: str, caption: str, css: str = "") -> str:
 
 
 def card_html(label: str, value: str, note: str = "", alert: bool = False) -> str:
-    """A summary card: a small ``label``, a large ``value`` and a ``note`` (HTML), magenta when ``alert``.
+    """A summary card of the totals: a small label over a large value, and a note.
+
+    Parameters
+    ----------
+    label, value, note : str
+        HTML of the three lines (kept as given); ``value`` may hold ``<small>`` units.
+    alert : bool, default False
+        Draw the card magenta (something is flagged).
+
+    Returns
+    -------
+    str
+        A ``<div class="card">``.
 
     Examples
     --------
@@ -263,6 +291,18 @@ def number_cell(spec: str, flag_above: float | None = None, invalid_text: str | 
 def integer_cell(value: Any, row: pd.Series) -> tuple[str, str]:
     """The cell formatter of whole numbers (ranks, indices, group sizes).
 
+    Parameters
+    ----------
+    value : int or float
+        The number.
+    row : pandas.Series
+        Its row (unused: every :data:`CellFormatter` takes it).
+
+    Returns
+    -------
+    (str, str)
+        The digits and no css class.
+
     Examples
     --------
     >>> from numpyro_mpe.io.report_html import integer_cell
@@ -273,7 +313,19 @@ def integer_cell(value: Any, row: pd.Series) -> tuple[str, str]:
 
 
 def text_cell(value: Any, row: pd.Series) -> tuple[str, str]:
-    """The cell formatter of text already formatted (escaped), right aligned like the numbers.
+    """The cell formatter of values already formatted as text (e.g. the observed values), right aligned.
+
+    Parameters
+    ----------
+    value : object
+        Shown as ``str(value)``, escaped.
+    row : pandas.Series
+        Ignored, as by :func:`integer_cell`.
+
+    Returns
+    -------
+    tuple of str
+        ``(escaped text, "")``.
 
     Examples
     --------
