@@ -463,12 +463,11 @@ def write_report(fit: Fit, path: str | Path, *, idata=None, var_name: str | None
     --------
     >>> import jax, numpyro
     >>> import numpyro_mpe as mpe
-    >>> from numpyro_mpe.io.datasets import load_stackloss, stackloss_model, STACKLOSS_PREDICTORS
+    >>> from numpyro_mpe.io.datasets import stackloss_inputs, stackloss_model
     >>> from numpyro_mpe.io.report import write_report
     >>> numpyro.enable_x64()
-    >>> df = load_stackloss()
-    >>> X, y = df[list(STACKLOSS_PREDICTORS)].to_numpy(float), df["stack.loss"].to_numpy(float)
-    >>> fit = mpe.Laplace(stackloss_model, progress=False).run(jax.random.PRNGKey(0), X, y=y)
+    >>> args, kwargs = stackloss_inputs()
+    >>> fit = mpe.Laplace(stackloss_model, progress=False).run(jax.random.PRNGKey(0), *args, **kwargs)
     >>> write_report(fit, "report.html", title="Stack loss")  # doctest: +SKIP
     PosixPath('report.html')
     """
