@@ -34,7 +34,7 @@ from sklearn.datasets import load_breast_cancer  # noqa: E402
 from sklearn.preprocessing import PolynomialFeatures  # noqa: E402
 
 import numpyro_mpe as mpe  # noqa: E402
-from numpyro_mpe.io.plots import _style  # noqa: E402
+from numpyro_mpe.io.style import BLUE, CYAN, style_axes  # noqa: E402
 
 numpyro.enable_x64()
 PRIOR_SCALE = 2.0
@@ -94,12 +94,12 @@ def main():
         print(f"{name}: {ok.sum()} removed examples ({n_bad} without a cavity); MPE cavity: Pearson {r:.3f}, "
               f"Spearman {rs:.3f}; first order v·e: Pearson {r1:.3f}, Spearman {rs1:.3f}; "
               f"max |true deviation| {np.abs(true).max():.3f}")
-        _style(ax)
+        style_axes(ax)
         lim = 1.05 * max(np.abs(true).max(), np.abs(est[ok]).max())
         ax.plot([-lim, lim], [-lim, lim], color="0.6", linewidth=0.8, linestyle="--", zorder=0)
-        ax.scatter(est1, true, s=14, facecolor="none", edgecolor="#00c0bf", linewidth=0.8,
+        ax.scatter(est1, true, s=14, facecolor="none", edgecolor=CYAN, linewidth=0.8,
                    label=f"first order v·e  (r = {r1:.2f}, ρ = {rs1:.2f})")
-        ax.scatter(est[ok], true[ok], s=14, color="#107591",
+        ax.scatter(est[ok], true[ok], s=14, color=BLUE,
                    label=f"MPE cavity  (r = {r:.2f}, ρ = {rs:.2f})")
         ax.set_xlabel("estimated deviation of the predicted probability (MPE)")
         ax.set_ylabel("true deviation (retraining without the example)")

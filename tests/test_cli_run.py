@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from numpyro_mpe.io.cli import CLIError, build_parser, load_user_model, main
+from numpyro_mpe.io.cli_commands import run_folder
 
 pytestmark = pytest.mark.arviz  # the commands run the installed arviz's PSIS-LOO and netCDF export
 
@@ -184,10 +185,80 @@ def test_error_bad_options(tmp_path):
     notdir.write_text("x")
     # the out folder is checked before any fitting
     with pytest.raises(CLIError, match="not a directory"):
-        from numpyro_mpe.io.cli import _run_folder
+        args = build_parser().parse_args(["run", str(MODEL), "--data", str(DATA), "--out", str(notdir)])
+        run_folder(None, args, nuts=False)
 
-        _run_folder(None, (), {}, build_parser().parse_args(["run", str(MODEL), "--data", str(DATA),
-                                                             "--out", str(notdir)]), nuts=False)
+
+@pytest.fixture
+def no_fit(monkeypatch):
+    """Laplace.run fails the test when called: the command must refuse before any fit runs."""
+    from numpyro_mpe.inference.laplace import Laplace
+
+    def run(*args, **kwargs):
+        raise AssertionError("a fit ran before the command checked its arguments")
+
+    monkeypatch.setattr(Laplace, "run", run)
+
+
+@pytest.fixture
+def two_sites(tmp_path):
+    """A model file observing two sites, y and z (``first_two`` keeps the table's first two rows), and its
+    table of six rows."""
+    model = _write(tmp_path, "two.py", """
+        import numpyro, numpyro.distributions as dist
+
+        def model(x, y=None, z=None):
+            mu = numpyro.sample("mu", dist.Normal(0, 1))
+            b = numpyro.sample("b", dist.Normal(0, 1))
+            with numpyro.plate("obs", len(x)):
+                numpyro.sample("y", dist.Normal(mu + b * x, 1), obs=y)
+                numpyro.sample("z", dist.Normal(mu - b * x, 2), obs=z)
+
+        def data(df):
+            return (df["x"].to_numpy(float),), {"y": df["y"].to_numpy(float), "z": df["z"].to_numpy(float)}
+
+        def first_two(df):
+            return data(df.head(2))
+        """)
+    table = tmp_path / "two.csv"
+    frame = pd.DataFrame({"name": list("abcdef"), "x": [0.0, 1.0, 2.0, 3.0, 4.0, 8.0],
+                          "y": [0.1, -0.3, 0.5, 1.2, -0.8, 0.0], "z": [1.0, 0.2, -0.4, 2.5, -1.1, 0.3]})
+    frame.to_csv(table, index=False)
+    return model, table
+
+
+def test_error_var_name_before_any_fit(tmp_path, no_fit):
+    out = tmp_path / "o"
+    msg = _error(["run", f"{MODEL}:model", "--data", DATA, "--var-name", "murder", "--out", out])
+    assert "--var-name 'murder' is not an observed site of the model; observed sites: ['y']" in msg
+    assert "var_name" not in msg  # the flag, not the Python keyword
+    assert not out.exists()  # refused before anything was written
+    msg = _error(["report", "--var-name", "stack_loss", "--no-nuts", "--out", tmp_path / "r.html"])
+    assert "--var-name 'stack_loss' is not an observed site" in msg and "observed sites: ['y']" in msg
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_error_several_observed_sites_before_any_fit(tmp_path, no_fit, two_sites):
+    model, table = two_sites
+    msg = _error(["run", f"{model}:model", "--data", table, "--out", tmp_path / "o"])
+    assert "several observed sites ['y', 'z']; pick one with --var-name" in msg and "var_name" not in msg
+    msg = _error(["report", f"{model}:model", "--data", table, "--var-name", "w", "--out", tmp_path / "r"])
+    assert "--var-name 'w' is not an observed site of the model; observed sites: ['y', 'z']" in msg
+    # an --id-column whose length is not the site's is refused before the fit too
+    msg = _error(["run", f"{model}:model", "--data", table, "--data-fn", "first_two", "--var-name", "y",
+                  "--id-column", "name", "--out", tmp_path / "o"])
+    assert "--id-column 'name' has 6 rows, the observed site 'y' has 2 observations" in msg
+    assert not (tmp_path / "o").exists()
+
+
+def test_var_name_picks_the_site(tmp_path, two_sites):
+    model, table = two_sites
+    out = tmp_path / "z.html"
+    rc, stdout, stderr = _run(["report", f"{model}:model", "--data", table, "--var-name", "z", "--no-nuts",
+                               "--quiet", "--draws", "200", "--id-column", "name", "--out", out])
+    assert rc == 0, stderr
+    text = out.read_text(encoding="utf-8")
+    assert "observed site <code>z</code> with 6 observations" in text
 
 
 def test_run_usage(capsys):

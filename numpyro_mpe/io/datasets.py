@@ -42,6 +42,34 @@ def load_stackloss() -> pd.DataFrame:
         return pd.read_csv(fh)
 
 
+def stackloss_inputs(df: pd.DataFrame | None = None) -> tuple[tuple, dict]:
+    """The arguments of :func:`stackloss_model` for the stack loss table: ``((X,), {"y": y})``.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame, optional
+        A table with the columns :data:`STACKLOSS_PREDICTORS` and :data:`STACKLOSS_RESPONSE`;
+        :func:`load_stackloss` when omitted.
+
+    Returns
+    -------
+    tuple
+        ``(args, kwargs)``: ``X`` the predictors (float, shape ``(N, 3)``), ``y`` the response (float,
+        shape ``(N,)``), for ``stackloss_model(*args, **kwargs)``.
+
+    Examples
+    --------
+    >>> from numpyro_mpe.io.datasets import stackloss_inputs
+    >>> (X,), kwargs = stackloss_inputs()
+    >>> X.shape, kwargs["y"][:3].tolist()
+    ((21, 3), [42.0, 37.0, 37.0])
+    """
+    df = load_stackloss() if df is None else df
+    X = df[list(STACKLOSS_PREDICTORS)].to_numpy(float)
+    y = df[STACKLOSS_RESPONSE].to_numpy(float)
+    return (X,), {"y": y}
+
+
 def stackloss_model(X, y=None) -> None:
     """Gaussian linear regression of stack loss on the standardized predictors (the demo's model).
 

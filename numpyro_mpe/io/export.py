@@ -149,6 +149,7 @@ def read_sensitivities(data, var_name: str | None = None) -> xr.Dataset:
     Returns
     -------
     xarray.Dataset
+        The variables and dims of :meth:`Fit.sensitivities` for ``var_name``; attrs ``{"var_name": ...}``.
 
     Examples
     --------
@@ -174,5 +175,3 @@ def read_sensitivities(data, var_name: str | None = None) -> xr.Dataset:
     ds.attrs = {"var_name": var_name}
     return ds
 
-
-# ------------------------------------------------------------------ ELPD objects
