@@ -54,6 +54,11 @@ from numpyro_mpe.inference.variational import DEFAULT_SAMPLES, check_method, var
 from numpyro_mpe.model.adapter import ModelAdapter
 from numpyro_mpe.options import MPEOptions, check_choice, check_options, check_positive_int, keyword_options
 
+#: Largest movement of the averaged mean, in posterior sd, between the halves of the averaging window, and
+#: largest final natural-gradient step, for a run to count as converged.
+MAX_DRIFT = 0.1
+MAX_CORRECTION = 0.25
+
 
 # ---------------------------------------------------------------- refits
 class SVIRefit:
@@ -163,7 +168,7 @@ def svi_refit(fit: Fit, weights, var_name: str | None = None, *, rng_key=None) -
 # ---------------------------------------------------------------- building the Fit
 def _fit_from_guide(adapter: ModelAdapter, guide, params: dict, *, memories: str, memory_samples: int,
                     rng_key, info: dict, options: MPEOptions, refit: SVIRefit | None,
-                    diagonal_memories: bool = True) -> Fit:
+                    diagonal_memories: bool = True, polish: bool = False) -> Fit:
     gauss = jax.jit(guide_extractor(guide, adapter))(params)
     if not (np.all(np.isfinite(np.asarray(gauss.mean))) and np.all(np.isfinite(np.asarray(gauss.cov)))):
         raise PosteriorError(f"the guide {guide_name(guide)} has non-finite parameters (did the SVI run "
@@ -180,7 +185,7 @@ def _fit_from_guide(adapter: ModelAdapter, guide, params: dict, *, memories: str
         info.update(grad_norm=float(np.max(np.abs(np.asarray(state.grad)))), q=q, precision_rel_diff=rel)
         return Fit(adapter, post, method="laplace", info=info, options=options)
     vp = variational_posterior(adapter, q, num_samples=memory_samples, rng_key=rng_key, method=memories,
-                               diagonal=gauss.diagonal and diagonal_memories)
+                               diagonal=gauss.diagonal and diagonal_memories, polish=polish)
     info.update(vp.info)
     spec = vp.memories
     if options.curvature == "ggn":  # memories through each observation's predictor at the mean of q
@@ -222,6 +227,18 @@ class SVI:
         Gradient clipping of the default optimizer.
     stable_update : bool, default True
         Skip steps with a non-finite loss (NumPyro's ``SVI.stable_update``).
+    average : float, default 0.25
+        The guide's parameters are averaged over this fraction of the last steps (Polyak–Ruppert): a
+        stochastic optimizer ends in a cloud around the optimum, the average near it.  0 keeps the last
+        iterate.  ``fit.info["mean_drift"]`` is the movement of the averaged mean between the two halves of
+        the window (posterior sd).  ``fit.info["converged"]`` is True when the ELBO is flat and the final
+        natural-gradient step (``polish``) is at most 0.25 sd — without the polish, when the drift is at most
+        0.1 sd; a warning says when not.
+    polish : bool, default True
+        Move the final mean by one natural-gradient step m − S⁻¹E_q[∇U] to the stationary point of the
+        variational objective (exact for a quadratic potential; see
+        :func:`numpyro_mpe.inference.variational.variational_posterior`);
+        ``fit.info["mean_correction"]`` is its length in posterior sd.
     memories : {"mc", "delta"}, default "mc"
         Memories and precision as expectations under q (Monte Carlo) or at the mean.
     memory_samples : int, default 256
@@ -272,8 +289,8 @@ class SVI:
                  stable_update: bool = True, memories: str = "mc", memory_samples: int = DEFAULT_SAMPLES,
                  diagonal_memories: bool = True, refit_steps: int | None = None, heldout=None,
                  var_name: str | None = None, checkpoint_samples: int = 100, checkpoint_memories: str = "q",
-                 chunk_size: int | None = None, num_samples: int = 2000, progress: bool = True,
-                 curvature: str = "exact", devices=None):
+                 average: float = 0.25, polish: bool = True, chunk_size: int | None = None,
+                 num_samples: int = 2000, progress: bool = True, curvature: str = "exact", devices=None):
         if posterior is not None and guide is not None and posterior != guide:
             raise MPEError(f"posterior={posterior!r} and guide={guide!r} disagree; give one of them")
         structure = posterior or guide or "diag"
@@ -298,6 +315,11 @@ class SVI:
         if not (self.lr > 0 and self.lr_end > 0):
             raise MPEError(f"lr and lr_end must be positive, got {self.lr}, {self.lr_end}")
         self.clip_norm, self.stable_update = float(clip_norm), bool(stable_update)
+        if not 0.0 <= float(average) < 1.0:
+            raise MPEError(f"average must lie in [0, 1) (the fraction of the last steps averaged), got "
+                           f"{average}")
+        self.average = float(average)
+        self.polish = bool(polish)
         check_method(memories, memory_samples, ("memories", "memory_samples"))
         self.memories, self.memory_samples = memories, int(memory_samples)
         self.diagonal_memories = bool(diagonal_memories)
@@ -339,25 +361,40 @@ class SVI:
         optim = self.optim if self.optim is not None else default_optim(self.lr, self.lr_end, self.num_steps,
                                                                          self.clip_norm)
         svi = numpyro.infer.SVI(self.model, guide, optim, Trace_ELBO(num_particles=self.num_particles))
-        params, losses, records = self._train(svi, guide, adapter, key_svi, key_model, args, kwargs)
+        params, losses, records, halves = self._train(svi, guide, adapter, key_svi, key_model, args, kwargs)
         steps = int(losses.size)
         history = None if records is None else history_frame(records,
                                                              adapter.observed_site(self.var_name).num_obs)
         diag = elbo_diagnostics(losses) if losses.size else {
             "elbo": float("nan"), "elbo_drift": float("nan"), "elbo_mcse": float("nan"), "converged": False}
-        if not diag["converged"] and steps == self.num_steps:
-            warnings.warn(
-                f"SVI: the ELBO is still moving at the end of the run (drift {diag['elbo_drift']:.3g} over "
-                f"the last tenth, standard error {diag['elbo_mcse']:.2g}); raise num_steps or lr",
-                stacklevel=2)
         info = {"steps": steps, "losses": losses, "num_particles": self.num_particles, **diag,
-                "history": history}
+                "history": history, "average": self.average}
         refit = SVIRefit(self.model, guide, params, args, kwargs, num_steps=self.refit_steps,
                          num_particles=self.num_particles, lr=self.lr / 2, lr_end=self.lr_end,
                          clip_norm=self.clip_norm, stable_update=self.stable_update)
-        return _fit_from_guide(adapter, guide, params, memories=self.memories,
-                               memory_samples=self.memory_samples, rng_key=key_mem, info=info,
-                               options=self.options, refit=refit, diagonal_memories=self.diagonal_memories)
+        fit = _fit_from_guide(adapter, guide, params, memories=self.memories,
+                              memory_samples=self.memory_samples, rng_key=key_mem, info=info,
+                              options=self.options, refit=refit, diagonal_memories=self.diagonal_memories,
+                              polish=self.polish)
+        drift = float("nan")
+        if halves is not None:  # the guide's mean over the two halves of the averaging window, in sd units
+            extract = jax.jit(guide_extractor(guide, adapter))
+            d = extract(halves[1]).mean - extract(halves[0]).mean
+            drift = float(np.sqrt(max(float(d @ fit.posterior.precision_matvec(d)), 0.0)))
+        correction = fit.info.get("mean_correction", 0.0)
+        # with the polish the final mean is the stationary point, as long as the step to it was short
+        settled = correction <= MAX_CORRECTION if self.polish else not drift > MAX_DRIFT
+        converged = bool(diag["converged"] and settled)
+        fit.info.update(mean_drift=drift, converged=converged)
+        if steps == self.num_steps and not converged:
+            warnings.warn(
+                f"SVI has not converged: the guide's mean moved {drift:.3g} posterior sd between the halves "
+                f"of the last {self.average:.0%} of the steps (at most {MAX_DRIFT}), the final "
+                f"natural-gradient step was {correction:.3g} sd (at most {MAX_CORRECTION}), the ELBO drifted "
+                f"{diag['elbo_drift']:.3g} over the last tenth (standard error {diag['elbo_mcse']:.2g}); the "
+                "leave-one-out outputs describe a q that may not be the variational optimum: raise "
+                "num_steps, num_particles or lr", stacklevel=2)
+        return fit
 
     def _lr_at(self, step: int) -> float:
         """Learning rate of the default optimizer at 0-based ``step`` (NaN for a user's optimizer)."""
@@ -368,21 +405,40 @@ class SVI:
 
     def _train(self, svi, guide, adapter: ModelAdapter, key_svi, key_model, args: tuple, kwargs: dict):
         """SVI in blocks (:func:`~numpyro_mpe.inference.training.train_in_blocks`), with a
-        :class:`CheckpointMPE` of the guide's Gaussian between blocks when checkpointing.  Returns the final
-        parameters, the losses of the steps taken and the checkpoint records (``None`` without)."""
+        :class:`CheckpointMPE` of the guide's Gaussian between blocks when checkpointing, and the guide's
+        parameters averaged over the last ``average`` of the steps (two halves kept apart, for the drift).
+        Returns the parameters (averaged), the losses of the steps taken, the checkpoint records (``None``
+        without) and the averages of the two halves (``None`` when training stopped before the window)."""
         state = svi.init(key_svi, *args, **kwargs)
         update = svi.stable_update if self.stable_update else svi.update
+        window = int(round(self.average * self.num_steps))
+        start, middle = self.num_steps - window, self.num_steps - window // 2
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, svi.get_params(state))
 
         @partial(jax.jit, static_argnums=1)
-        def block(state, length):
-            return jax.lax.scan(lambda s, _: update(s, *args, **kwargs), state, None, length=length)
+        def block(carry, length, step0):
+            def body(c, i):
+                s, sums, counts = c
+                s, loss = update(s, *args, **kwargs)
+                step = step0 + i + 1  # steps taken
+                half = jnp.where(step > middle, 1, 0)
+                take = step > start
+                params = svi.get_params(s)
+                sums = [jax.tree_util.tree_map(lambda a, x, k=k: a + jnp.where(take & (half == k), x, 0.0),
+                                               sums[k], params) for k in range(2)]
+                counts = counts + jnp.where(take, jax.nn.one_hot(half, 2, dtype=counts.dtype), 0)
+                return (s, sums, counts), loss
+
+            return jax.lax.scan(body, carry, jnp.arange(length))
 
         losses: list[np.ndarray] = []
+        done = [0]
 
-        def advance(state, k):
-            state, block_losses = block(state, k)
+        def advance(carry, k):
+            carry, block_losses = block(carry, k, done[0])
+            done[0] += k
             losses.append(np.asarray(block_losses))
-            return state, False
+            return carry, False
 
         checkpoint, records = None, None
         if self.every is not None:
@@ -396,8 +452,8 @@ class SVI:
             extract = guide_extractor(guide, adapter)
 
             @jax.jit
-            def gaussian(state):
-                g = extract(svi.get_params(state))
+            def gaussian(carry):
+                g = extract(svi.get_params(carry[0]))
                 if g.diagonal:
                     return g.mean, 1.0 / g.cov
                 q = g.posterior()
@@ -406,10 +462,16 @@ class SVI:
             records = []
             checkpoint = checkpoint_callback(checkpoints, gaussian, records, lr_at=self._lr_at,
                                              callback=self.callback)
-        state, _ = train_in_blocks(advance, state, self.num_steps, every=self.every, checkpoint=checkpoint,
-                                   desc="SVI", progress=self.progress)
+        carry = (state, [zeros, zeros], jnp.zeros(2, jnp.int32))
+        (state, sums, counts), _ = train_in_blocks(advance, carry, self.num_steps, every=self.every,
+                                                   checkpoint=checkpoint, desc="SVI", progress=self.progress)
         all_losses = np.concatenate(losses) if losses else np.zeros(0)
-        return svi.get_params(state), all_losses, records
+        counts = np.asarray(counts)
+        if counts.min() == 0:  # training stopped before the averaging window
+            return svi.get_params(state), all_losses, records, None
+        halves = [jax.tree_util.tree_map(lambda a, n=n: a / n, s, ) for s, n in zip(sums, counts)]
+        total = jax.tree_util.tree_map(lambda a, b: (a + b) / counts.sum(), *sums)
+        return total, all_losses, records, halves
 
 
 FROM_SVI_OPTIONS = {"rng_key", "memories", "memory_samples", "diagonal_memories", "refit_steps",

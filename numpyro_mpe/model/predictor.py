@@ -213,15 +213,20 @@ class Predictor:
 
 
 def _constraint_key(c) -> tuple:
-    """A hashable description of a constraint: its class and its scalar settings."""
+    """A hashable description of a constraint: its class and its settings (nested constraints by their own
+    description, arrays by their shape, concrete scalars by value)."""
     settings = []
     for k, v in sorted(vars(c).items()):
-        if isinstance(v, bool | int | float | str | type(None)):
+        if isinstance(v, constraints.Constraint):
+            settings.append((k, _constraint_key(v)))
+        elif v is None or isinstance(v, bool | int | float | str):
             settings.append((k, v))
-        elif np.ndim(v) == 0 and not isinstance(v, jax.core.Tracer):
+        elif hasattr(v, "shape") and np.ndim(v) == 0 and not isinstance(v, jax.core.Tracer):
             settings.append((k, float(v)))
+        elif hasattr(v, "shape"):
+            settings.append((k, ("array", tuple(np.shape(v)))))
         else:
-            settings.append((k, "array"))
+            settings.append((k, type(v).__name__))
     return (type(c).__name__, tuple(settings))
 
 
