@@ -189,12 +189,9 @@ class Predictor:
         """Non-differentiable parameters (integers such as ``total_count``), per observation."""
         return self.params(fn)[1]
 
-    def log_lik(self, eta, y, aux: dict):
-        """``log p(y_i | η_i)`` for a batch: ``eta (n, K_all)``, ``y (n, *event)`` -> ``(n,)``.
-
-        The base distribution is rebuilt with batch shape ``(n,) + R``; the dims ``R`` reinterpreted
-        as event are summed.
-        """
+    def distribution(self, eta, aux: dict):
+        """The base distribution at predictor values ``eta (n, K_all)`` (with the fixed parameters ``aux``):
+        batch shape ``(n,) + R``, where the dims ``R`` are those the site reinterprets as event dims."""
         n = eta.shape[0]
         new = copy.copy(self.template)
         offset = 0
@@ -205,11 +202,15 @@ class Predictor:
         for name, _ in self.aux_names:
             setattr(new, name, aux[name])
         new._batch_shape = (n,) + self.reinterpreted
-        lp = new.log_prob(y)
+        return new
+
+    def log_lik(self, eta, y, aux: dict):
+        """``log p(y_i | η_i)`` for a batch: ``eta (n, K_all)``, ``y (n, *event)`` -> ``(n,)``: the
+        :meth:`distribution`'s log-density with the dims reinterpreted as event summed."""
+        lp = self.distribution(eta, aux).log_prob(y)
         if self.reinterpreted:
             lp = jnp.sum(lp, axis=tuple(range(1, 1 + len(self.reinterpreted))))
         return lp
-
 
 
 def _constraint_key(c) -> tuple:
