@@ -272,20 +272,29 @@ def group_mpe(fit, groups, var_name=None, *, num_samples: int = 2000, rng_key=No
         lw_lpd = jnp.concatenate([log_w_add(w_p, group_ll(w_p)), log_w_add(z_b, ll_b)])
         return lw_elpd, lw_lpd
 
-    ll_b = np.asarray(loglik_groups(z_b))  # (n_b, G)
+    size = np.bincount(codes, minlength=n_groups)
+    multi = np.flatnonzero(size > 1)  # a group of one observation is that observation's leave-one-out
     progress = fit.progress if progress is None else progress
-    lw_elpd = np.empty((n_groups, num_samples))
-    lw_lpd = np.empty((n_groups, num_samples))
-    for k in tqdm(range(n_groups), desc=f"groups {name}", disable=not progress or n_groups < 2, leave=False):
+    lw_elpd = np.zeros((n_groups, num_samples))
+    lw_lpd = np.zeros((n_groups, num_samples))
+    if multi.size:
+        ll_b = np.asarray(loglik_groups(z_b))  # (n_b, G)
+    for k in tqdm(multi, desc=f"groups {name}", disable=not progress or multi.size < 2, leave=False):
         mask = jnp.asarray(codes == k)
         a, b = one_group(g_w[k], lam[k], qmat[k], mask, jnp.asarray(ll_b[:, k]))
         lw_elpd[k], lw_lpd[k] = np.asarray(a), np.asarray(b)
     elpd, mcse = log_mean_exp(lw_elpd)
     lpd, _ = log_mean_exp(lw_lpd)
+    single = np.flatnonzero(size == 1)
+    if single.size:  # the per-observation pass (quadrature in predictor space where the site has one)
+        loo = fit.site_mpe(name)
+        obs = np.array([np.flatnonzero(codes == k)[0] for k in single])
+        elpd[single] = np.asarray(loo.elpd_loo)[obs]
+        lpd[single] = np.asarray(loo.lpd)[obs]
+        mcse[single] = 0.0 if loo.integration.num_samples == 0 else np.nan
     valid = np.asarray(valid)
     elpd = np.where(valid, elpd, np.nan)
     mcse = np.where(valid, mcse, np.nan)
-    size = np.bincount(codes, minlength=n_groups)
     sens = np.where(valid, np.linalg.norm(np.asarray(u), axis=-1), np.nan)
     shift = np.asarray(post.unwhiten(u.T).T)
     lev = np.asarray(lam[:, -1])
@@ -300,7 +309,8 @@ def group_mpe(fit, groups, var_name=None, *, num_samples: int = 2000, rng_key=No
             stacklevel=2,
         )
     method = (f"defensive importance sampling in θ-space ({num_samples} draws per group: {n_a} from q₋G, "
-              f"{n_b} from q; lpd: {n_a} from q₊G, {n_b} from q)")
+              f"{n_b} from q; lpd: {n_a} from q₊G, {n_b} from q); a group of one observation: its "
+              "leave-one-out")
     return GroupMPE(labels, dim, codes, size, lpd, elpd, mcse, lpd - elpd, sens, lev, valid, shift, method)
 
 
