@@ -40,6 +40,7 @@ except ImportError:  # jax < 0.7
 
 from numpyro_mpe.engine.cavity import cavity_k, cavity_one
 from numpyro_mpe.engine.layout import Layout, run_chunks
+from numpyro_mpe.engine.predictive import FUNCTIONALS, PredictiveSpec, rows_functionals
 from numpyro_mpe.engine.quadrature import (
     GAUSS_HERMITE_TIERS,
     TAYLOR_ORDER,
@@ -52,6 +53,8 @@ from numpyro_mpe.engine.quadrature import (
 from numpyro_mpe.engine.terms import SiteData, SiteRows, active_index, chunk_terms, predictor_nll
 from numpyro_mpe.model.adapter import ModelAdapter
 
+#: Outputs of the LOO predictive functionals (in ``SiteMPE.extra``).
+FUNCTIONAL_OUTPUTS = tuple(o for outs in FUNCTIONALS.values() for o in outs)
 #: The pass keeps the N×P shifts by default up to this N·P (80 MB in float64).
 KEEP_SHIFT_LIMIT = 10_000_000
 #: Up to this many observations, one chunk integrates every row with the full rule (one program, quick to
@@ -108,7 +111,7 @@ class SiteMPE(NamedTuple):
     prediction_var: jax.Array | None  # V_i, (N, K, K)
     prediction_labels: tuple
     integration: Integration
-    extra: dict | None = None  # first-order outputs of training checkpoints
+    extra: dict | None = None  # first-order outputs of training checkpoints; LOO predictive functionals
 
     @property
     def method(self) -> str:
@@ -123,7 +126,9 @@ class PassOptions(NamedTuple):
     Monte Carlo); ``tol``: accepted difference from the full rule (0: the full rule on every row);
     ``num_samples``: Monte Carlo nodes for K > 3; ``taylor``: try the Taylor expansion first (K = 1);
     ``keep_shift``: return the N×P shifts; ``first_order``: the first-order outputs of training checkpoints;
-    ``expect_q``: e_i, Λ_i averaged over q's predictive (training checkpoints).
+    ``expect_q``: e_i, Λ_i averaged over q's predictive (training checkpoints); ``predictive``: the LOO
+    predictive functionals of every row (:mod:`numpyro_mpe.engine.predictive`, by the full rule), returned
+    in ``SiteMPE.extra``.
     """
 
     points: tuple
@@ -133,11 +138,12 @@ class PassOptions(NamedTuple):
     keep_shift: bool = True
     first_order: bool = False
     expect_q: bool = False
+    predictive: PredictiveSpec | None = None
 
     @classmethod
     def make(cls, k: int, num: int, num_params: int, dtype, *, num_samples: int = 2000,
              tol: float | None = None, keep_shift: bool | None = None, first_order: bool = False,
-             expect_q: bool = False) -> PassOptions:
+             expect_q: bool = False, predictive: PredictiveSpec | None = None) -> PassOptions:
         """Options for K active components over ``num`` rows of a model with ``num_params`` parameters: the
         full rule up to :data:`FULL_RULE_LIMIT` rows (and for ``tol=0``), else the tiers within ``tol``
         (default 1e-11 in float64, 1e-5 in float32); the shifts kept while N·P ≤ :data:`KEEP_SHIFT_LIMIT`
@@ -145,13 +151,13 @@ class PassOptions(NamedTuple):
         if keep_shift is None:
             keep_shift = num * num_params <= KEEP_SHIFT_LIMIT
         if k not in GAUSS_HERMITE_TIERS:
-            return cls((), 0.0, int(num_samples), False, keep_shift, first_order, expect_q)
+            return cls((), 0.0, int(num_samples), False, keep_shift, first_order, expect_q, predictive)
         if tol is None:
             tol = 0.0 if num <= FULL_RULE_LIMIT else default_tol(dtype)
         tol = float(tol)
         points = GAUSS_HERMITE_TIERS[k] if tol > 0 else GAUSS_HERMITE_TIERS[k][-1:]
         return cls(points, tol, int(num_samples), k == 1 and tol > 0 and not expect_q, keep_shift,
-                   first_order, expect_q)
+                   first_order, expect_q, predictive)
 
     def rules(self, k: int, dtype, mc_key):
         if not self.points:
@@ -175,6 +181,16 @@ def _integrals(log_lik_fn, opts: PassOptions, rules, mesh, means, covs, eta, act
     fn = shard_map(block, mesh=mesh, in_specs=spec, out_specs=(spec, spec))
     extra = () if series is None else (series,)
     return fn(tuple(means), tuple(covs), eta, y, aux, w, e, lam, *extra)
+
+
+def _functionals(predictor, spec: PredictiveSpec, rule, mesh, mean, cov, eta, active, y, aux):
+    """The LOO predictive functionals of the rows of one chunk (each device on its own rows)."""
+
+    def block(mean, cov, eta, y, aux):
+        return rows_functionals(predictor, spec, rule, mean, cov, eta, active, y, aux)
+
+    spec_rows = PS("obs")
+    return shard_map(block, mesh=mesh, in_specs=spec_rows, out_specs=spec_rows)(mean, cov, eta, y, aux)
 
 
 def _expected_derivs(log_lik_fn, active, rule, e, lam, cov, eta, y, aux, w):
@@ -218,8 +234,9 @@ def _shift_rows(post, b, w):
     return post.unwhiten(bw.T).T
 
 
-def _outputs(log_lik_fn, opts, rules, mesh, out, eta, active, y, aux, w, e, lam, series=None):
+def _outputs(predictor, opts, rules, mesh, out, eta, active, y, aux, w, e, lam, series=None):
     """The integrals and the per-row outputs of one chunk from its cavities ``out``."""
+    log_lik_fn = predictor.log_lik
     eta_a = eta[:, active_index(active)]
     (lpd, elpd), pts = _integrals(log_lik_fn, opts, rules, mesh, (eta_a, eta_a + out["dEta"]),
                                   (out["v"], out["v_cav"]), eta, active, y, aux, w, e, lam, series)
@@ -230,6 +247,11 @@ def _outputs(log_lik_fn, opts, rules, mesh, out, eta, active, y, aux, w, e, lam,
     if opts.first_order:
         res["prediction_shift_first_order"], res["nll_first_order"] = _first_order(
             log_lik_fn, active, out["v"], e, eta, y, aux, w)
+    if opts.predictive is not None:
+        vals = _functionals(predictor, opts.predictive, rules[-1], mesh, eta_a + out["dEta"], out["v_cav"],
+                            eta, active, y, aux)
+        res.update({k: jnp.where(jnp.reshape(out["valid"], (-1,) + (1,) * (v.ndim - 1)), v, jnp.nan)
+                    for k, v in vals.items()})
     return res, pts
 
 
@@ -237,7 +259,8 @@ def _outputs(log_lik_fn, opts, rules, mesh, out, eta, active, y, aux, w, e, lam,
 def predictor_chunk(adapter: ModelAdapter, rows: SiteRows, data: dict, post, mc_key, *, opts: PassOptions,
                     mesh):
     """Every output of one chunk of a site with a predictor under ``post`` (terms at the mean)."""
-    f = adapter.observed[rows.name].predictor.log_lik
+    predictor = adapter.observed[rows.name].predictor
+    f = predictor.log_lik
     k = len(rows.active)
     rules = opts.rules(k, post.mean.dtype, mc_key)
     tm, _ = chunk_terms(adapter, rows, data, post.mean, post, opts.taylor)
@@ -245,7 +268,7 @@ def predictor_chunk(adapter: ModelAdapter, rows: SiteRows, data: dict, post, mc_
     if opts.expect_q:
         e, lam = _expected_derivs(f, rows.active, rules[-1], e, lam, tm.cov, tm.eta, tm.y, tm.aux, tm.w)
     out = jax.vmap(lambda e_, l_, v_: cavity_k(e_, l_, v=v_))(e, lam, tm.cov)
-    res, pts = _outputs(f, opts, rules, mesh, out, tm.eta, rows.active, tm.y, tm.aux, tm.w, e, lam,
+    res, pts = _outputs(predictor, opts, rules, mesh, out, tm.eta, rows.active, tm.y, tm.aux, tm.w, e, lam,
                         tm.series)
     if opts.keep_shift:
         res["shift"] = _shift_rows(post, tm.jac, out["w"])
@@ -281,15 +304,14 @@ def memory_chunk(adapter: ModelAdapter, data: dict, post, mc_key, *, name: str, 
         res["shift"] = post.unwhiten(out["u"].T).T
     if not has_pred:
         return res, jnp.zeros((mesh.size,), jnp.int32)
-    f = adapter.observed[name].predictor.log_lik
+    predictor = adapter.observed[name].predictor
     k = len(active)
     rules = opts.rules(k, dtype, mc_key)
     e = data["e"] if not dense else jnp.zeros((c, k), dtype)  # used only to rank rows for the tiers
     lam = data["lam"] if not dense else jnp.zeros((c, k, k), dtype)
-    preds, pts = _outputs(f, opts._replace(first_order=False), rules, mesh, out, data["eta"], active,
+    preds, pts = _outputs(predictor, opts._replace(first_order=False), rules, mesh, out, data["eta"], active,
                           data["y"], data["aux"], data["w"], e, lam)
-    res.update(lpd=preds["lpd"], elpd_loo=preds["elpd_loo"], p_loo=preds["p_loo"], dEta=preds["dEta"],
-               v=preds["v"])
+    res.update({k: v for k, v in preds.items() if k not in res})
     return res, pts
 
 
@@ -393,7 +415,8 @@ def assemble(name: str, res: dict, labels: tuple, integration: Integration, n: i
             "sensitivity and shifts are NaN and `valid` is False",
             stacklevel=4,
         )
-    extra = {k: res[k] for k in ("prediction_shift_first_order", "nll_first_order") if k in res} or None
+    extra = {k: res[k] for k in ("prediction_shift_first_order", "nll_first_order", *FUNCTIONAL_OUTPUTS)
+             if k in res} or None
     return SiteMPE(res["lpd"], res["elpd_loo"], res["p_loo"], res["sensitivity"], res["leverage"],
                    res["valid"], res.get("shift"), res.get("dEta"), res.get("v"), labels, integration, extra)
 
