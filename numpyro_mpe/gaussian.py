@@ -7,6 +7,7 @@ S⁻¹v (``cov_matvec``), whitening, draws and log q; the MPE needs no more.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -334,7 +335,11 @@ def draws(posterior, num_samples: int, rng_key=None, antithetic: bool = True) ->
     ((4, 2), True)
     """
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
-    num_samples = int(num_samples)
+    return _draws(posterior, rng_key, int(num_samples), bool(antithetic))
+
+
+@partial(jax.jit, static_argnums=(2, 3))
+def _draws(posterior, rng_key, num_samples: int, antithetic: bool) -> jax.Array:
     if antithetic:
         half = (num_samples + 1) // 2
         z = jax.random.normal(rng_key, (half, posterior.dim), posterior.mean.dtype)

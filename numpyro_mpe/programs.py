@@ -7,13 +7,15 @@ the shapes and dtypes of the arguments, so a program is compiled once per (model
 options) and reused by every fit, refit and checkpoint in the process.
 
 Across processes, JAX's persistent compilation cache keeps the compiled programs on disk.  numpyro_mpe turns
-it on when it is imported, in ``$NUMPYRO_MPE_CACHE_DIR`` (default ``~/.cache/numpyro_mpe/jax``, or
+it on when it binds its first model (``ModelAdapter.build``), in ``$NUMPYRO_MPE_CACHE_DIR`` (default
+``~/.cache/numpyro_mpe/jax``, or
 ``$XDG_CACHE_HOME/numpyro_mpe/jax``); ``NUMPYRO_MPE_CACHE_DIR=off`` leaves JAX's settings alone, and so does a
-cache directory the user has already set (``jax_compilation_cache_dir``).
+cache directory the user has already set (``jax_compilation_cache_dir``: it is kept, and logged at DEBUG
+level).
 
-:func:`track` counts the programs compiled (or loaded from the persistent cache) and the seconds spent on
-them during a call; fits record them in ``fit.info["compile"]`` and the ``numpyro_mpe`` logger reports them at
-DEBUG level.
+:func:`track` counts, during a call, the programs compiled, those loaded from the persistent cache instead,
+and the seconds spent tracing, lowering and compiling them; fits record them in ``fit.info["compile"]`` and
+the ``numpyro_mpe`` logger reports them at DEBUG level.
 """
 
 from __future__ import annotations
@@ -34,19 +36,35 @@ CACHE_ENV = "NUMPYRO_MPE_CACHE_DIR"
 #: Programs that take less than this to compile are not written to the persistent cache.
 MIN_COMPILE_SECONDS = 0.05
 
+# JAX's monitoring events (jax._src.dispatch and jax._src.compiler): the backend event spans a compilation
+# or a load from the persistent cache; a cache hit is recorded inside that span, before it ends.
 _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
+_LOWER_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
 
 @dataclass(eq=False)
 class CompileStats:
-    """Programs compiled (or loaded from the persistent cache) and the seconds it took, during one call."""
+    """What building programs cost during one call.
+
+    ``programs``: programs compiled by XLA (``names`` lists them), in ``seconds``; ``loaded``: programs read
+    from the persistent cache instead, in ``load_seconds``; ``trace_seconds`` and ``lower_seconds``: Python
+    tracing to a jaxpr and lowering to MLIR (paid on every program built, loaded or not).
+    """
 
     programs: int = 0
     seconds: float = 0.0
     names: list = field(default_factory=list)
+    loaded: int = 0
+    load_seconds: float = 0.0
+    trace_seconds: float = 0.0
+    lower_seconds: float = 0.0
 
     def as_dict(self) -> dict:
-        return {"programs": self.programs, "seconds": round(self.seconds, 3)}
+        return {"programs": self.programs, "seconds": round(self.seconds, 3), "loaded": self.loaded,
+                "load_seconds": round(self.load_seconds, 3), "trace_seconds": round(self.trace_seconds, 3),
+                "lower_seconds": round(self.lower_seconds, 3)}
 
 
 _local = threading.local()
@@ -54,13 +72,29 @@ _installed = False
 _cache_setup = False
 
 
-def _listener(event: str, duration: float, **kwargs) -> None:
-    if event != _BACKEND_COMPILE_EVENT:
-        return
-    for stats in getattr(_local, "active", ()):
-        stats.programs += 1
-        stats.seconds += duration
-        stats.names.append(kwargs.get("fun_name", "?"))
+def _on_duration(event: str, duration: float, **kwargs) -> None:
+    active = getattr(_local, "active", ())
+    if event == _BACKEND_COMPILE_EVENT:
+        hit, _local.cache_hit = getattr(_local, "cache_hit", False), False
+        for stats in active:
+            if hit:
+                stats.loaded += 1
+                stats.load_seconds += duration
+            else:
+                stats.programs += 1
+                stats.seconds += duration
+                stats.names.append(kwargs.get("fun_name", "?"))
+    elif event == _TRACE_EVENT:
+        for stats in active:
+            stats.trace_seconds += duration
+    elif event == _LOWER_EVENT:
+        for stats in active:
+            stats.lower_seconds += duration
+
+
+def _on_event(event: str, **kwargs) -> None:
+    if event == _CACHE_HIT_EVENT:
+        _local.cache_hit = True
 
 
 def _install() -> None:
@@ -68,7 +102,8 @@ def _install() -> None:
     if not _installed:
         from jax import monitoring
 
-        monitoring.register_event_duration_secs_listener(_listener)
+        monitoring.register_event_duration_secs_listener(_on_duration)
+        monitoring.register_event_listener(_on_event)
         _installed = True
 
 
@@ -76,8 +111,9 @@ def _install() -> None:
 def track(what: str, into: dict | None = None) -> Iterator[CompileStats]:
     """Count the programs compiled while the block runs (nested blocks count in every enclosing one).
 
-    ``into``: a dict (e.g. ``fit.info["compile"]``) that receives ``{what: {"programs": n, "seconds": s,
-    "wall": w}}``.  The count is also logged at DEBUG level on the ``numpyro_mpe`` logger.
+    ``into``: a dict (e.g. ``fit.info["compile"]``) that receives ``{what: {**stats.as_dict(), "wall":
+    w}}`` (see :class:`CompileStats`).  The count is also logged at DEBUG level on the ``numpyro_mpe``
+    logger.
 
     Examples
     --------
@@ -101,8 +137,9 @@ def track(what: str, into: dict | None = None) -> Iterator[CompileStats]:
         wall = time.perf_counter() - start
         if into is not None:
             into[what] = {**stats.as_dict(), "wall": round(wall, 3)}
-        logger.debug("%s: %d program(s) compiled in %.2f s (%.2f s wall)", what, stats.programs,
-                     stats.seconds, wall)
+        logger.debug("%s: %d program(s) compiled in %.2f s, %d loaded from the persistent cache in %.2f s, "
+                     "tracing %.2f s, lowering %.2f s (%.2f s wall)", what, stats.programs, stats.seconds,
+                     stats.loaded, stats.load_seconds, stats.trace_seconds, stats.lower_seconds, wall)
 
 
 def default_cache_dir() -> Path:
@@ -114,7 +151,7 @@ def enable_persistent_cache(path: str | os.PathLike | None = None) -> Path | Non
     """Turn on JAX's persistent compilation cache in ``path`` (default: ``$NUMPYRO_MPE_CACHE_DIR`` or
     :func:`default_cache_dir`), unless the user has set a cache folder already or the variable says ``off``.
 
-    Returns the folder in use (``None`` when the cache is left off).  Called on ``import numpyro_mpe``.
+    Returns the folder in use (``None`` when the cache is left off).  Called when the first model is bound.
     """
     import jax
 
@@ -127,6 +164,7 @@ def enable_persistent_cache(path: str | os.PathLike | None = None) -> Path | Non
         return None
     current = jax.config.jax_compilation_cache_dir
     if current:
+        logger.debug("persistent compilation cache: keeping the folder already set, %s", current)
         return Path(current)
     folder = Path(path or env or default_cache_dir())
     try:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from numpyro_mpe.gaussian import draws as posterior_draws
 from numpyro_mpe.io.format import value_formatter
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ def posterior_summary(fit: Fit, idata=None, num_samples: int = 4000, rng_key=Non
     import jax
 
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
-    theta = fit.posterior.sample(rng_key, int(num_samples))
+    theta = posterior_draws(fit.posterior, int(num_samples), rng_key, antithetic=False)
     names = [s.name for s in fit.adapter.latent]
     draws = jax.vmap(lambda t: fit.adapter.constrain(t, deterministic=False))(theta)
     rows = _draw_summary({k: np.asarray(draws[k]) for k in names})

@@ -21,6 +21,7 @@ import xarray as xr
 from scipy.special import logsumexp
 
 from numpyro_mpe.engine.layout import map_rows
+from numpyro_mpe.gaussian import draws as posterior_draws
 
 if TYPE_CHECKING:
     from numpyro_mpe.fit import Fit
@@ -112,12 +113,16 @@ def named_dims(name: str, dims: tuple, ndim: int) -> list[str]:
 
 def latent_dims(fit: Fit) -> dict[str, tuple]:
     """Plate names (sorted by ``dim``) of every latent and deterministic site, as ``arviz.from_numpyro``."""
-    tr = fit.adapter.trace(fit.posterior.mean)  # one model pass at the mean
     out = {}
-    for name, site in tr.items():
-        if site["type"] in ("sample", "deterministic") and not site.get("is_observed", False):
-            frames = sorted(site.get("cond_indep_stack", []), key=lambda f: f.dim)
-            out[name] = tuple(f.name for f in frames) + tuple(site.get("infer", {}).get("event_dims", []))
+
+    def read(theta):  # one abstract model pass at the mean: shapes only, nothing compiled
+        for name, site in fit.adapter.trace(theta).items():
+            if site["type"] in ("sample", "deterministic") and not site.get("is_observed", False):
+                frames = sorted(site.get("cond_indep_stack", []), key=lambda f: f.dim)
+                out[name] = tuple(f.name for f in frames) + tuple(site.get("infer", {}).get("event_dims", []))
+        return 0
+
+    jax.eval_shape(read, fit.posterior.mean)
     return out
 
 
@@ -178,7 +183,7 @@ def sample_groups(fit: Fit, num_samples: int, rng_key, var_names: list[str],
     num_samples = int(num_samples)
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
     ad = fit.adapter
-    draws = fit.posterior.sample(rng_key, num_samples)  # (S, P), unconstrained
+    draws = posterior_draws(fit.posterior, num_samples, rng_key, antithetic=False)  # (S, P), unconstrained
     per_draw = sum(ad.observed[n].num_obs for n in var_names) + 4 * ad.num_params
     chunk = draw_chunk(per_draw, num_samples)
     values, lls, *log_dens = map_rows(

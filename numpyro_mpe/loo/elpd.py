@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import xarray as xr
 
+from numpyro_mpe.gaussian import draws as posterior_draws
 from numpyro_mpe.loo.arviz_compat import (
     ARVIZ_1,
     GOOD_K,
@@ -29,7 +30,7 @@ def _psis_on_q(fit: Fit, var_name: str, idx: np.ndarray, num_samples: int, rng_k
     Runs the installed ArviZ's own ``loo`` on those observations only; returns pointwise elpd and k̂.
     """
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
-    draws = fit.posterior.sample(rng_key, num_samples)
+    draws = posterior_draws(fit.posterior, num_samples, rng_key, antithetic=False)
     ll = log_lik_on_draws(fit, draws, var_name, idx)  # (S, n_bad)
     dims = ["chain", "draw", "__obs__"]
     groups = {

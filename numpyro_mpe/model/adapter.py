@@ -19,263 +19,30 @@ structure and data shapes, and reused for new data of the same shapes (see :mod:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
-from numpyro.distributions.transforms import biject_to
-from numpyro.infer import init_to_median, init_to_sample
+from numpyro.infer import init_to_median
 from numpyro.infer.util import constrain_fn, potential_energy
 
 from numpyro_mpe.errors import ModelError, PosteriorError
-from numpyro_mpe.model.predictor import Predictor, make_predictor
+from numpyro_mpe.model.checks import initial_point, non_finite_sites, observed_values, validated_predictors
+from numpyro_mpe.model.inputs import DataBinding, Opaque, convert_inputs, is_array, static_leaf
+from numpyro_mpe.model.structure import (
+    CONCRETE_DATA_ERRORS,
+    LatentSite,
+    ModelStructure,
+    ObservedList,
+    ObservedSite,
+    SiteSpec,
+    trace_structure,
+)
 from numpyro_mpe.programs import enable_persistent_cache
 
-
-@dataclass(frozen=True)
-class SiteSpec:
-    """The static description of an observed site (its values live in the adapter's leaves)."""
-
-    name: str
-    obs_shape: tuple  # batch shape: one element = one observation
-    event_shape: tuple
-    dims: tuple  # names of the observation dims (plate names where known, as arviz.from_numpyro)
-    predictor: Predictor | None
-    no_predictor_reason: str | None = None
-    weighted: bool = False  # the site has a mask or scale (per-observation weights)
-
-
-@dataclass(frozen=True, eq=False)
-class ObservedSite:
-    """An observed sample site: its observations, their shape and dimension names."""
-
-    name: str
-    obs_shape: tuple
-    event_shape: tuple
-    dims: tuple
-    value: Any  # observed values, shape obs_shape + event_shape
-    predictor: Predictor | None
-    no_predictor_reason: str | None = None
-
-    @property
-    def num_obs(self) -> int:
-        return int(np.prod(self.obs_shape, dtype=int))
-
-    @property
-    def flat_value(self):
-        """Observed values with the observation dims flattened: ``(N, *event_shape)``."""
-        return jnp.reshape(self.value, (self.num_obs,) + tuple(self.event_shape))
-
-    def coords(self) -> dict:
-        """Integer coordinates of the observation dims."""
-        return {d: np.arange(n) for d, n in zip(self.dims, self.obs_shape)}
-
-
-@dataclass(frozen=True)
-class LatentSite:
-    """A continuous latent site and where it lives in the flat unconstrained vector."""
-
-    name: str
-    unconstrained_shape: tuple
-    start: int
-    stop: int
-
-
-class _Opaque:
-    """A static leaf that cannot be hashed (compared by identity)."""
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj):
-        self.obj = obj
-
-    def __eq__(self, other):
-        return isinstance(other, _Opaque) and other.obj is self.obj
-
-    def __hash__(self):
-        return id(self.obj)
-
-
-def _static(x):
-    try:
-        hash(x)
-        return x
-    except TypeError:
-        return _Opaque(x)
-
-
-def _is_array(x) -> bool:
-    return (hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, bool)
-            and np.dtype(x.dtype).kind in "biufc")
-
-
-class DataBinding(NamedTuple):
-    """The structure of the model's data ``(args, kwargs)``: its treedef, the leaves that are not arrays
-    (Python ints, strings, None, ...: static) and the positions of the array leaves (arguments of every
-    compiled program, so that XLA neither embeds nor constant-folds them and compile time does not grow
-    with N).  Float scalars count as arrays (a prior scale can change without a new program)."""
-
-    treedef: Any
-    static: tuple  # the non-array leaves, None where an array leaf goes
-    dynamic: tuple  # positions of the array leaves
-
-    @classmethod
-    def of(cls, args: tuple, kwargs: dict, floats_static: bool = False) -> tuple[DataBinding, tuple]:
-        leaves, treedef = jax.tree_util.tree_flatten((tuple(args), dict(kwargs)))
-        dyn = tuple(i for i, x in enumerate(leaves)
-                    if _is_array(x) or (not floats_static and isinstance(x, float)))
-        static = tuple(None if i in dyn else _static(x) for i, x in enumerate(leaves))
-        values = tuple(jnp.asarray(leaves[i]) for i in dyn)
-        return cls(treedef, static, dyn), values
-
-    def rebuild(self, values) -> tuple:
-        leaves = [x.obj if isinstance(x, _Opaque) else x for x in self.static]
-        for i, v in zip(self.dynamic, values):
-            leaves[i] = v
-        return jax.tree_util.tree_unflatten(self.treedef, leaves)
-
-
-@dataclass(frozen=True)
-class ModelStructure:
-    """Everything about a bound model that is not an array: the static part of :class:`ModelAdapter`."""
-
-    model: Callable
-    binding: DataBinding
-    latent: tuple  # of LatentSite
-    sites: tuple  # of SiteSpec, in trace order
-    deterministic: tuple  # names of deterministic sites
-    dtype: Any  # of θ
-
-
-#: Errors raised when a model uses its data as concrete values (e.g. ``np.unique(group)``) while tracing.
-_CONCRETE_DATA_ERRORS = (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError,
-                         jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError)
-
-
-def _obs_dims(name: str, site: dict) -> tuple:
-    """Observation dim names, as ``arviz.from_numpyro`` names them (plates sorted by dim)."""
-    batch_ndim = len(site["fn"].batch_shape)
-    plates = {f.dim: f.name for f in site["cond_indep_stack"]}
-    return tuple(plates.get(k - batch_ndim, f"{name}_dim_{k}") for k in range(batch_ndim))
-
-
-def _is_discrete(site: dict) -> bool:
-    fn = site["fn"]
-    return bool(getattr(fn, "is_discrete", False)) or getattr(fn.support, "is_discrete", False)
-
-
-def _argument_name(path) -> str:
-    """``y`` or ``args[0]`` from a pytree path into ``(args, kwargs)``."""
-    first = path[0].idx if hasattr(path[0], "idx") else 0
-    rest = path[1:]
-    if first == 1 and rest and hasattr(rest[0], "key"):
-        label, rest = str(rest[0].key), rest[1:]
-    elif rest and hasattr(rest[0], "idx"):
-        label, rest = f"args[{rest[0].idx}]", rest[1:]
-    else:
-        label = "args"
-    return label + "".join(str(p) for p in rest)
-
-
-def _is_pandas(x) -> bool:
-    return type(x).__module__.startswith("pandas") and hasattr(x, "to_numpy")
-
-
-def convert_inputs(args: tuple, kwargs: dict, lists: tuple = ()) -> tuple[tuple, dict]:
-    """The model's data with pandas objects (and the arguments at the paths ``lists``) as NumPy arrays.
-
-    NumPyro's own inference takes arrays: a ``pandas.Series`` (also one with a filtered, non-contiguous
-    index) or a ``DataFrame`` of numbers becomes its values; one that is not numeric is refused with an error
-    naming the argument.  ``lists``: paths of lists of numbers that the model observes (found by
-    :func:`_trace_structure`), converted to arrays.
-    """
-
-    def convert(path, x):
-        if _is_pandas(x):
-            arr = x.to_numpy()
-            if arr.dtype.kind not in "biuf":
-                raise ModelError(f"argument '{_argument_name(path)}' is a pandas {type(x).__name__} of dtype "
-                                 f"{arr.dtype}; pass numbers (e.g. its .cat.codes, or a float column)")
-            return arr
-        if path in lists:
-            try:
-                arr = np.asarray(x)
-            except ValueError:
-                arr = np.asarray(x, dtype=object)
-            if arr.dtype.kind not in "biuf":
-                raise ModelError(f"argument '{_argument_name(path)}' is a {type(x).__name__} that is not "
-                                 f"a rectangular array of numbers; pass a NumPy array")
-            return arr
-        return x
-
-    def stop(x):
-        return _is_pandas(x) or isinstance(x, list | tuple) and any(x is v for v in listed)
-
-    listed: list = []
-    if lists:  # the objects at those paths, to stop the traversal there
-        for path, leaf in jax.tree_util.tree_flatten_with_path((tuple(args), dict(kwargs)),
-                                                              is_leaf=lambda v: isinstance(v, list))[0]:
-            if path in lists:
-                listed.append(leaf)
-    out = jax.tree_util.tree_map_with_path(convert, (tuple(args), dict(kwargs)), is_leaf=stop)
-    return out[0], out[1]
-
-
-class _ObservedList(Exception):
-    """An observed site's value is a Python list or tuple: the argument it came from, to convert."""
-
-    def __init__(self, path):
-        super().__init__(path)
-        self.path = path
-
-
-def _trace_structure(model, binding: DataBinding, values: tuple, rng_key):
-    """Trace the model once without running it (abstract values, no compilation) and read its sites.
-
-    Returns ``(latent, sites, deterministic, observed_names)``: latent ``(name, unconstrained shape,
-    dtype)``, :class:`SiteSpec` of the observed sites, deterministic names.  Predictors are built inside the
-    trace, from the distributions' shapes and constraints.
-    """
-    out: dict = {}
-
-    def run(vals, key):
-        a, kw = binding.rebuild(vals)
-        traced = handlers.substitute(handlers.seed(model, key), substitute_fn=init_to_sample)
-        tr = handlers.trace(traced).get_trace(*a, **kw)
-        latent, sites, det = [], [], []
-        for name, site in tr.items():
-            if site["type"] == "deterministic":
-                det.append(name)
-            if site["type"] != "sample":
-                continue
-            if site["is_observed"]:
-                value = site["value"]
-                if isinstance(value, list | tuple):
-                    found = [p for p, v in jax.tree_util.tree_flatten_with_path(
-                        (a, kw), is_leaf=lambda v, value=value: v is value)[0] if v is value]
-                    raise _ObservedList(found[0] if found else None)
-                pred, why = make_predictor(site["fn"], site["value"])
-                weighted = site.get("mask") is not None or site.get("scale") is not None
-                sites.append(SiteSpec(name, tuple(site["fn"].batch_shape), tuple(site["fn"].event_shape),
-                                      _obs_dims(name, site), pred, why, weighted))
-            elif _is_discrete(site):
-                raise ModelError(
-                    f"latent site '{name}' is discrete ({type(site['fn']).__name__}); the Gaussian "
-                    "posterior of numpyro_mpe needs continuous latent sites: marginalize it out "
-                    "(e.g. with funsor enumeration in the model) or observe it"
-                )
-            else:
-                u = biject_to(site["fn"].support).inv(site["value"])
-                latent.append((name, tuple(jnp.shape(u)), jnp.result_type(u)))
-        out.update(latent=latent, sites=sites, det=det)
-        return 0
-
-    jax.eval_shape(run, values, rng_key)
-    return out["latent"], out["sites"], out["det"]
+__all__ = ["LatentSite", "ModelAdapter", "ModelStructure", "ObservedSite", "SiteSpec"]
 
 
 @jax.tree_util.register_pytree_node_class
@@ -337,28 +104,28 @@ class ModelAdapter:
         for _ in range(8):  # an observed list of numbers: convert its argument and trace again
             binding, values = DataBinding.of(args, kwargs)
             try:
-                latent, specs, det = _trace_structure(model, binding, values, rng_key)
+                latent, specs, det = trace_structure(model, binding, values, rng_key)
                 break
-            except _ObservedList as err:
+            except ObservedList as err:
                 if err.path is None or err.path in lists:
                     raise ModelError("an observed site's value is a Python list; pass a NumPy "
                                      "array") from None
                 lists = lists + (err.path,)
                 args, kwargs = convert_inputs(args, kwargs, lists)
-            except _CONCRETE_DATA_ERRORS:
+            except CONCRETE_DATA_ERRORS:
                 latent = None
                 break
         if latent is None:
             try:  # the model uses a float argument as a Python number: keep floats static
                 binding, values = DataBinding.of(args, kwargs, floats_static=True)
-                latent, specs, det = _trace_structure(model, binding, values, rng_key)
-            except _CONCRETE_DATA_ERRORS:  # it uses its arrays as concrete values: close over them
+                latent, specs, det = trace_structure(model, binding, values, rng_key)
+            except CONCRETE_DATA_ERRORS:  # it uses its arrays as concrete values: close over them
                 binding = DataBinding(jax.tree_util.tree_structure((tuple(args), dict(kwargs))),
-                                      tuple(_Opaque(x) if _is_array(x) else _static(x)
+                                      tuple(Opaque(x) if is_array(x) else static_leaf(x)
                                             for x in jax.tree_util.tree_leaves((tuple(args),
                                                                                 dict(kwargs)))), ())
                 values = ()
-                latent, specs, det = _trace_structure(model, binding, values, rng_key)
+                latent, specs, det = trace_structure(model, binding, values, rng_key)
         if not specs:
             raise ModelError(
                 "the model has no observed sample site (numpyro.sample(..., obs=...)); pass the data "
@@ -376,7 +143,7 @@ class ModelAdapter:
                                    jnp.dtype(dtype))
         blank = cls(structure, values, np.zeros(start, np.dtype(dtype)), (None,) * len(specs),
                     (None,) * len(specs))
-        site_values, site_weights = _observed_values(blank)
+        site_values, site_weights = observed_values(blank)
         for spec, value in zip(specs, site_values):
             value = np.asarray(value)
             if np.issubdtype(value.dtype, np.number) and not np.all(np.isfinite(value)):
@@ -388,16 +155,16 @@ class ModelAdapter:
                     f"shape {value.shape}; {hint}"
                 )
         ad = blank.replace(site_values=site_values, site_weights=site_weights)
-        theta0 = _initial_point(ad, rng_key, init_strategy)
+        theta0 = initial_point(ad, rng_key, init_strategy)
         if theta0 is None:
-            bad = _non_finite_sites(ad)
+            bad = non_finite_sites(ad)
             raise PosteriorError(
                 "the potential energy is not finite at any initial point tried"
                 + (f"; non-finite log-density in site(s) {bad}" if bad else "")
                 + "; check the priors, the support of the likelihood and the data, or pass "
                 "init_strategy=numpyro.infer.init_to_value(values=...)"
             )
-        return _validated_predictors(ad.replace(init_theta=theta0))
+        return validated_predictors(ad.replace(init_theta=theta0))
 
     # ------------------------------------------------------------- views
     @property
@@ -543,153 +310,3 @@ class ModelAdapter:
         """Every latent (and deterministic) site in constrained space at ``theta``."""
         return constrain_fn(self.model, self.args, self.kwargs, self.unravel(theta),
                             return_deterministic=deterministic)
-
-
-# ---------------------------------------------------------------- compiled steps of the build
-def _site_weights(site: dict, obs_shape: tuple, dtype):
-    """Per-observation weights of a traced observed site: the mask of a ``MaskedDistribution``, the site's
-    ``mask`` and its ``scale``, multiplied; ``None`` when it has none."""
-    from numpyro_mpe.model.predictor import unwrap
-
-    w = None
-    parts = [unwrap(site["fn"])[1], site.get("mask"), site.get("scale")]
-    for v in parts:
-        if v is None or v is True:
-            continue
-        v = jnp.reshape(jnp.broadcast_to(jnp.asarray(v, dtype), obs_shape), (-1,))
-        w = v if w is None else w * v
-    return w
-
-
-@jax.jit
-def _observed_values(adapter: ModelAdapter):
-    """Observed values and weights of every site, from one trace of the model (its prior draws are unused)."""
-    seeded = handlers.substitute(handlers.seed(adapter.model, 0), substitute_fn=init_to_sample)
-    tr = handlers.trace(seeded).get_trace(*adapter.args, **adapter.kwargs)
-    values, weights = [], []
-    for spec in adapter.structure.sites:
-        site = tr[spec.name]
-        values.append(jnp.broadcast_to(jnp.asarray(site["value"]), spec.obs_shape + spec.event_shape))
-        weights.append(_site_weights(site, spec.obs_shape, adapter.structure.dtype))
-    return tuple(values), tuple(weights)
-
-
-@jax.jit
-def _init_attempt(adapter: ModelAdapter, key, attempt, init_strategy_box):
-    init_strategy = init_strategy_box.fn
-    model = adapter.model
-    a, kw = adapter.args, adapter.kwargs
-    key = jax.random.fold_in(key, attempt)
-    traced = handlers.substitute(handlers.seed(model, key), substitute_fn=init_strategy)
-    tr = handlers.trace(traced).get_trace(*a, **kw)
-    z = {s.name: biject_to(tr[s.name]["fn"].support).inv(tr[s.name]["value"]) for s in adapter.latent}
-    theta = jnp.concatenate([jnp.ravel(jnp.asarray(z[s.name], adapter.structure.dtype))
-                             for s in adapter.latent])
-    value, grad = jax.value_and_grad(adapter.potential)(theta)
-    return theta, jnp.isfinite(value) & jnp.all(jnp.isfinite(grad))
-
-
-@jax.tree_util.register_static
-@dataclass(frozen=True)
-class _Static:
-    """A callable passed to a jitted function as static data (hashed by identity)."""
-
-    fn: Callable
-
-
-def _initial_point(adapter: ModelAdapter, rng_key, init_strategy, max_tries: int = 20):
-    """A finite initial point in unconstrained space (the first of ``max_tries`` keys), or ``None``.
-
-    Like ``numpyro.infer.util.initialize_model`` but compiled as one program (NumPyro's version runs op by
-    op, which costs one XLA compilation per operation).
-    """
-    box = _Static(init_strategy)
-    for attempt in range(max_tries):
-        theta, ok = _init_attempt(adapter, rng_key, np.int32(attempt), box)
-        if bool(ok):
-            return theta
-    return None
-
-
-def _non_finite_sites(adapter: ModelAdapter) -> list[str]:
-    """Sites whose log-density (or factor) is not finite at a prior draw (for the error message)."""
-    seeded = handlers.substitute(handlers.seed(adapter.model, 0), substitute_fn=init_to_sample)
-    tr = handlers.trace(seeded).get_trace(*adapter.args, **adapter.kwargs)
-    bad = []
-    for name, site in tr.items():
-        if site["type"] != "sample":
-            continue
-        try:
-            lp = site["fn"].log_prob(site["value"])
-        except Exception:  # noqa: BLE001
-            continue
-        if not bool(np.all(np.isfinite(np.asarray(lp)))):
-            bad.append(name)
-    return bad
-
-
-@jax.jit
-def _predictor_check(adapter: ModelAdapter, thetas):
-    """Per site with a predictor: the largest relative difference between f(η_i(θ), y_i) and the model's
-    log-likelihood at the rows of ``thetas`` (one model trace per θ for all sites)."""
-    def one(theta):
-        tr = adapter.trace(theta)
-        errs = []
-        for spec, value, w in zip(adapter.structure.sites, adapter.site_values, adapter.site_weights):
-            if spec.predictor is None:
-                errs.append(jnp.zeros((), thetas.dtype))
-                continue
-            n = int(np.prod(spec.obs_shape, dtype=int))
-            ref = ModelAdapter.site_log_lik(tr[spec.name], n)
-            fn = tr[spec.name]["fn"]
-            got = spec.predictor.log_lik(spec.predictor.eta(fn), jnp.reshape(value, (n,) + spec.event_shape),
-                                         spec.predictor.aux(fn))
-            got = got if w is None else jnp.where(w != 0, got * w, 0.0)
-            errs.append(jnp.max(jnp.where(jnp.isfinite(ref) | jnp.isfinite(got),
-                                          jnp.abs(got - ref) / (1.0 + jnp.abs(ref)), 0.0)))
-        return jnp.stack(errs)
-
-    return jnp.max(jax.vmap(one)(thetas), axis=0)
-
-
-def _validated_predictors(adapter: ModelAdapter) -> ModelAdapter:
-    """Keep a site's predictor only if f(η_i(θ), y_i) reproduces the model's log-likelihood."""
-    if not any(s.predictor is not None for s in adapter.structure.sites):
-        return adapter
-    theta0 = np.asarray(adapter.init_theta)
-    thetas = np.stack([theta0, theta0 + 0.3 * np.random.default_rng(1).normal(size=theta0.shape)])
-    thetas = thetas.astype(theta0.dtype)
-    try:
-        errors = np.asarray(_predictor_check(adapter, thetas))
-        failure = None
-    except Exception as err:  # noqa: BLE001 - any failure means "no predictor"
-        errors, failure = None, f"{type(err).__name__}: {err}"
-    if failure is not None:  # find which site fails, one at a time (rare: costs a program per site)
-        errors = []
-        for k, spec in enumerate(adapter.structure.sites):
-            if spec.predictor is None:
-                errors.append(0.0)
-                continue
-            sites = tuple(s if j == k or s.predictor is None else
-                          SiteSpec(s.name, s.obs_shape, s.event_shape, s.dims, None, s.no_predictor_reason,
-                                   s.weighted) for j, s in enumerate(adapter.structure.sites))
-            single = adapter.replace(structure=_with_sites(adapter.structure, sites))
-            try:
-                errors.append(float(np.asarray(_predictor_check(single, thetas))[k]))
-            except Exception as err:  # noqa: BLE001
-                errors.append(f"{type(err).__name__}: {err}")
-    sites, changed = [], False
-    for spec, err in zip(adapter.structure.sites, errors):
-        if spec.predictor is not None and (isinstance(err, str) or not err <= 1e-4):
-            why = err if isinstance(err, str) else "rebuilt distribution does not reproduce log_prob"
-            spec = SiteSpec(spec.name, spec.obs_shape, spec.event_shape, spec.dims, None, why, spec.weighted)
-            changed = True
-        sites.append(spec)
-    if not changed:
-        return adapter
-    return adapter.replace(structure=_with_sites(adapter.structure, tuple(sites)))
-
-
-def _with_sites(structure: ModelStructure, sites: tuple) -> ModelStructure:
-    return ModelStructure(structure.model, structure.binding, structure.latent, sites,
-                          structure.deterministic, structure.dtype)
