@@ -11,8 +11,8 @@ Parts, each phase in its own subprocess (peak memory = ``ru_maxrss`` of that pro
    ``fit.loo()``.  Timed as a user meets them (first call, JIT compilation included; the compile seconds are
    counted with ``jax.monitoring``), plus a *warm* per-observation pass (the engine's compiled function run
    again) and one full-batch gradient ``jax.jit(jax.grad(fit.adapter.potential))`` (warm, median of 5).
-   The fit is broken down by wrapping the package's functions at run time (ModelAdapter.build, row_plan,
-   StreamingSite construction, chunked Newton and its chunk reductions, precision, site_mpe).
+   The fit is broken down by wrapping the package's functions at run time (ModelAdapter.build, SiteData
+   construction, streamed Newton and its chunk reductions, precision, site_mpe).
 2. **Peer** (``--phase peer``): ``arviz.loo`` on S = ``--draws`` draws from the Laplace q
    (``fit.posterior.sample``, written by the GLM phase), the S×N log-likelihood matrix computed with JAX in
    chunks of rows.  Skipped ("does not fit") where S·N·8 bytes·3 > ``--peer-mem-gib`` (20 GiB).
@@ -136,26 +136,24 @@ class Profiler:
         setattr(owner, attr, classmethod(timed) if classmethod_ else timed)
 
     def install(self):
-        from numpyro_mpe.engine import streaming
-        from numpyro_mpe.inference import laplace, streamed_map
-        from numpyro_mpe.model.adapter import adapter as model_mod
+        """Wrap the phases of a fit and a pass.  A function is wrapped in the module that calls it (where
+        it was imported by name), so the wrapper is the one that runs."""
+        from numpyro_mpe import fit as fit_mod
+        from numpyro_mpe.engine import terms
+        from numpyro_mpe.inference import laplace, streamed
+        from numpyro_mpe.model import adapter as adapter_mod
 
-        self.wrap(model_mod.ModelAdapter, "build", "ModelAdapter.build", classmethod_=True)
-        self.wrap(model_mod, "_initial_point", "  _initial_point (init_to_median, jitted)")
-        self.wrap(model_mod.ModelAdapter, "_validated_predictors", "  _validated_predictors (full-data jit)")
-        self.wrap(streaming.StreamingSite, "__init__",
-                  "StreamingSite(...) (layout, row_plan, data placement)")
-        self.wrap(streaming, "row_plan", "  row_plan validation (full-data jits)")
-        self.wrap(streamed_map.PriorPart, "__init__", "PriorPart(...)")
-        self.wrap(streamed_map, "chunked_newton", "chunked_newton (MAP)")
-        self.wrap(streamed_map, "chunked_lbfgs", "chunked_lbfgs (MAP)")
-        self.wrap(streamed_map, "structured_precision", "structured_precision")
-        self.wrap(streaming.StreamingSite, "reduce", "  StreamingSite.reduce (one pass over all chunks)",
-                  block=True)
+        self.wrap(adapter_mod.ModelAdapter, "build", "ModelAdapter.build", classmethod_=True)
+        self.wrap(adapter_mod, "initial_point", "  initial_point (init_to_median, jitted)")
+        self.wrap(adapter_mod, "validated_predictors", "  validated_predictors (full-data jit)")
+        self.wrap(terms.SiteData, "__init__", "SiteData(...) (layout, row plan, data placement)")
+        self.wrap(laplace, "streamed_newton", "streamed_newton (MAP)")
+        self.wrap(laplace, "streamed_lbfgs", "streamed_lbfgs (MAP)")
+        self.wrap(laplace, "structured_precision", "structured_precision")
+        self.wrap(streamed, "site_sums", "  site_sums (one pass over all chunks)", block=True)
         self.wrap(laplace, "check_precision", "check_precision")
-        self.wrap(streamed_map, "check_structured", "check_structured")
-        self.wrap(streaming.StreamingSite, "site_mpe", "StreamingSite.site_mpe (per-observation pass)",
-                  block=True)
+        self.wrap(laplace, "check_structured", "check_structured")
+        self.wrap(fit_mod.Fit, "site_mpe", "Fit.site_mpe (per-observation pass)", block=True)
 
     def snapshot(self) -> dict:
         return {k: dict(v) for k, v in self.rec.items()}
@@ -210,6 +208,8 @@ def grad_timing(jax, adapter, theta, reps: int = 5) -> dict:
 def phase_glm(a) -> dict:
     jax = setup_jax()
     import numpyro_mpe as mpe
+    from numpyro_mpe.engine.assembly import HostPool
+    from numpyro_mpe.engine.site import predictor_pass
     from numpyro_mpe.gaussian import DiagGaussianPosterior
 
     X, y = make_glm_data(a.n, a.seed)
@@ -246,16 +246,19 @@ def phase_glm(a) -> dict:
     # (median of 3 calls, as the gradient's is of 5), each after the previous result is released, so that
     # the engine writes into the output memory that result held (its HostPool); with fresh=True the pool is
     # emptied first and every call writes into memory the allocator hands out anew (page-faulted)
-    eng = fit.streaming_site("y")
+    site, opts, pool = fit.site_data("y"), fit.pass_options("y"), HostPool()
+
+    def warm_pass(post):
+        return predictor_pass(site, post, opts, rng_key=jax.random.PRNGKey(0), pool=pool)
 
     def warm(post, reps=3, fresh=False):
         times, compiled, out = [], [], None
         for _ in range(reps):
             del out
             if fresh:
-                eng.pool.clear()
+                pool.clear()
             c0, t0 = clock.total, time.perf_counter()
-            out = eng.site_mpe(post, num_samples=fit.num_samples, rng_key=jax.random.PRNGKey(0))
+            out = warm_pass(post)
             jax.block_until_ready(out)
             times.append(time.perf_counter() - t0)
             compiled.append(clock.total - c0)
@@ -267,7 +270,7 @@ def phase_glm(a) -> dict:
     del res2
     # the same pass under a diagonal posterior (the issue's "GGN/diag" target): the fit's precision diagonal
     diag = DiagGaussianPosterior(fit.posterior.mean, jax.numpy.diag(fit.posterior.precision))
-    jax.block_until_ready(eng.site_mpe(diag))  # compiles the diag variant
+    jax.block_until_ready(warm_pass(diag))  # compiles the diag variant
     _, rec["pass_warm_diag_s"], _ = warm(diag)
     _, rec["pass_warm_fresh_s"], _ = warm(fit.posterior, fresh=True)
     rec["profile"] = prof.snapshot()
@@ -359,6 +362,7 @@ def phase_mlp(a) -> dict:
     x64 = a.dtype == "float64"
     jax = setup_jax(x64)
     import numpyro_mpe as mpe
+    from numpyro_mpe.engine.site import predictor_pass
 
     X, y = make_mlp_data(a.n, a.seed, np.float64 if x64 else np.float32)
     clock = CompileClock()
@@ -383,10 +387,9 @@ def phase_mlp(a) -> dict:
     res = fit.site_mpe("y")
     jax.block_until_ready(res)
     rec["pass_s"], rec["pass_compile_s"] = time.perf_counter() - t0, clock.total - c0
-    eng = fit.streaming_site("y")
+    site, opts = fit.site_data("y"), fit.pass_options("y")
     t0 = time.perf_counter()
-    jax.block_until_ready(eng.site_mpe(fit.posterior, num_samples=fit.num_samples,
-                                       rng_key=jax.random.PRNGKey(0)))
+    jax.block_until_ready(predictor_pass(site, fit.posterior, opts, rng_key=jax.random.PRNGKey(0)))
     rec["pass_warm_s"] = time.perf_counter() - t0
     rec["profile"] = prof.snapshot()
     rec["rss_peak_mb"] = max_rss_mb()
