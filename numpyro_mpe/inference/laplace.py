@@ -25,6 +25,7 @@ from numpyro_mpe.gaussian import (
 )
 from numpyro_mpe.inference.base import RefitResult
 from numpyro_mpe.inference.newton import converged, minimize
+from numpyro_mpe.inference.optimum import check_precision, spectrum
 from numpyro_mpe.inference.streamed import (
     check_structured,
     prior_derivatives,
@@ -42,14 +43,15 @@ OPTIMIZERS = ("auto", "newton", "lbfgs")
 
 @jax.jit
 def laplace_map(adapter: ModelAdapter, theta0, max_steps, gtol):
-    """The MAP of U by damped Newton from ``theta0``, with U, ∇U and the exact ∇²U there: one program."""
+    """The MAP of U by damped Newton from ``theta0``, with U, ∇U and the exact ∇²U there, and the
+    :class:`~numpyro_mpe.inference.optimum.Spectrum` of ∇²U for its checks: one program."""
     def vgh(t):
         v, g = jax.value_and_grad(adapter.potential)(t)
         return v, g, jax.hessian(adapter.potential)(t)
 
     state = minimize(vgh, theta0, gtol=gtol, max_steps=max_steps)
     h = 0.5 * (state.hess + state.hess.T)
-    return state, GaussianPosterior(state.theta, h, jnp.linalg.cholesky(h))
+    return state, GaussianPosterior(state.theta, h, jnp.linalg.cholesky(h)), spectrum(adapter, state.theta, h)
 
 
 class Laplace:
@@ -147,7 +149,7 @@ class Laplace:
             raise MPEError(f"posterior={self.structure!r} for P = {p} needs the streamed fit, which is not "
                            f"available for this model: {why}")
         max_steps = 200 if self.max_steps is None else self.max_steps
-        state, post = laplace_map(adapter, adapter.init_theta, max_steps, gtol)
+        state, post, spec = laplace_map(adapter, adapter.init_theta, max_steps, gtol)
         theta, value = state.theta, float(state.value)
         _check_finite(theta, value)
         gnorm = float(np.max(np.abs(np.asarray(state.grad))))
@@ -160,7 +162,8 @@ class Laplace:
         if self.curvature == "ggn":
             precision = ggn_precision(Fit(adapter, post, "laplace", options=self.options), precision)
             post = from_precision(theta, precision)
-        check_precision(adapter, precision)
+            spec = None
+        check_precision(adapter, precision, theta, spec)
         if self.structure != "full":
             post = dense_structured(adapter, theta, precision, self.structure, self.rank)
         return Fit(adapter, post, method="laplace", info=info, options=self.options)
@@ -210,7 +213,7 @@ class Laplace:
                 f"(max |grad U| = {gnorm:.3g}); raise max_steps or check the model", stacklevel=4)
         post = structured_precision(site, res.theta, self.structure, self.rank)
         if self.structure == "full":
-            check_precision(adapter, post.precision)
+            check_precision(adapter, post.precision)  # no walk along U: a full-data potential per point
         else:
             check_structured(adapter, post)
         return Fit(adapter, post, method="laplace", info={"steps": res.steps, "grad_norm": gnorm,
@@ -260,30 +263,6 @@ def dense_structured(adapter: ModelAdapter, theta, precision, structure: str, ra
     factor = vec * jnp.sqrt(lam)
     d = jnp.diagonal(precision) - jnp.sum(factor**2, axis=1)
     return LowRankGaussianPosterior.build(theta, jnp.maximum(d, 1e-12 * jnp.max(jnp.abs(d))), factor)
-
-
-def check_precision(adapter: ModelAdapter, precision) -> None:
-    """Raise :class:`PosteriorError` naming the latent sites if ``precision`` is not finite and PD."""
-    prec = np.asarray(precision)
-    if not np.all(np.isfinite(prec)):
-        rows = np.flatnonzero(~np.all(np.isfinite(prec), axis=1))
-        raise PosteriorError(
-            "the Hessian of the potential at the optimum is not finite in the latent site(s) "
-            f"{adapter.site_names_of(rows)}"
-        )
-    vals, vecs = np.linalg.eigh(0.5 * (prec + prec.T))
-    tol = 1e-12 * max(1.0, float(np.max(np.abs(vals))))
-    bad = vals <= tol
-    if bad.any():
-        weight = np.sum(vecs[:, bad] ** 2, axis=1)
-        rows = np.flatnonzero(weight > 0.1)
-        labels = adapter.param_labels()
-        raise PosteriorError(
-            f"the Hessian of the potential at the optimum is not positive definite (smallest eigenvalue "
-            f"{vals.min():.3g}); the flat directions involve the latent site(s) "
-            f"{adapter.site_names_of(rows)} ({[labels[r] for r in rows][:8]}): the mode is a saddle or "
-            "the parameters are not identified; add prior information or reparameterize"
-        )
 
 
 # ---------------------------------------------------------------- refits

@@ -177,10 +177,11 @@ def _fit_from_guide(adapter: ModelAdapter, guide, params: dict, *, memories: str
     info = dict(info, guide=guide_name(guide))
     if isinstance(guide, AutoLaplaceApproximation):
         # A Laplace approximation: the Hessian of U at the guide's mode, delta memories, Newton refits.
-        from numpyro_mpe.inference.laplace import check_precision, laplace_map
+        from numpyro_mpe.inference.laplace import laplace_map
+        from numpyro_mpe.inference.optimum import check_precision
 
-        state, post = laplace_map(adapter, q.mean, 0, 1e-8)  # no step: U, ∇U, ∇²U at the guide's mode
-        check_precision(adapter, post.precision)
+        state, post, spec = laplace_map(adapter, q.mean, 0, 1e-8)  # no step: U, ∇U, ∇²U at the guide's mode
+        check_precision(adapter, post.precision, q.mean, spec)
         rel = float(np.linalg.norm(np.asarray(post.precision - q.precision)) / np.linalg.norm(q.precision))
         info.update(grad_norm=float(np.max(np.abs(np.asarray(state.grad)))), q=q, precision_rel_diff=rel)
         return Fit(adapter, post, method="laplace", info=info, options=options)

@@ -144,16 +144,8 @@ class ModelAdapter:
         blank = cls(structure, values, np.zeros(start, np.dtype(dtype)), (None,) * len(specs),
                     (None,) * len(specs))
         site_values, site_weights = observed_values(blank)
-        for spec, value in zip(specs, site_values):
-            value = np.asarray(value)
-            if np.issubdtype(value.dtype, np.number) and not np.all(np.isfinite(value)):
-                bad = int(np.size(value) - np.isfinite(value).sum())
-                hint = ("drop them from the data" if spec.weighted else
-                        "remove them or model them as missing (obs_mask=...)")
-                raise ModelError(
-                    f"observed site '{spec.name}' has {bad} non-finite value(s) (NaN or inf) in data of "
-                    f"shape {value.shape}; {hint}"
-                )
+        site_values = tuple(_checked_values(spec, value, weight)
+                            for spec, value, weight in zip(specs, site_values, site_weights))
         ad = blank.replace(site_values=site_values, site_weights=site_weights)
         theta0 = initial_point(ad, rng_key, init_strategy)
         if theta0 is None:
@@ -310,3 +302,21 @@ class ModelAdapter:
         """Every latent (and deterministic) site in constrained space at ``theta``."""
         return constrain_fn(self.model, self.args, self.kwargs, self.unravel(theta),
                             return_deterministic=deterministic)
+
+
+def _checked_values(spec: SiteSpec, value, weight):
+    """The observed values, refusing NaN or inf ones unless a mask (weight 0) already keeps them out: those
+    are replaced by 0 in the values the engine uses (the model still sees its data, and NumPyro masks their
+    log-density)."""
+    arr = np.asarray(value)
+    if not np.issubdtype(arr.dtype, np.number) or np.all(np.isfinite(arr)):
+        return value
+    n = int(np.prod(spec.obs_shape, dtype=int))
+    bad_obs = ~np.all(np.isfinite(arr.reshape((n, -1))), axis=1)
+    if weight is not None and np.all(np.asarray(weight)[bad_obs] == 0):
+        return jnp.asarray(np.where(np.isfinite(arr), arr, 0).astype(arr.dtype))
+    count = int(np.size(arr) - np.isfinite(arr).sum())
+    hint = ("mask them too (weight 0) or drop them from the data" if spec.weighted else
+            "remove them, or mask them (numpyro.handlers.mask, or obs_mask=... to impute them)")
+    raise ModelError(f"observed site '{spec.name}' has {count} non-finite value(s) (NaN or inf) in data of "
+                     f"shape {arr.shape}; {hint}")

@@ -73,7 +73,7 @@ class DataBinding(NamedTuple):
 
 
 
-def _argument_name(path) -> str:
+def argument_name(path) -> str:
     """``y`` or ``args[0]`` from a pytree path into ``(args, kwargs)``."""
     first = path[0].idx if hasattr(path[0], "idx") else 0
     rest = path[1:]
@@ -104,7 +104,7 @@ def convert_inputs(args: tuple, kwargs: dict, lists: tuple = ()) -> tuple[tuple,
             arr = x.to_numpy()
             if arr.dtype.kind not in "biuf":
                 kind = getattr(x, "dtype", arr.dtype)  # pandas' own dtype (category, str) where it has one
-                raise ModelError(f"argument '{_argument_name(path)}' is a pandas {type(x).__name__} of dtype "
+                raise ModelError(f"argument '{argument_name(path)}' is a pandas {type(x).__name__} of dtype "
                                  f"{kind}; pass numbers (e.g. its .cat.codes, or a float column)")
             return arr
         if path in lists:
@@ -113,7 +113,7 @@ def convert_inputs(args: tuple, kwargs: dict, lists: tuple = ()) -> tuple[tuple,
             except ValueError:
                 arr = np.asarray(x, dtype=object)
             if arr.dtype.kind not in "biuf":
-                raise ModelError(f"argument '{_argument_name(path)}' is a {type(x).__name__} that is not "
+                raise ModelError(f"argument '{argument_name(path)}' is a {type(x).__name__} that is not "
                                  f"a rectangular array of numbers; pass a NumPy array")
             return arr
         return x

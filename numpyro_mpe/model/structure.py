@@ -14,13 +14,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro.distributions as dist
 from numpyro import handlers
 from numpyro.distributions.transforms import biject_to
 from numpyro.infer import init_to_sample
 
 from numpyro_mpe.errors import ModelError
-from numpyro_mpe.model.inputs import DataBinding
-from numpyro_mpe.model.predictor import Predictor, make_predictor
+from numpyro_mpe.model.inputs import DataBinding, argument_name
+from numpyro_mpe.model.predictor import Predictor, make_predictor, unwrap
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,47 @@ class ObservedList(Exception):
         self.path = path
 
 
+def _discrete_message(name: str, site: dict) -> str:
+    kind = type(unwrap(site["fn"])[0]).__name__ if not isinstance(site["fn"], dist.MaskedDistribution) \
+        else type(site["fn"]).__name__
+    head = (f"latent site '{name}' is discrete ({kind}); the Gaussian posterior of numpyro_mpe needs "
+            "continuous latent sites")
+    if site.get("infer", {}).get("enumerate"):
+        return (head + f": it is marked for enumeration (infer={{'enumerate': "
+                f"'{site['infer']['enumerate']}'}}), which numpyro_mpe does not run; sum it out in the model "
+                "instead, e.g. a MixtureSameFamily or MixtureGeneral likelihood, or numpyro.factor with a "
+                "logsumexp over its values")
+    return head + ": sum it out in the model (e.g. a mixture likelihood) or observe it"
+
+
+def _check_value_shape(name: str, site: dict, data) -> None:
+    """Refuse an observed value whose shape would broadcast the log-density beyond the distribution's
+    shape (e.g. ``y`` of shape ``(N, 1)`` against a batch shape ``(N,)``: an N×N log-likelihood)."""
+    fn, value = site["fn"], site["value"]
+    expected = tuple(fn.batch_shape) + tuple(fn.event_shape)
+    shape = tuple(jnp.shape(value))
+    try:
+        ok = tuple(np.broadcast_shapes(shape, expected)) == expected
+    except ValueError:
+        ok = False
+    if ok:
+        return
+    found = [argument_name(p) for p, v in jax.tree_util.tree_flatten_with_path(data)[0] if v is value]
+    arg = f" (argument '{found[0]}')" if found else ""
+    raise ModelError(
+        f"observed site '{name}'{arg} has values of shape {shape}, but its distribution has batch shape "
+        f"{tuple(fn.batch_shape)} and event shape {tuple(fn.event_shape)}: the log-likelihood would "
+        f"broadcast to {_broadcast_or_none(shape, expected)}; pass the observations with shape {expected} "
+        "(e.g. y.ravel() for a column)")
+
+
+def _broadcast_or_none(a: tuple, b: tuple):
+    try:
+        return tuple(np.broadcast_shapes(a, b))
+    except ValueError:
+        return "nothing (the shapes do not broadcast)"
+
+
 def trace_structure(model, binding: DataBinding, values: tuple, rng_key):
     """Trace the model once without running it (abstract values, no compilation) and read its sites.
 
@@ -138,19 +180,25 @@ def trace_structure(model, binding: DataBinding, values: tuple, rng_key):
                     found = [p for p, v in jax.tree_util.tree_flatten_with_path(
                         (a, kw), is_leaf=lambda v, value=value: v is value)[0] if v is value]
                     raise ObservedList(found[0] if found else None)
+                _check_value_shape(name, site, (a, kw))
                 pred, why = make_predictor(site["fn"], site["value"])
                 weighted = site.get("mask") is not None or site.get("scale") is not None
                 sites.append(SiteSpec(name, tuple(site["fn"].batch_shape), tuple(site["fn"].event_shape),
                                       _obs_dims(name, site), pred, why, weighted))
             elif _is_discrete(site):
-                raise ModelError(
-                    f"latent site '{name}' is discrete ({type(site['fn']).__name__}); the Gaussian "
-                    "posterior of numpyro_mpe needs continuous latent sites: marginalize it out "
-                    "(e.g. with funsor enumeration in the model) or observe it"
-                )
+                raise ModelError(_discrete_message(name, site))
             else:
                 u = biject_to(site["fn"].support).inv(site["value"])
                 latent.append((name, tuple(jnp.shape(u)), jnp.result_type(u)))
+        observed = {spec.name for spec in sites}
+        for lname, _, _ in latent:
+            base = lname[: -len("_unobserved")]
+            if lname.endswith("_unobserved") and base + "_observed" in observed:
+                raise ModelError(
+                    f"site '{base}' uses obs_mask=: NumPyro then samples a latent '{lname}' at every "
+                    "position, also the observed ones, where it has no density, so the posterior is flat "
+                    f"along them and has no Gaussian approximation; leave the missing values out instead: "
+                    f"numpyro.handlers.mask(mask=...) around the observed site '{base}'")
         out.update(latent=latent, sites=sites, det=det)
         return 0
 
