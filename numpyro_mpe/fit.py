@@ -225,7 +225,7 @@ class Fit:
 
     def pass_options(self, var_name: str, *, quadrature_tol: float | None = None,
                      keep_shift: bool | None = None, first_order: bool = False,
-                     expect_q: bool = False) -> PassOptions:
+                     expect_q: bool = False, predictive=None) -> PassOptions:
         """The :class:`~numpyro_mpe.engine.site.PassOptions` of ``var_name``'s pass."""
         site = self.adapter.observed[var_name]
         k, num = 0, site.num_obs
@@ -236,24 +236,30 @@ class Fit:
             quadrature_tol = 0.0  # held memories: the full rule on every row
         return PassOptions.make(k, num, self.adapter.num_params, self.adapter.structure.dtype,
                                 num_samples=self.options.num_samples, tol=quadrature_tol,
-                                keep_shift=keep_shift, first_order=first_order, expect_q=expect_q)
+                                keep_shift=keep_shift, first_order=first_order, expect_q=expect_q,
+                                predictive=predictive)
 
     def site_mpe(self, var_name: str | None = None, *, quadrature_tol: float | None = None,
                  keep_shift: bool | None = None, first_order: bool = False,
-                 expect_q: bool = False) -> SiteMPE:
+                 expect_q: bool = False, predictive=None) -> SiteMPE:
         """All MPE outputs of ``var_name`` as arrays over the flattened observations.
 
         With the defaults the result is cached.  ``quadrature_tol``: accepted difference of a cheaper
         quadrature tier from the full rule (0: the full rule everywhere; default 0 up to 4096 observations,
         else 1e-11 in float64); ``keep_shift``: return the N×P shifts (default while N·P ≤ 10⁷);
         ``first_order``, ``expect_q``: the training checkpoints' options (see
-        :class:`~numpyro_mpe.engine.site.PassOptions`).
+        :class:`~numpyro_mpe.engine.site.PassOptions`); ``predictive``: a
+        :class:`~numpyro_mpe.engine.predictive.PredictiveSpec`, the LOO predictive functionals in ``extra``
+        (a pass without the shifts, cached by the spec).
         """
         site = self.adapter.observed_site(var_name)
+        if predictive is not None:
+            keep_shift = False
         opts = dict(quadrature_tol=quadrature_tol, keep_shift=keep_shift, first_order=first_order,
-                    expect_q=expect_q)
-        default = quadrature_tol is None and keep_shift is None and not first_order and not expect_q
-        key = ("mpe", site.name)
+                    expect_q=expect_q, predictive=predictive)
+        default = (quadrature_tol is None and (keep_shift is None or predictive is not None)
+                   and not first_order and not expect_q)
+        key = ("mpe", site.name) + (() if predictive is None else (predictive,))
         if default and key in self._cache:
             return self._cache[key]
         group = self.site_group(site.name) if self.uses_predictor(site.name) else (site.name,)
@@ -261,7 +267,7 @@ class Fit:
             res = self._site_mpe(site.name, self.pass_options(site.name, **opts))
         parts = dict(zip(group, _split_rows(res, [self.adapter.observed[n].num_obs for n in group])))
         if default:
-            self._cache.update({("mpe", n): r for n, r in parts.items()})
+            self._cache.update({("mpe", n) + key[2:]: r for n, r in parts.items()})
         return parts[site.name]
 
     def _site_mpe(self, name: str, opts: PassOptions) -> SiteMPE:
@@ -350,6 +356,47 @@ class Fit:
 
         return importance_loo(self, indices, num_samples=num_samples, rng_key=rng_key, var_name=var_name,
                               **options)
+
+    def loo_pit(self, var_name: str | None = None, *, rng_key=None, prob: float = 0.95, groups=None):
+        """LOO-PIT values from the MPE cavities, with calibration tests in ``attrs``; see
+        :func:`numpyro_mpe.loo.predictive.loo_pit`."""
+        from numpyro_mpe.loo.predictive import loo_pit
+
+        return loo_pit(self, var_name, rng_key=rng_key, prob=prob, groups=groups)
+
+    def loo_expectations(self, var_name: str | None = None, kind: str = "mean", probs=None, *, groups=None):
+        """LOO predictive mean, var, sd, median or quantiles and the leverage (as arviz-stats' k̂); see
+        :func:`numpyro_mpe.loo.predictive.loo_expectations`."""
+        from numpyro_mpe.loo.predictive import loo_expectations
+
+        return loo_expectations(self, var_name, kind, probs, groups=groups)
+
+    def loo_predictive_interval(self, var_name: str | None = None, prob: float = 0.9, *, groups=None):
+        """Central LOO predictive intervals; see
+        :func:`numpyro_mpe.loo.predictive.loo_predictive_interval`."""
+        from numpyro_mpe.loo.predictive import loo_predictive_interval
+
+        return loo_predictive_interval(self, var_name, prob, groups=groups)
+
+    def loo_score(self, var_name: str | None = None, kind: str = "crps", pointwise: bool = False,
+                  round_to=None, *, groups=None):
+        """LOO CRPS or SCRPS (maximization scores); see :func:`numpyro_mpe.loo.predictive.loo_score`."""
+        from numpyro_mpe.loo.predictive import loo_score
+
+        return loo_score(self, var_name, kind, pointwise, round_to, groups=groups)
+
+    def loo_r2(self, var_name: str | None = None, **options):
+        """LOO-adjusted R²; see :func:`numpyro_mpe.loo.predictive.loo_r2` for the ``options``."""
+        from numpyro_mpe.loo.predictive import loo_r2
+
+        return loo_r2(self, var_name, **options)
+
+    def loo_metrics(self, kind: str = "rmse", var_name: str | None = None, round_to=None, *, groups=None):
+        """LOO predictive metrics (mae, mse, rmse, acc, acc_balanced); see
+        :func:`numpyro_mpe.loo.predictive.loo_metrics`."""
+        from numpyro_mpe.loo.predictive import loo_metrics
+
+        return loo_metrics(self, kind, var_name, round_to, groups=groups)
 
     def parameter_shift(self, var_names=None, var_name: str | None = None,
                         chunk_size: int | None = None) -> xr.Dataset:

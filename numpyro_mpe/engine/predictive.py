@@ -105,38 +105,67 @@ def predictive_spec(predictor, site_name: str, functionals, probs=(), *, eta, au
     if predictor.reinterpreted or predictor.base_event:
         raise MPEError(f"site '{site_name}': LOO predictive checks need scalar observations; its {cls} "
                        f"observations have event shape {predictor.reinterpreted + predictor.base_event}")
-    d = predictor.distribution(jnp.asarray(eta), aux)
-    sup = d.support
-    discrete = bool(sup.is_discrete)
-    lower = float(np.min(getattr(sup, "lower_bound", -np.inf)))
-    upper = float(np.max(getattr(sup, "upper_bound", np.inf)))
+    info = _probe(predictor, eta, aux, value)
+    lower, upper, e_lower, e_upper = (float(v) for v in _support_bounds(predictor, eta, aux,
+                                                                         info["enumerate"]))
     support = ()
-    try:
-        d.cdf(jnp.asarray(value, dtype=jnp.result_type(float)))
-    except NotImplementedError:
-        if discrete:
-            try:  # a finite support: its bounds, or its values where the constraint has none (Bernoulli)
-                if not (np.isfinite(lower) and np.isfinite(upper)):
-                    vals = np.asarray(d.enumerate_support(expand=False))
-                    lower, upper = float(vals.min()), float(vals.max())
-                support = (int(lower), int(upper - lower) + 1)
-            except NotImplementedError:
-                pass
+    if not info["cdf"]:
+        if info["discrete"] and (np.isfinite(lower) and np.isfinite(upper) or info["enumerate"]):
+            if not (np.isfinite(lower) and np.isfinite(upper)):  # the values of a support without bounds
+                lower, upper = e_lower, e_upper
+            support = (int(lower), int(upper - lower) + 1)
         if not support and set(functionals) & {"pit", "quantiles", "crps"}:
             raise MPEError(
                 f"site '{site_name}': its distribution {cls} has no CDF (numpyro's {cls}.cdf is not "
                 "implemented and its support is not a finite set of integers), which the LOO-PIT, quantiles "
-                "and CRPS need; loo_expectations(kind='mean'|'var'|'sd') works without one") from None
-    if "moments" in functionals and not support:
-        try:
-            d.mean, d.variance  # noqa: B018 - raise here, not inside the pass
-        except NotImplementedError:
-            raise MPEError(f"site '{site_name}': numpyro's {cls} has no mean or variance, which the LOO "
-                           "expectations need") from None
+                "and CRPS need; loo_expectations(kind='mean'|'var'|'sd') works without one")
+    if "moments" in functionals and not support and not info["moments"]:
+        raise MPEError(f"site '{site_name}': numpyro's {cls} has no mean or variance, which the LOO "
+                       "expectations need")
+    discrete = info["discrete"]
     import numpyro.distributions as dist
 
     return PredictiveSpec(functionals, probs, discrete, type(predictor.template) is dist.Normal, support,
                           (lower, upper), int(grid))
+
+
+def _implemented(fn) -> bool:
+    try:
+        fn()
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _probe(predictor, eta, aux, value) -> dict:
+    """What the site's distribution implements, found by tracing it abstractly (nothing is compiled):
+    ``discrete`` support, ``cdf``, ``moments`` (mean and variance), ``enumerate`` (enumerable support)."""
+    info = {}
+
+    def probe(eta, aux, value):
+        d = predictor.distribution(eta, aux)
+        info["discrete"] = bool(d.support.is_discrete)
+        info["cdf"] = _implemented(lambda: d.cdf(value.astype(eta.dtype)))
+        info["moments"] = _implemented(lambda: (d.mean, d.variance))
+        info["enumerate"] = _implemented(lambda: d.enumerate_support(expand=False))
+        return eta
+
+    jax.eval_shape(probe, eta, aux, value)
+    return info
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _support_bounds(predictor, eta, aux, enumerate_support: bool):
+    """The support's smallest lower and largest upper bound over the rows (±inf where it has none), and the
+    smallest and largest value of an enumerable support (±inf where it is not)."""
+    d = predictor.distribution(eta, aux)
+    sup, dtype = d.support, eta.dtype
+    lo = jnp.min(jnp.asarray(getattr(sup, "lower_bound", -jnp.inf), dtype))
+    hi = jnp.max(jnp.asarray(getattr(sup, "upper_bound", jnp.inf), dtype))
+    if not enumerate_support:
+        return lo, hi, jnp.asarray(-jnp.inf, dtype), jnp.asarray(jnp.inf, dtype)
+    vals = jnp.asarray(d.enumerate_support(expand=False), dtype)
+    return lo, hi, jnp.min(vals), jnp.max(vals)
 
 
 # ------------------------------------------------------------------ the mixture of one observation
