@@ -105,6 +105,7 @@ from numpyro_mpe.io.cli_arguments import CLIError
         self.k_fit, self.k_nuts, self.k_psis, self.k_export, self.k_summary = keys
         self.site = None
         self.mcmc_idata = None
+        self.checks = None
 
     def observed_site(self, var_name: str | None):
         """The observed site to analyse, checked before any fit.
@@ -147,10 +148,12 @@ from numpyro_mpe.io.cli_arguments import CLIError
         Returns
         -------
         Analysis
-            ``self``, with ``fit``, ``site``, ``ds`` (the sensitivities), ``mcmc_idata`` (NUTS, or ``None``)
-            and ``table`` (:func:`numpyro_mpe.compare_psis` output).
+            ``self``, with ``fit``, ``site``, ``ds`` (the sensitivities), ``checks`` (the LOO predictive
+            checks, :class:`~numpyro_mpe.io.predictive_report.PredictiveChecks`), ``mcmc_idata`` (NUTS, or
+            ``None``) and ``table`` (:func:`numpyro_mpe.compare_psis` output).
         """
         from numpyro_mpe.inference import Laplace
+        from numpyro_mpe.io.predictive_report import PredictiveChecks
         from numpyro_mpe.loo.compare import compare_psis
 
         name = (self.site or self.observed_site(None)).name
@@ -161,6 +164,7 @@ from numpyro_mpe.io.cli_arguments import CLIError
         self.site = self.fit.adapter.observed[name]
         with steps("MPE sensitivities"):
             self.ds = self.fit.sensitivities(self.site.name)
+            self.checks = PredictiveChecks.compute(self.fit, self.site.name)
         if self.nuts:
             self._run_nuts()
         suffix = "" if self.nuts else " (draws from the Laplace q)"
@@ -205,11 +209,12 @@ from numpyro_mpe.io.cli_arguments import CLIError
 
         return write_report(self.fit, path, idata=self.mcmc_idata, var_name=self.site.name, title=title,
                             top=max(10, self.args.top), comparison=self.table, labels=labels, meta=meta,
-                            rng_key=self.k_summary)
+                            rng_key=self.k_summary,
+                            predictive=self.checks if getattr(self.args, "loo_checks", False) else False)
 
     def write_folder(self, out: Path, labels=None, title: str | None = None,
                      meta: dict | None = None) -> list[Path]:
-        """Write the report folder: inference_data.nc, nuts.nc, comparison.csv, three PNGs, report.html.
+        """Write the report folder: inference_data.nc, nuts.nc, comparison.csv, five PNGs, report.html.
 
         Parameters
         ----------
@@ -221,7 +226,8 @@ from numpyro_mpe.io.cli_arguments import CLIError
         Returns
         -------
         list of pathlib.Path
-            The files written, in that order (no nuts.nc without NUTS).
+            The files written, in that order (no nuts.nc without NUTS; loo_pit.png and loo_intervals.png,
+            the LOO predictive checks, where the site has them).
         """
         from numpyro_mpe.io.plots import plot_elpd_comparison, plot_leverage_vs_k, plot_sensitivity
 
@@ -244,6 +250,9 @@ from numpyro_mpe.io.cli_arguments import CLIError
         paths.append(_save(plot_sensitivity(self.table)[0].figure, out / "sensitivity.png"))
         paths.append(_save(plot_elpd_comparison(self.table).figure, out / "elpd_mpe_vs_psis.png"))
         paths.append(_save(plot_leverage_vs_k(self.table).figure, out / "leverage_vs_k.png"))
+        if self.checks is not None and self.checks.error is None:
+            figs = self.checks.figures(self.site.flat_value)
+            paths += [_save(fig, out / name) for fig, name in zip(figs, ("loo_pit.png", "loo_intervals.png"))]
         paths.append(self.write_html(out / "report.html", labels=labels, title=title, meta=meta))
         return paths
 
@@ -261,8 +270,9 @@ from numpyro_mpe.io.cli_arguments import CLIError
         """
         from numpyro_mpe.io.text_summary import summary_text
 
-        return summary_text(self.fit, self.site, self.table, self.mcmc_idata, self.args.top, self.k_summary,
+        text = summary_text(self.fit, self.site, self.table, self.mcmc_idata, self.args.top, self.k_summary,
                             labels)
+        return text if self.checks is None else f"{text}\n\n{self.checks.line()}"
 
 
 __all__ = ["Analysis", "Steps"]

@@ -98,8 +98,8 @@ _DEMO_DESCRIPTION = """\
 Fit Brownlee's stack loss data (21 observations, bundled) with a Gaussian linear regression
 (numpyro_mpe.io.datasets.stackloss_model): a Laplace approximation gives the MPE leave-one-out
 sensitivities, leverages and elpd_loo in closed form; NUTS gives the reference PSIS-LOO (arviz.loo).
-Prints the fit, the most influential observations and the elpd_loo totals, and writes inference_data.nc,
-nuts.nc, comparison.csv and three figures to --out."""
+Prints the fit, the most influential observations, the elpd_loo totals and the LOO predictive checks, and
+writes inference_data.nc, nuts.nc, comparison.csv and five figures to --out."""
 
 _DEMO_EXAMPLES = """\
 demo                          full run (about a minute)
@@ -179,6 +179,10 @@ def _add_model_options(p, *, out_help: str, out_default: str, top_default: int, 
     p.add_argument("--top", metavar="N", type=_non_negative_int, default=top_default,
                    help="number of most influential observations (by MPE sensitivity) printed; report.html "
                         "lists at least 10 (default: %(default)s)")
+    p.add_argument("--loo-checks", action="store_true",
+                   help="add the LOO predictive checks (LOO-PIT calibration, LOO intervals, LOO-R2) to "
+                        "report.html; their summary line is always printed and, for a folder, their two "
+                        "figures always written")
     _add_quiet(p)
 
 

@@ -24,16 +24,21 @@ Groups of the export
     For every observed site ``s`` and every output ``o`` of ``fit.sensitivities(s)`` one variable
     ``f"{s}_{o}"`` (``y_elpd_loo``, ``y_leverage``, ``y_valid``, ``y_prediction_shift``, ...) over the
     observation dims; the predictor axis of site ``s`` is the dim ``f"{s}_predictor"``.  Each variable's
-    attrs carry ``var_name`` and ``elpd_integration`` of its site.
+    attrs carry ``var_name`` and ``elpd_integration`` of its site.  Where the site has them, the LOO
+    predictive checks (:mod:`numpyro_mpe.loo.predictive`) ``f"{s}_loo_pit"`` (with the calibration tests in
+    its attrs), ``f"{s}_loo_mean"`` and ``f"{s}_loo_sd"``, attrs ``kind="loo_predictive"``
+    (:func:`read_loo_predictive`).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
 import xarray as xr
 
+from numpyro_mpe.errors import MPEError
 from numpyro_mpe.loo.arviz_compat import (
     MPE_GROUP,
     container,
@@ -68,10 +73,40 @@ def _mpegroup(fit: Fit) -> xr.Dataset:
             da.attrs.update(var_name=name, elpd_integration=str(ds.attrs.get("elpd_integration", "")))
             data[f"{name}_{var}"] = da
         coords.update({k: v.values for k, v in ds.coords.items()})
+        data.update(_predictive_group(fit, name))
     out = xr.Dataset(data, coords=coords)
     return set_attrs(out, fit, (), observed_sites=list(fit.adapter.observed),
                       num_params=int(fit.adapter.num_params),
-                      variables="f'{site}_{output}' for every observed site and output of fit.sensitivities")
+                      variables="f'{site}_{output}' for every observed site and output of fit.sensitivities; "
+                               "f'{site}_loo_pit', '_loo_mean', '_loo_sd' (attrs kind='loo_predictive') "
+                               "where the site has LOO predictive checks")
+
+
+#: Marks the LOO predictive checks in the ``mpe`` group (``attrs["kind"]``).
+LOO_PREDICTIVE = "loo_predictive"
+
+
+def _predictive_group(fit: Fit, name: str) -> dict:
+    """``f"{name}_loo_pit"``, ``_loo_mean`` and ``_loo_sd``, or nothing where the site has no LOO predictive
+    checks (no predictor, vector observations, no CDF)."""
+    from numpyro_mpe.loo.predictive import loo_expectations, loo_pit
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # invalid cavities are reported by the site's other outputs
+            pit = loo_pit(fit, name)
+            values = {"pit": pit[name], "mean": loo_expectations(fit, name)[0],
+                      "sd": loo_expectations(fit, name, "sd")[0]}
+    except MPEError:
+        return {}
+    tests = {k: (int(v) if isinstance(v, bool) else v) for k, v in pit.attrs.items()
+             if isinstance(v, bool | int | float | str)}
+    out = {}
+    for key, da in values.items():
+        da = da.copy()
+        da.attrs = {"var_name": name, "kind": LOO_PREDICTIVE, **(tests if key == "pit" else {})}
+        out[f"{name}_loo_{key}"] = da.rename(f"{name}_loo_{key}")
+    return out
 
 
 def to_inference_data(fit: Fit, num_samples: int = 1000, rng_key=None):
@@ -165,7 +200,8 @@ def read_sensitivities(data, var_name: str | None = None) -> xr.Dataset:
         var_name = sites[0]
     prefix = f"{var_name}_"
     names = {v: v[len(prefix):] for v in grp.data_vars
-             if v.startswith(prefix) and grp[v].attrs.get("var_name") == var_name}
+             if v.startswith(prefix) and grp[v].attrs.get("var_name") == var_name
+             and grp[v].attrs.get("kind") != LOO_PREDICTIVE}
     if not names:
         raise ValueError(f"no MPE outputs of '{var_name}' in the export; observed sites: {sites}")
     ds = grp[list(names)].rename(names)
@@ -175,3 +211,35 @@ def read_sensitivities(data, var_name: str | None = None) -> xr.Dataset:
     ds.attrs = {"var_name": var_name}
     return ds
 
+
+
+def read_loo_predictive(data, var_name: str) -> xr.Dataset:
+    """The LOO predictive checks of one observed site from an export of :func:`to_inference_data`.
+
+    Parameters
+    ----------
+    data : arviz.InferenceData or xarray.DataTree
+        The export (possibly read back from netCDF).
+    var_name : str
+        Observed site.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``loo_pit`` (its attrs: the calibration tests), ``loo_mean`` and ``loo_sd`` over the observation dims;
+        empty where the site has none.
+
+    Examples
+    --------
+    >>> from numpyro_mpe.io.export import read_loo_predictive
+    >>> ds = read_loo_predictive(az.from_netcdf("fit.nc"), "y")  # doctest: +SKIP
+    """
+    grp = group(data, MPE_GROUP)
+    prefix = f"{var_name}_"
+    names = {v: v[len(prefix):] for v in grp.data_vars
+             if v.startswith(prefix) and grp[v].attrs.get("kind") == LOO_PREDICTIVE
+             and grp[v].attrs.get("var_name") == var_name}
+    ds = grp[list(names)].rename(names)
+    ds = ds.drop_vars([c for c in ds.coords if c not in ds.dims], errors="ignore")
+    ds.attrs = {"var_name": var_name}
+    return ds

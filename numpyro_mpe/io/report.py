@@ -11,6 +11,8 @@ is no script.  Sections:
   both pointwise ``elpd_loo``; values above the 0.7 threshold are highlighted;
 * **figures** — sensitivity and leverage by observation, MPE vs PSIS pointwise ``elpd_loo``, leverage vs k̂;
   optionally leave-group-out by group and training curves;
+* **LOO predictive checks** (``predictive=True``) — LOO-PIT calibration and LOO intervals
+  (:mod:`numpyro_mpe.io.predictive_report`);
 * **MPE vs PSIS-LOO** — totals, their difference and the correlations of :func:`numpyro_mpe.compare_psis`;
 * **model** — the latent sites' posterior mean and sd under q (and under the reference posterior, when one
   is given), and the optimizer's diagnostics;
@@ -146,7 +148,8 @@ def _head(r: _Report) -> list[str]:
             f"<title>{html.escape(r.title)}</title><style>{CSS}</style></head><body><main>"]
 
 
-def _header(r: _Report, meta: Mapping[str, str] | None, groups: bool, training: bool) -> list[str]:
+def _header(r: _Report, meta: Mapping[str, str] | None, groups: bool, training: bool,
+            predictive: bool = False) -> list[str]:
     """Title, what was fitted, ``meta`` and the links to the sections."""
     created = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     method = html.escape(_METHOD_NAMES.get(r.fit.method, r.fit.method))
@@ -160,7 +163,8 @@ def _header(r: _Report, meta: Mapping[str, str] | None, groups: bool, training: 
                            for k, v in meta.items())
         parts.append(f'<p class="meta">{items}</p>')
     parts.append('<nav><a href="#influential">Influential observations</a><a href="#figures">Figures</a>'
-                 '<a href="#comparison">MPE vs PSIS</a><a href="#model">Model</a>'
+                 + ('<a href="#predictive">Predictive checks</a>' if predictive else "")
+                 + '<a href="#comparison">MPE vs PSIS</a><a href="#model">Model</a>'
                  + ('<a href="#groups">Groups</a>' if groups else "")
                  + ('<a href="#training">Training</a>' if training else "")
                  + '<a href="#how">How to read this</a><a href="#all">All observations</a></nav></header>')
@@ -374,14 +378,16 @@ def _footer() -> list[str]:
 def render_report(fit: Fit, *, idata=None, var_name: str | None = None, title: str | None = None,
                   top: int = 10, comparison: pd.DataFrame | None = None, labels: Sequence | None = None,
                   groups: Any = None, history: Any = None, meta: Mapping[str, str] | None = None,
-                  num_samples: int = 2000, rng_key=None, threshold: float = K_THRESHOLD) -> str:
+                  num_samples: int = 2000, rng_key=None, threshold: float = K_THRESHOLD,
+                  predictive: Any = False) -> str:
     """The HTML text of :func:`write_report`, without writing it.
 
     Parameters
     ----------
     fit : Fit
         A fitted model.
-    idata, var_name, title, top, comparison, labels, groups, history, meta, num_samples, rng_key, threshold
+    idata, var_name, title, top, comparison, labels, groups, history, meta, num_samples, rng_key, threshold,
+    predictive
         As for :func:`write_report`.
 
     Returns
@@ -397,8 +403,15 @@ def render_report(fit: Fit, *, idata=None, var_name: str | None = None, title: s
     True
     """
     r = _prepare(fit, idata, var_name, title, comparison, labels, num_samples, rng_key, threshold)
-    sections = [_head(r), _header(r, meta, groups is not None, history is not None), _totals(r),
-                _influential(r, top), _figures(r), _comparison(r), _model(r)]
+    sections = [_head(r), _header(r, meta, groups is not None, history is not None, bool(predictive)),
+                _totals(r), _influential(r, top), _figures(r)]
+    if predictive is not False:
+        from numpyro_mpe.io.predictive_report import PredictiveChecks
+
+        checks = predictive if isinstance(predictive, PredictiveChecks) else PredictiveChecks.compute(
+            fit, r.site.name, rng_key=rng_key)
+        sections.append(checks.section(np.asarray(r.site.flat_value)))
+    sections += [_comparison(r), _model(r)]
     if groups is not None:
         sections.append(_groups(r, groups))
     if history is not None:
@@ -411,7 +424,7 @@ def write_report(fit: Fit, path: str | Path, *, idata=None, var_name: str | None
                  title: str | None = None, top: int = 10, comparison: pd.DataFrame | None = None,
                  labels: Sequence | None = None, groups: Any = None, history: Any = None,
                  meta: Mapping[str, str] | None = None, num_samples: int = 2000, rng_key=None,
-                 threshold: float = K_THRESHOLD) -> Path:
+                 threshold: float = K_THRESHOLD, predictive: Any = False) -> Path:
     """Write a self-contained HTML report of a fit's MPE sensitivities and its comparison with PSIS-LOO.
 
     One file, no external resources (figures are base64 PNG ``data:`` URIs, the style sheet is inline, no
@@ -453,6 +466,9 @@ def write_report(fit: Fit, path: str | Path, *, idata=None, var_name: str | None
         Key for the draws from q; ``PRNGKey(0)`` when omitted.
     threshold : float, default 0.7
         Leverage and k̂ flag.
+    predictive : bool or PredictiveChecks, default False
+        Adds the LOO predictive checks section (LOO-PIT calibration, LOO intervals, LOO-R²; computed, or
+        the :class:`~numpyro_mpe.io.predictive_report.PredictiveChecks` given).
 
     Returns
     -------
@@ -473,7 +489,7 @@ def write_report(fit: Fit, path: str | Path, *, idata=None, var_name: str | None
     """
     text = render_report(fit, idata=idata, var_name=var_name, title=title, top=top, comparison=comparison,
                          labels=labels, groups=groups, history=history, meta=meta, num_samples=num_samples,
-                         rng_key=rng_key, threshold=threshold)
+                         rng_key=rng_key, threshold=threshold, predictive=predictive)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
