@@ -347,7 +347,8 @@ class NGVI:
         g_bar = np.asarray(state.momentum) / (1.0 - self.beta1**t)
         # E_q[∇U] ≈ λ ḡ; the natural-gradient step it asks for, S⁻¹E_q[∇U], in posterior sd: √(λ ḡᵀ h⁻¹ ḡ)
         h = np.asarray(state.hess)
-        quad = g_bar @ (g_bar / h if h.ndim == 1 else np.linalg.solve(h, g_bar))
+        with np.errstate(over="ignore", invalid="ignore"):  # a diverged state gives inf/NaN: not converged
+            quad = g_bar @ (g_bar / h if h.ndim == 1 else np.linalg.solve(h, g_bar))
         mean_step = float(np.sqrt(max(config.ess * float(quad), 0.0)))
         converged = div < 0 and np.isfinite(mean_step) and mean_step <= MAX_STEP
         return {"method": "ngvi", "precision": self.precision, "num_steps": self.num_steps,
