@@ -15,6 +15,7 @@ import numpyro
 import numpyro.distributions as dist
 import pytest
 import xarray as xr
+from linear_gaussian import linear_gaussian_model, simulate
 from numpyro.infer import MCMC, NUTS
 
 import numpyro_mpe as mpe
@@ -30,17 +31,13 @@ S = 400  # draws exported from q in most tests
 
 
 # ------------------------------------------------------------------ models and fits
+SIGMA, TAU = 0.7, 2.0
+linear = linear_gaussian_model(SIGMA, TAU)
+
+
 def linear_data(seed=0, n=30):
-    rng = np.random.default_rng(seed)
-    X = rng.normal(size=(n, 3))
-    y = X @ np.array([1.0, -2.0, 0.5]) + 0.7 * rng.normal(size=n)
+    X, y, _ = simulate(seed, n, [1.0, -2.0, 0.5], SIGMA)
     return X, y
-
-
-def linear(X, y=None):
-    b = numpyro.sample("b", dist.Normal(0, 2.0).expand([3]).to_event(1))
-    with numpyro.plate("data", X.shape[0]):
-        numpyro.sample("y", dist.Normal(X @ b, 0.7), obs=y)
 
 
 G, M, R = 4, 6, 5
@@ -118,6 +115,7 @@ def test_container_type_and_groups(mult):
     assert post.attrs["inference_library"] == "numpyro"
 
 
+@pytest.mark.slow  # NUTS
 def test_dims_named_as_from_numpyro(mult):
     """Every variable of posterior / log_likelihood / observed_data has the dims az.from_numpyro gives."""
     Y, Z, _, _, idata = mult
@@ -230,6 +228,7 @@ def test_loo_totals_are_sums_of_sensitivities(lin):
     str(res)  # arviz's own printout works
 
 
+@pytest.mark.slow  # NUTS (lin_nuts)
 def test_az_compare_accepts_mpe_beside_psis(lin, lin_nuts):
     *_, fit = lin
     with warnings.catch_warnings():

@@ -15,6 +15,7 @@ import numpyro
 import numpyro.distributions as dist
 import pytest
 import xarray as xr
+from linear_gaussian import linear_gaussian_model
 from numpyro.infer import MCMC, NUTS
 from scipy import stats
 
@@ -43,10 +44,8 @@ def stackloss():
     return X, y, fit, fit.to_inference_data(num_samples=S, rng_key=jax.random.PRNGKey(3))
 
 
-def linear(X, y=None):
-    b = numpyro.sample("b", dist.Normal(0, 2.0).expand([X.shape[1]]).to_event(1))
-    with numpyro.plate("data", X.shape[0]):
-        numpyro.sample("y", dist.Normal(X @ b, 0.7), obs=y)
+SIGMA, TAU = 0.7, 2.0
+linear = linear_gaussian_model(SIGMA, TAU)
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +130,7 @@ def test_loo_approximate_posterior_on_exact_q(lin):
     np.testing.assert_allclose(corrected.elpd_i.values, closed.elpd_i.values, atol=0.05)
 
 
+@pytest.mark.slow  # NUTS
 def test_loo_approximate_posterior_agrees_with_nuts_on_logistic_regression():
     """Logistic regression on scikit-learn's breast-cancer data (569 tumours, 5 standardized features).
 

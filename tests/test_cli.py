@@ -30,6 +30,7 @@ def demo(tmp_path_factory):
     return rc, stdout, out
 
 
+@pytest.mark.slow  # NUTS (the demo fixture)
 def test_demo_writes_the_report(demo):
     rc, stdout, out = demo
     assert rc == 0
@@ -41,6 +42,7 @@ def test_demo_writes_the_report(demo):
         assert data[:8] == PNG_MAGIC and len(data) > 10_000, name
 
 
+@pytest.mark.slow  # NUTS (the demo fixture)
 def test_demo_netcdf_has_the_mpe_group(demo):
     _, _, out = demo
     path = out / "inference_data.nc"
@@ -57,6 +59,7 @@ def test_demo_netcdf_has_the_mpe_group(demo):
         assert ll["y"].shape == (1, 300, 21)
 
 
+@pytest.mark.slow  # NUTS (the demo fixture)
 def test_demo_finds_observation_21(demo):
     # observation 21 (index 20) is the classic influential point of the stack loss data
     _, stdout, out = demo
@@ -69,6 +72,7 @@ def test_demo_finds_observation_21(demo):
     assert np.isfinite(table["elpd_loo_psis"]).all() and table["valid"].all()
 
 
+@pytest.mark.slow  # NUTS (the demo fixture)
 def test_demo_prints_the_summary(demo):
     _, stdout, _ = demo
     for text in ["[1/5] Laplace fit", "[3/5] NUTS", "done in", "Laplace mean", "NUTS mean", "sigma",

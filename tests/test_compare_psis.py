@@ -54,6 +54,7 @@ def problem():
     return fit, idata, mpe.compare_psis(fit, idata)
 
 
+@pytest.mark.slow  # NUTS (the problem fixture)
 def test_columns_are_the_pointwise_values(problem):
     fit, idata, df = problem
     assert len(df) == N and list(df.columns[:1]) == ["data"]
@@ -73,6 +74,7 @@ def test_columns_are_the_pointwise_values(problem):
     np.testing.assert_allclose(df["p_loo_psis"].sum(), p_total, rtol=1e-8)
 
 
+@pytest.mark.slow  # NUTS
 def test_mpe_tracks_psis_on_nuts(problem):
     _, _, df = problem
     good = df["pareto_k"].values < 0.7
@@ -84,6 +86,7 @@ def test_mpe_tracks_psis_on_nuts(problem):
     assert abs(s["elpd_diff"]) < 1.0 + 2 * s["se_elpd_diff"]
 
 
+@pytest.mark.slow  # NUTS (the problem fixture)
 def test_summary(problem):
     _, idata, df = problem
     s = df.attrs["summary"]
@@ -111,6 +114,7 @@ def test_summary(problem):
     assert "user-supplied" in text
 
 
+@pytest.mark.slow  # NUTS (the problem fixture)
 def test_without_idata_psis_runs_on_draws_from_q(problem):
     fit, _, ref = problem
     df = mpe.compare_psis(fit, num_samples=1000, rng_key=jax.random.PRNGKey(5))

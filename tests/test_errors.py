@@ -6,16 +6,14 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
+from linear_gaussian import linear_gaussian_model
 
 import numpyro_mpe as mpe
 
 KEY = jax.random.PRNGKey(0)
 
 
-def linreg(X, y=None):
-    b = numpyro.sample("b", dist.Normal(0, 1).expand([X.shape[1]]).to_event(1))
-    with numpyro.plate("data", X.shape[0]):
-        numpyro.sample("y", dist.Normal(X @ b, 1.0), obs=y)
+linreg = linear_gaussian_model(1.0, 1.0)
 
 
 @pytest.fixture

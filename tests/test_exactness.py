@@ -15,6 +15,7 @@ import numpyro
 import numpyro.distributions as dist
 import pytest
 import statsmodels.api as sm
+from linear_gaussian import closed_form, linear_gaussian_model, simulate
 from numpyro.infer.util import potential_energy
 from scipy.stats import norm, spearmanr
 from statsmodels.stats.outliers_influence import OLSInfluence
@@ -51,40 +52,14 @@ def agreement(name, ds, ex):
 
 # ===================================================================== (a) linear-Gaussian closed forms
 SIGMA, TAU = 0.8, 1.5
-
-
-def linear_model(X, y=None):
-    b = numpyro.sample("b", dist.Normal(0, TAU).expand([X.shape[1]]).to_event(1))
-    with numpyro.plate("data", X.shape[0]):
-        numpyro.sample("y", dist.Normal(X @ b, SIGMA), obs=y)
+linear_model = linear_gaussian_model(SIGMA, TAU)
 
 
 @pytest.fixture(scope="module")
 def linear():
-    rng = np.random.default_rng(42)
-    n, p = 40, 4
-    X = rng.normal(size=(n, p))
-    X[0] *= 4.0  # one high-leverage row
-    y = X @ np.array([1.0, -2.0, 0.5, 0.0]) + SIGMA * rng.standard_t(3, size=n)
+    X, y, _ = simulate(42, 40, [1.0, -2.0, 0.5, 0.0], SIGMA, scale_first=4.0, df=3)  # row 0: high leverage
     fit = laplace(linear_model, X, y=y)
-    # closed forms, numpy only
-    S = X.T @ X / SIGMA**2 + np.eye(p) / TAU**2
-    m = np.linalg.solve(S, X.T @ y / SIGMA**2)
-    truth = {"m": m, "S": S}
-    v = np.einsum("np,pq,nq->n", X, np.linalg.inv(S), X)
-    truth["lpd"] = norm.logpdf(y, X @ m, np.sqrt(SIGMA**2 + v))
-    truth["leverage"] = v / SIGMA**2
-    m_loo, elpd = [], []
-    for i in range(n):
-        s_i = S - np.outer(X[i], X[i]) / SIGMA**2
-        m_i = np.linalg.solve(s_i, X.T @ y / SIGMA**2 - X[i] * y[i] / SIGMA**2)
-        m_loo.append(m_i)
-        elpd.append(norm.logpdf(y[i], X[i] @ m_i, np.sqrt(SIGMA**2 + X[i] @ np.linalg.solve(s_i, X[i]))))
-    truth["m_loo"] = np.array(m_loo)
-    truth["elpd_loo"] = np.array(elpd)
-    d = truth["m_loo"] - m
-    truth["sensitivity"] = np.sqrt(np.einsum("np,pq,nq->n", d, S, d))
-    return fit, X, y, truth
+    return fit, X, y, closed_form(X, y, SIGMA, TAU)  # numpy only
 
 
 def test_linear_gaussian_closed_forms(linear):
@@ -101,6 +76,7 @@ def test_linear_gaussian_closed_forms(linear):
     assert bool(ds.valid.all())
 
 
+@pytest.mark.slow  # exact_loo
 def test_exact_loo_matches_closed_forms(linear):
     """The brute-force reference itself is right where the truth is known."""
     fit, X, y, t = linear
@@ -196,8 +172,7 @@ def nb2():
     X = standardize(sub[["lncoins", "idp", "lpi", "physlm", "disea"]].to_numpy(float))
     y = sub["mdvis"].to_numpy()
     assert y.var() > 3 * y.mean()  # overdispersed counts
-    fit = laplace(nb2_model, X, y=y)
-    return fit, X, mpe.exact_loo(fit, None, progress=False)
+    return laplace(nb2_model, X, y=y), X
 
 
 @pytest.fixture(scope="module")
@@ -206,13 +181,26 @@ def normal_scale():
     data = sm.datasets.statecrime.load_pandas().data
     X = standardize(data[["poverty", "single", "urban", "hs_grad"]].to_numpy(float))
     y = standardize(data["violent"].to_numpy(float))
-    fit = laplace(normal_scale_model, X, y=y)
+    return laplace(normal_scale_model, X, y=y), X
+
+
+@pytest.fixture(scope="module")
+def nb2_refits(nb2):
+    """The NB2 fit, its data and the brute-force refits without each observation."""
+    fit, X = nb2
+    return fit, X, mpe.exact_loo(fit, None, progress=False)
+
+
+@pytest.fixture(scope="module")
+def normal_scale_refits(normal_scale):
+    """The Normal (unknown scale) fit, its data and the brute-force refits without each observation."""
+    fit, X = normal_scale
     return fit, X, mpe.exact_loo(fit, None, progress=False)
 
 
 # ===================================================================== (c) group removal -> prior
 def test_group_removal_returns_prior_precision_closed_form(normal_scale):
-    fit, X, _ = normal_scale
+    fit, X = normal_scale
     S = np.asarray(fit.posterior.precision)
     residual = S - np.asarray(fit.memories().hess).sum(0)
     # R(θ) = a²/(2·2.5²) + |b|²/2 + e^{2u}/2 − u  (u = log σ, HalfNormal(1) prior, log-Jacobian u)
@@ -227,7 +215,7 @@ def test_group_removal_returns_prior_precision_closed_form(normal_scale):
 
 
 def test_group_removal_returns_prior_precision_prior_model(nb2):
-    fit, X, _ = nb2
+    fit, X = nb2
     S = np.asarray(fit.posterior.precision)
     residual = S - np.asarray(fit.memories().hess).sum(0)
     unravel = fit.adapter.unravel
@@ -242,9 +230,10 @@ def test_group_removal_returns_prior_precision_prior_model(nb2):
 
 
 # ===================================================================== (d) one Newton step
+@pytest.mark.slow  # exact_loo
 @pytest.mark.parametrize("which", ["nb2", "normal_scale"])
 def test_mpe_shift_is_one_newton_step(which, request):
-    fit, _, converged = request.getfixturevalue(which)
+    fit, _, converged = request.getfixturevalue(f"{which}_refits")
     one = mpe.exact_loo(fit, None, max_steps=1, num_samples=0, progress=False)
     assert one.steps.values.tolist() == [1] * one.sizes["obs"] and np.isnan(one.elpd_loo.values).all()
     shift = np.asarray(fit.site_mpe().shift)
@@ -257,9 +246,10 @@ def test_mpe_shift_is_one_newton_step(which, request):
 
 
 # ===================================================================== (e) MPE vs converged refits
+@pytest.mark.slow  # exact_loo
 @pytest.mark.parametrize("which", ["nb2", "normal_scale"])
 def test_mpe_agrees_with_exact_loo(which, request):
-    fit, _, ex = request.getfixturevalue(which)
+    fit, _, ex = request.getfixturevalue(f"{which}_refits")
     assert bool(ex.converged.all())
     ds = fit.sensitivities()
     assert ds.sensitivity.size >= 40
@@ -303,6 +293,7 @@ def expected_dims(Y, Z):
     return infer_dims(multi_model, (), {"Y": Y, "Z": Z})
 
 
+@pytest.mark.slow  # exact_loo
 @pytest.mark.parametrize("name", ["Y", "Z"])
 def test_two_sites_nested_plates_event_shape(name, multi):
     fit, Y, Z = multi
@@ -339,6 +330,7 @@ def mixture_log_lik(m, y):
     return np.logaddexp(np.log(0.5) + norm.logpdf(y, m, 1.0), np.log(0.5) + norm.logpdf(y, m + 1.0, 1.0))
 
 
+@pytest.mark.slow  # exact_loo
 def test_theta_space_monte_carlo_fallback():
     y = np.random.default_rng(5).normal(0.3, 1.3, size=30)
     fit = laplace(mixture_model, y=y)

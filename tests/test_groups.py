@@ -23,7 +23,8 @@ import numpyro
 import numpyro.distributions as dist
 import pandas as pd
 import pytest
-from scipy.stats import multivariate_normal, spearmanr
+from linear_gaussian import closed_form_group, linear_gaussian_model, log_evidence, simulate
+from scipy.stats import spearmanr
 
 import numpyro_mpe as mpe
 from numpyro_mpe.loo.arviz_compat import pointwise_elpd
@@ -57,43 +58,14 @@ def agreement(name, ds, ex):
 
 # ===================================================================== linear-Gaussian closed forms
 SIGMA, TAU = 0.6, 1.5
-
-
-def linear_model(X, y=None):
-    b = numpyro.sample("b", dist.Normal(0, TAU).expand([X.shape[1]]).to_event(1))
-    with numpyro.plate("data", X.shape[0]):
-        numpyro.sample("y", dist.Normal(X @ b, SIGMA), obs=y)
+linear_model = linear_gaussian_model(SIGMA, TAU)
 
 
 @pytest.fixture(scope="module")
 def linear():
-    rng = np.random.default_rng(7)
-    n, p = 24, 3
-    X = rng.normal(size=(n, p))
-    y = X @ np.array([0.8, -1.0, 0.4]) + SIGMA * rng.standard_t(5, size=n)
-    labels = np.array(["a", "b", "c", "d"])[rng.permutation(np.arange(n) % 4)]
+    X, y, rng = simulate(7, 24, [0.8, -1.0, 0.4], SIGMA, df=5)
+    labels = np.array(["a", "b", "c", "d"])[rng.permutation(np.arange(len(y)) % 4)]
     return laplace(linear_model, X, y=y), X, y, labels
-
-
-def closed_form_group(X, y, rows):
-    """m, S, shift m₋G − m, sensitivity, leverage, lpd and elpd_loo of removing ``rows`` (numpy only)."""
-    p = X.shape[1]
-    S = X.T @ X / SIGMA**2 + np.eye(p) / TAU**2
-    b = X.T @ y / SIGMA**2
-    m = np.linalg.solve(S, b)
-    xg, yg = X[rows], y[rows]
-    s_g = S - xg.T @ xg / SIGMA**2
-    m_g = np.linalg.solve(s_g, b - xg.T @ yg / SIGMA**2)
-    eye = np.eye(len(rows)) * SIGMA**2
-    chol = np.linalg.cholesky(S)
-    lev = np.linalg.eigvalsh(np.linalg.solve(chol, np.linalg.solve(chol, xg.T @ xg / SIGMA**2).T))[-1]
-    return {
-        "shift": m_g - m,
-        "sensitivity": np.sqrt((m_g - m) @ S @ (m_g - m)),
-        "leverage": lev,
-        "lpd": multivariate_normal.logpdf(yg, xg @ m, eye + xg @ np.linalg.solve(S, xg.T)),
-        "elpd_loo": multivariate_normal.logpdf(yg, xg @ m_g, eye + xg @ np.linalg.solve(s_g, xg.T)),
-    }
 
 
 def test_linear_gaussian_groups_closed_form(linear):
@@ -104,7 +76,7 @@ def test_linear_gaussian_groups_closed_form(linear):
     err = {"shift": 0.0, "sensitivity": 0.0, "leverage": 0.0}
     z_elpd, z_lpd = [], []
     for k, lab in enumerate(ds.group.values):
-        t = closed_form_group(X, y, np.flatnonzero(labels == lab))
+        t = closed_form_group(X, y, np.flatnonzero(labels == lab), SIGMA, TAU)
         err["shift"] = max(err["shift"], float(np.max(np.abs(ds["shift"].values[k] - t["shift"]))))
         err["sensitivity"] = max(err["sensitivity"], abs(float(ds.sensitivity[k]) - t["sensitivity"]))
         err["leverage"] = max(err["leverage"], abs(float(ds.leverage[k]) - t["leverage"]))
@@ -118,7 +90,13 @@ def test_linear_gaussian_groups_closed_form(linear):
     assert max(z_lpd) < 0.05
     np.testing.assert_allclose(ds.p_loo, ds.lpd - ds.elpd_loo)
     assert "importance sampling" in ds.attrs["elpd_integration"]
-    # the brute-force refits agree (a quadratic potential: exact in one Newton step)
+
+
+@pytest.mark.slow  # exact_group_loo
+def test_linear_gaussian_group_refits_agree(linear):
+    """The brute-force refits agree (a quadratic potential: exact in one Newton step)."""
+    fit, X, y, labels = linear
+    ds = fit.sensitivities(groups=labels)
     ex = mpe.exact_group_loo(fit, labels, progress=False, num_samples=2000)
     np.testing.assert_allclose(ex["shift"].values, ds["shift"].values, rtol=0, atol=1e-8)
     np.testing.assert_allclose(ex.leverage.values, ds.leverage.values, rtol=0, atol=1e-10)
@@ -137,10 +115,17 @@ def test_removing_every_group_returns_the_prior(linear):
     cav = np.asarray(fit.posterior.precision) - np.asarray(fit.memories().hess).sum(0)
     np.testing.assert_allclose(cav, np.eye(X.shape[1]) / TAU**2, rtol=0, atol=1e-10)
     # and the group's elpd is the log evidence, log N(y; 0, σ²I + τ² X Xᵀ)
-    evidence = multivariate_normal.logpdf(y, np.zeros(len(y)), SIGMA**2 * np.eye(len(y)) + TAU**2 * X @ X.T)
+    evidence = log_evidence(X, y, SIGMA, TAU)
     print(f"\n[groups, all removed] elpd {float(ds.elpd_loo[0]):.4f} vs log evidence {evidence:.4f} "
           f"(mcse {float(ds.elpd_loo_mcse[0]):.1e})")
     assert abs(float(ds.elpd_loo[0]) - evidence) < 5 * float(ds.elpd_loo_mcse[0]) + 1e-6
+
+
+@pytest.mark.slow  # exact_group_loo
+def test_refit_without_every_group_is_the_prior(linear):
+    fit, X, y, _ = linear
+    one = np.zeros(len(y), int)
+    m = np.asarray(fit.posterior.mean)
     ex = mpe.exact_group_loo(fit, one, progress=False, num_samples=0)
     np.testing.assert_allclose(ex["shift"].values[0], -m, rtol=0, atol=1e-8)
 
@@ -193,6 +178,7 @@ def grunfeld_model(lv, lc, y=None):
             numpyro.sample("y", dist.Normal(mu + tau * z + b[0] * lv + b[1] * lc, sigma), obs=y)
 
 
+@pytest.mark.slow  # exact_group_loo
 def test_grunfeld_leave_one_firm_out():
     import statsmodels.api as sm
 
@@ -239,6 +225,7 @@ def digits():
     return fit, y, fit.sensitivities(groups=y), mpe.exact_group_loo(fit, y, progress=False)
 
 
+@pytest.mark.slow  # exact_group_loo
 def test_digits_leave_one_class_out(digits):
     fit, y, ds, ex = digits
     assert ds.group.values.tolist() == list(range(10)) and bool(ds.valid.all())
@@ -259,6 +246,7 @@ def test_digits_leave_one_class_out(digits):
     np.testing.assert_allclose(one["shift"].values, ds["shift"].values, rtol=0, atol=1e-8)
 
 
+@pytest.mark.slow  # exact_group_loo
 @pytest.mark.xfail(strict=True, reason=(
     "known limitation: removing a whole class is far outside the MPE's one-Newton-step regime; the MPE shift "
     "is 35-50% of the converged refit's and the ratio varies across classes by more than the sensitivities "
@@ -309,6 +297,7 @@ def digits_heldout():
     return fit, (Ztr, ytr), (Zte, yte), ds, ex
 
 
+@pytest.mark.slow  # exact_group_loo
 def test_digits_class_removal_predicts_test_nll(digits_heldout, digits):
     """Fig. 3a: how much the held-out test NLL rises when a whole class is removed from training.
 

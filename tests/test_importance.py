@@ -20,6 +20,7 @@ import numpyro
 import numpyro.distributions as dist
 import pytest
 import xarray as xr
+from linear_gaussian import closed_form, linear_gaussian_model, simulate
 from numpyro.diagnostics import effective_sample_size
 from numpyro.infer import MCMC, NUTS
 from scipy.special import logsumexp
@@ -37,37 +38,21 @@ KEY = jax.random.PRNGKey(0)
 
 # ===================================================================== Gaussian linear model, known noise
 SIGMA, TAU = 0.7, 2.0
-
-
-def linear_model(X, y=None):
-    b = numpyro.sample("b", dist.Normal(0, TAU).expand([X.shape[1]]).to_event(1))
-    with numpyro.plate("data", X.shape[0]):
-        numpyro.sample("y", dist.Normal(X @ b, SIGMA), obs=y)
+linear_model = linear_gaussian_model(SIGMA, TAU)
 
 
 @pytest.fixture(scope="module")
 def linear():
-    rng = np.random.default_rng(3)
-    n, p = 30, 3
-    X = rng.normal(size=(n, p))
-    X[0] *= 4.0  # a high-leverage row
-    y = X @ np.array([1.0, -0.5, 0.3]) + SIGMA * rng.standard_t(4, size=n)
+    X, y, _ = simulate(3, 30, [1.0, -0.5, 0.3], SIGMA, scale_first=4.0, df=4)  # row 0: high leverage
     fit = mpe.Laplace(linear_model, progress=False, gtol=1e-12).run(KEY, X, y=y)
-    S = X.T @ X / SIGMA**2 + np.eye(p) / TAU**2
-    b = X.T @ y / SIGMA**2
-    truth = {"elpd": [], "relvar": []}
-    for i in range(n):
-        s_i = S - np.outer(X[i], X[i]) / SIGMA**2
-        mu = X[i] @ np.linalg.solve(s_i, b - X[i] * y[i] / SIGMA**2)
-        v = X[i] @ np.linalg.solve(s_i, X[i])
-        # p = N(y_i; η, σ²) with η ~ N(mu, v): E p = N(y_i; mu, σ² + v) and
-        # E p² = (2πσ²)⁻¹ √(σ²/(σ² + 2v)) exp(−(y_i − mu)²/(σ² + 2v)).
-        log_e1 = norm.logpdf(y[i], mu, np.sqrt(SIGMA**2 + v))
-        log_e2 = (-np.log(2 * np.pi * SIGMA**2) + 0.5 * np.log(SIGMA**2 / (SIGMA**2 + 2 * v))
-                  - (y[i] - mu) ** 2 / (SIGMA**2 + 2 * v))
-        truth["elpd"].append(log_e1)
-        truth["relvar"].append(np.expm1(log_e2 - 2 * log_e1))  # Var p / (E p)²
-    return fit, {k: np.asarray(v) for k, v in truth.items()}
+    cf = closed_form(X, y, SIGMA, TAU)
+    mu, v = cf["loo_mean"], cf["loo_var"]  # η_i under the exact LOO posterior: N(mu, v)
+    # p = N(y_i; η, σ²) with η ~ N(mu, v): E p = N(y_i; mu, σ² + v) and
+    # E p² = (2πσ²)⁻¹ √(σ²/(σ² + 2v)) exp(−(y_i − mu)²/(σ² + 2v)).
+    log_e1 = cf["elpd_loo"]
+    log_e2 = (-np.log(2 * np.pi * SIGMA**2) + 0.5 * np.log(SIGMA**2 / (SIGMA**2 + 2 * v))
+              - (y - mu) ** 2 / (SIGMA**2 + 2 * v))
+    return fit, {"elpd": log_e1, "relvar": np.expm1(log_e2 - 2 * log_e1)}  # relvar: Var p / (E p)²
 
 
 def test_gaussian_weights_constant_and_closed_form(linear):
@@ -184,6 +169,7 @@ def _stackloss_loglik(samples, Z, y):
                        np.asarray(samples["sigma"])[:, None])
 
 
+@pytest.mark.slow  # NUTS
 def test_stackloss_mpe_is_beats_psis_and_mpe():
     df = load_stackloss()
     X = df[list(STACKLOSS_PREDICTORS)].to_numpy(float)

@@ -21,6 +21,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
+from linear_gaussian import linear_gaussian_model
 from numpyro.infer import MCMC, NUTS
 from scipy.stats import spearmanr
 
@@ -81,6 +82,7 @@ def checked(ds):
 
 
 # ------------------------------------------------------------------ against brute-force refits
+@pytest.mark.slow  # exact_loo
 def test_one_newton_step_refit_maps_exactly(diabetes):
     """MPE shift = one Newton step on U_-i; mapped by J_c(m) and divided by the delta-method sd."""
     *_, fit, ds = diabetes
@@ -91,6 +93,7 @@ def test_one_newton_step_refit_maps_exactly(diabetes):
     np.testing.assert_allclose(as_matrix(ds, idx), expected, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.slow  # exact_loo
 def test_converged_refits_agree(diabetes):
     """Against converged Laplace refits, c(m_-i) - c(m) with the exact exp for sigma.
 
@@ -111,16 +114,13 @@ def test_converged_refits_agree(diabetes):
         assert spearmanr(got[:, j], exact[:, j])[0] > 0.99, j
 
 
+@pytest.mark.slow  # exact_loo
 def test_known_scale_linear_gaussian_is_exact():
     """Known noise scale: the model is linear-Gaussian, the MPE is exact, so is the converged refit."""
     X, y = diabetes_data()
     X, y = X[:30, :4], y[:30]
 
-    def model(X, y=None):
-        b = numpyro.sample("b", dist.Normal(0, 1).expand([X.shape[1]]).to_event(1))
-        with numpyro.plate("obs", X.shape[0]):
-            numpyro.sample("y", dist.Normal(X @ b, 0.7), obs=y)
-
+    model = linear_gaussian_model(0.7, 1.0, plate="obs")
     fit = mpe.Laplace(model, progress=False).run(jax.random.PRNGKey(0), X, y=y)
     ds = parameter_shift(fit, chunk_size=7)
     conv = mpe.exact_loo(fit, None, num_samples=0, progress=False)
@@ -199,6 +199,7 @@ def test_invalid_cavity_is_nan_and_flagged():
 
 
 # ------------------------------------------------------------------ against arviz >= 1 loo_influence
+@pytest.mark.slow  # NUTS
 def test_rank_correlates_with_loo_influence(diabetes):
     """|parameter_shift| vs ``loo_influence(kind="mean", group="posterior")`` on NUTS draws, k̂ < 0.7.
 

@@ -9,19 +9,15 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
-from scipy.stats import norm, spearmanr
+from linear_gaussian import closed_form, linear_gaussian_model, posterior, simulate
+from scipy.stats import spearmanr
 
 import numpyro_mpe as mpe
 from numpyro_mpe.errors import PosteriorError
 from numpyro_mpe.inference.training import CheckpointMPE, fit_from_state
 
 SIGMA, TAU = 0.7, 2.0
-
-
-def linear_model(X, y=None):
-    b = numpyro.sample("b", dist.Normal(0, TAU).expand([X.shape[1]]).to_event(1))
-    with numpyro.plate("data", X.shape[0]):
-        numpyro.sample("y", dist.Normal(X @ b, SIGMA), obs=y)
+linear_model = linear_gaussian_model(SIGMA, TAU)
 
 
 def logistic_model(X, y=None, prior_scale=3.0):
@@ -33,10 +29,7 @@ def logistic_model(X, y=None, prior_scale=3.0):
 
 @pytest.fixture(scope="module")
 def linear_data():
-    rng = np.random.default_rng(0)
-    X = rng.normal(size=(40, 3))
-    X[0] *= 4.0  # one high-leverage row
-    y = X @ np.array([1.0, -0.5, 0.3]) + SIGMA * rng.normal(size=40)
+    X, y, _ = simulate(0, 40, [1.0, -0.5, 0.3], SIGMA, scale_first=4.0)  # row 0: high leverage
     return X, y
 
 
@@ -54,28 +47,12 @@ def cancer():
     return X[idx], d.target[idx].astype(float)
 
 
-def closed_form(X, y):
-    """Exact posterior and leave-one-out quantities of the Gaussian linear model (numpy)."""
-    s = X.T @ X / SIGMA**2 + np.eye(X.shape[1]) / TAU**2
-    m = np.linalg.solve(s, X.T @ y / SIGMA**2)
-    lev, sens, elpd = [], [], []
-    for i in range(len(y)):
-        h_i = np.outer(X[i], X[i]) / SIGMA**2
-        lev.append(X[i] @ np.linalg.solve(s, X[i]) / SIGMA**2)
-        s_i = s - h_i
-        m_i = m + np.linalg.solve(s_i, X[i] * (X[i] @ m - y[i]) / SIGMA**2)
-        d = m_i - m
-        sens.append(np.sqrt(d @ s @ d))
-        v = X[i] @ np.linalg.solve(s_i, X[i]) + SIGMA**2
-        elpd.append(norm.logpdf(y[i], X[i] @ m_i, np.sqrt(v)))
-    return m, s, np.array(lev), np.array(sens), np.array(elpd)
-
-
 def test_full_ngvi_reaches_exact_posterior_and_mpe(linear_data):
     X, y = linear_data
     fit = mpe.NGVI(linear_model, num_steps=300, lr=0.5, beta2=0.5, precision="full", antithetic=True,
                    progress=False).run(jax.random.PRNGKey(0), X, y=y)
-    m, s, lev, sens, elpd = closed_form(X, y)
+    cf = closed_form(X, y, SIGMA, TAU)
+    m, s, lev, sens, elpd = (cf[k] for k in ("m", "S", "leverage", "sensitivity", "elpd_loo"))
     np.testing.assert_allclose(fit.posterior.mean, m, atol=1e-6)
     np.testing.assert_allclose(fit.posterior.precision, s, rtol=1e-8)
     ds = fit.sensitivities()
@@ -96,6 +73,7 @@ def test_memories_add_up_to_the_precision(linear_data):
     np.testing.assert_allclose(total, fit.posterior.precision, rtol=1e-10)
 
 
+@pytest.mark.slow  # exact_loo (NGVI refits)
 def test_logistic_sensitivity_matches_ngvi_refits():
     from sklearn.datasets import load_breast_cancer
 
@@ -183,7 +161,7 @@ def test_diag_minibatch_and_schedule(linear_data):
     X, y = linear_data
     fit = mpe.NGVI(linear_model, num_steps=1500, lr_schedule=exponential_decay(0.2, 1500, 0.1),
                    subsample_size=10, memories="delta", progress=False).run(jax.random.PRNGKey(0), X, y=y)
-    m, s, *_ = closed_form(X, y)
+    m, s = posterior(X, y, SIGMA, TAU)
     sd = 1 / np.sqrt(np.diag(s))
     assert np.all(np.abs(np.asarray(fit.posterior.mean) - m) < 0.5 * sd)
     assert fit.info["subsample_size"] == 10

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+import pytest
 from jax.scipy.stats import norm
 
 import numpyro_mpe as mpe
@@ -178,6 +179,7 @@ def repeated_grads(f, eta_all, y, w, order=4):
     return np.array(out)
 
 
+@pytest.mark.slow  # > 20 s
 def test_log_lik_series_equals_repeated_derivatives(monkeypatch):
     rng = np.random.default_rng(3)
     n = 6

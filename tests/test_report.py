@@ -232,6 +232,7 @@ def test_report_shows_the_numbers(report, fit):
     assert len(rows_all) == 22 and "<details>" in _section(text, "all")
 
 
+@pytest.mark.slow  # a subprocess (Chromium)
 def test_report_renders_in_chromium(report, tmp_path):
     path, _ = report
     pixels, dom = _render(path, tmp_path)
@@ -242,6 +243,7 @@ def test_report_renders_in_chromium(report, tmp_path):
     assert 'data-images="3/3"' in dom  # every embedded figure decoded
 
 
+@pytest.mark.slow  # a subprocess (Chromium)
 def test_report_optional_sections(full_report, tmp_path):
     path, text, table = full_report
     # the title is escaped, the labels head their column and name the observations

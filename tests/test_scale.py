@@ -281,6 +281,7 @@ def test_lbfgs_over_chunks_finds_the_newton_map():
     assert c.info["steps"] == 3
 
 
+@pytest.mark.slow  # > 20 s
 def test_wide_model_diag_per_observation_reverse_mode():
     """A nonlinear predictor with P = 361 > 256 (per-observation reverse-mode Jacobians), the MAP by
     L-BFGS over chunks (the default above P = 2048 is forced here): a stationary point, and the same
@@ -318,6 +319,7 @@ def mlp_two_outputs(X, y=None, hidden=12):
         numpyro.sample("y", dist.Normal(h @ w_loc, jnp.exp(h @ w_scale)), obs=y)
 
 
+@pytest.mark.slow  # > 20 s (whichever structure runs first)
 @pytest.mark.parametrize("structure", [dict(posterior="diag"), dict(posterior="lowrank", rank=4)])
 def test_wide_model_two_components_per_site_blocks_match_the_dense_path(structure):
     """Per-site Jacobian blocks (P > 256) with K = 2 under a diagonal or low-rank q: V_i summed over the
@@ -367,6 +369,7 @@ def run_on_devices(n_devices: int) -> dict:
     return json.loads(line[len("RESULT"):])
 
 
+@pytest.mark.slow  # subprocesses
 def test_sharded_equals_single_device():
     """4 CPU devices (chunks of 24 rows, 203 = 8·24 + 11 observations: padded, not refused) against one."""
     four, one = run_on_devices(4), run_on_devices(1)
@@ -381,6 +384,7 @@ def test_sharded_equals_single_device():
 
 
 # ===================================================================== other backends
+@pytest.mark.slow  # > 20 s
 def test_vi_backends_take_posterior_and_curvature():
     X, y = data(n=120)
     fit = mpe.SVI(logistic, posterior="full", num_steps=300, progress=False, curvature="ggn").run(KEY, X, y=y)
@@ -554,6 +558,7 @@ def loc_scale_data(n):
     return X, X @ np.linspace(1, -1, 5) + np.exp(0.2 * X[:, 1]) * rng.normal(size=n)
 
 
+@pytest.mark.slow  # a subprocess
 def test_passes_finish_on_a_two_thread_pool():
     """On a 2-thread XLA pool, the digits softmax pass (1797 rows in one chunk, K = 10) deadlocked at its
     first call with the cavity solved by batched LU, and a loc-scale GGN pass (200,000 rows, K = 2) with

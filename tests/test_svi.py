@@ -14,6 +14,7 @@ import numpyro
 import numpyro.distributions as dist
 import pytest
 from jax.flatten_util import ravel_pytree
+from linear_gaussian import closed_form, linear_gaussian_model, simulate
 from numpyro.distributions.transforms import biject_to
 from numpyro.infer import SVI as NumPyroSVI
 from numpyro.infer import Trace_ELBO
@@ -26,7 +27,7 @@ from numpyro.infer.autoguide import (
     AutoMultivariateNormal,
     AutoNormal,
 )
-from scipy.stats import norm, spearmanr
+from scipy.stats import spearmanr
 
 import numpyro_mpe as mpe
 from numpyro_mpe.errors import ModelError
@@ -38,50 +39,21 @@ KEY = jax.random.PRNGKey(0)
 
 # ===================================================================== linear-Gaussian: closed forms
 SIGMA, TAU = 0.8, 1.5
-
-
-def linear_model(X, y=None):
-    b = numpyro.sample("b", dist.Normal(0, TAU).expand([X.shape[1]]).to_event(1))
-    with numpyro.plate("data", X.shape[0]):
-        numpyro.sample("y", dist.Normal(X @ b, SIGMA), obs=y)
+linear_model = linear_gaussian_model(SIGMA, TAU)
 
 
 @pytest.fixture(scope="module")
 def linear():
-    rng = np.random.default_rng(0)
-    X = rng.normal(size=(40, 3))
-    y = X @ np.array([1.0, -0.5, 0.3]) + SIGMA * rng.normal(size=40)
+    X, y, _ = simulate(0, 40, [1.0, -0.5, 0.3], SIGMA)
     y[7] += 3.0  # one outlier
     fit = mpe.SVI(linear_model, guide="full", num_steps=3000, num_particles=16, progress=False).run(
         KEY, jnp.asarray(X), y=jnp.asarray(y))
     return fit, X, y
 
 
-def closed_forms(X, y, weights=None):
-    """Exact posterior and MPE/LOO quantities of the conjugate model, in numpy."""
-    w = np.ones(len(y)) if weights is None else weights
-    S = (X.T * w) @ X / SIGMA**2 + np.eye(X.shape[1]) / TAU**2
-    m = np.linalg.solve(S, (X.T * w) @ y / SIGMA**2)
-    out = {"S": S, "m": m, "C": np.linalg.inv(S)}
-    out.update({k: [] for k in ("leverage", "sensitivity", "elpd_loo", "m_loo")})
-    for i in range(len(y)):
-        x = X[i]
-        h = np.outer(x, x) / SIGMA**2
-        s_cav = S - h
-        g = -x * (y[i] - x @ m) / SIGMA**2
-        dm = np.linalg.solve(s_cav, g)
-        m_loo = m + dm
-        out["m_loo"].append(m_loo)
-        out["leverage"].append(x @ np.linalg.solve(S, x) / SIGMA**2)
-        out["sensitivity"].append(np.sqrt(dm @ S @ dm))
-        sd_pred = np.sqrt(SIGMA**2 + x @ np.linalg.solve(s_cav, x))
-        out["elpd_loo"].append(norm.logpdf(y[i], x @ m_loo, sd_pred))
-    return {k: np.asarray(v) for k, v in out.items()}
-
-
 def test_full_svi_reaches_exact_posterior(linear):
     fit, X, y = linear
-    cf = closed_forms(X, y)
+    cf = closed_form(X, y, SIGMA, TAU)
     q = fit.info["q"]  # the guide's own Gaussian
     mean_err = np.max(np.abs(np.asarray(q.mean) - cf["m"]))
     cov_err = np.linalg.norm(np.asarray(q.covariance()) - cf["C"]) / np.linalg.norm(cf["C"])
@@ -101,7 +73,7 @@ def test_full_svi_reaches_exact_posterior(linear):
 
 def test_full_svi_sensitivities_match_closed_forms(linear):
     fit, X, y = linear
-    cf = closed_forms(X, y)
+    cf = closed_form(X, y, SIGMA, TAU)
     ds = fit.sensitivities()
     errs = {k: np.max(np.abs(ds[k].values - cf[k])) for k in ("elpd_loo", "leverage", "sensitivity")}
     print("\n[SVI full, linear] max abs error vs closed forms: "
@@ -117,10 +89,10 @@ def test_svi_refit_matches_closed_form_weighted_posteriors(linear):
     for i, wi in [(7, 0.0), (3, 0.0), (3, 2.0)]:
         weights = np.ones(len(y))
         weights[i] = wi
-        cf = closed_forms(X, y, weights)
+        cf = closed_form(X, y, SIGMA, TAU, weights)
         q = svi_refit(fit, jnp.asarray(weights))
         err = np.max(np.abs(np.asarray(q.mean) - cf["m"]))
-        shift = np.max(np.abs(cf["m"] - closed_forms(X, y)["m"]))
+        shift = np.max(np.abs(cf["m"] - closed_form(X, y, SIGMA, TAU)["m"]))
         print(f"\n[svi_refit i={i}, w={wi}] max |m_w − exact| = {err:.2e} (true shift {shift:.2e})")
         assert err < 2e-2
         assert err < 0.3 * shift
@@ -129,7 +101,7 @@ def test_svi_refit_matches_closed_form_weighted_posteriors(linear):
 def test_diag_guide_has_diagonal_memories(linear):
     """Mean-field q: diagonal precision and memories; S = diag E_q[∇²U] = diag of the exact S here."""
     fit_full, X, y = linear
-    cf = closed_forms(X, y)
+    cf = closed_form(X, y, SIGMA, TAU)
     fit = mpe.SVI(linear_model, guide="diag", num_steps=1500, progress=False, memory_samples=32).run(
         KEY, jnp.asarray(X), y=jnp.asarray(y))
     ds = fit.sensitivities()
@@ -163,6 +135,7 @@ def logistic():
     return fit, X, y
 
 
+@pytest.mark.slow  # exact_loo (SVI refits)
 def test_logistic_sensitivity_rank_correlates_with_svi_refits(logistic):
     fit, X, y = logistic
     ds = fit.sensitivities()
@@ -242,6 +215,7 @@ def _check_against_guide(guide, params, mean, cov):
     assert err < 0.15
 
 
+@pytest.mark.slow  # > 20 s (each guide: 12-40 s)
 @pytest.mark.parametrize("guide_cls", [AutoNormal, AutoMultivariateNormal, AutoLaplaceApproximation])
 def test_from_svi_maps_guide_order_onto_adapter(guide_cls):
     """from_svi's mean is the guide's median mapped to unconstrained space and flattened as the adapter."""

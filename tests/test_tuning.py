@@ -2,10 +2,8 @@
 
 import jax
 import numpy as np
-import numpyro
-import numpyro.distributions as dist
 import pytest
-from scipy.stats import norm
+from linear_gaussian import elpd_loo_refit, linear_gaussian_model
 
 import numpyro_mpe as mpe
 from numpyro_mpe.io.plots import plot_tuning
@@ -15,10 +13,7 @@ SIGMA = 1.0
 SCALES = [0.03, 0.1, 0.3, 1.0, 3.0, 10.0]
 
 
-def model(X, y=None, prior_scale=1.0):
-    b = numpyro.sample("b", dist.Normal(0, prior_scale).expand([X.shape[1]]).to_event(1))
-    with numpyro.plate("data", X.shape[0]):
-        numpyro.sample("y", dist.Normal(X @ b, SIGMA), obs=y)
+model = linear_gaussian_model(SIGMA, 1.0)  # model(X, y=None, prior_scale=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +28,8 @@ def data():
 
 
 def exact_elpd_loo(X, y, scale):
-    """Σ_i log p(y_i | y₋i) of the conjugate Gaussian linear model, in numpy."""
-    total = 0.0
-    for i in range(len(y)):
-        keep = np.arange(len(y)) != i
-        s = X[keep].T @ X[keep] / SIGMA**2 + np.eye(X.shape[1]) / scale**2
-        m = np.linalg.solve(s, X[keep].T @ y[keep] / SIGMA**2)
-        total += norm.logpdf(y[i], X[i] @ m, np.sqrt(SIGMA**2 + X[i] @ np.linalg.solve(s, X[i])))
-    return total
+    """Σ_i log p(y_i | y₋i) of the conjugate Gaussian linear model, in numpy (a refit without each row)."""
+    return float(elpd_loo_refit(X, y, SIGMA, scale).sum())
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +39,7 @@ def table(data):
                           heldout=((Xh,), {"y": yh}), exact_at=[0.1, 1.0], progress=False)
 
 
+@pytest.mark.slow  # tune_prior with exact_at (the table fixture)
 def test_tune_prior_picks_the_exact_loo_optimum(data, table):
     X, y, *_ = data
     exact = np.array([exact_elpd_loo(X, y, s) for s in SCALES])
@@ -61,6 +51,7 @@ def test_tune_prior_picks_the_exact_loo_optimum(data, table):
     assert table.attrs["num_obs"] == 30 and table.attrs["arg_name"] == "prior_scale"
 
 
+@pytest.mark.slow  # tune_prior with exact_at
 def test_brute_force_refits_at_exact_at(data, table):
     X, y, *_ = data
     rows = table[table["elpd_loo_exact"].notna()]
@@ -72,6 +63,7 @@ def test_brute_force_refits_at_exact_at(data, table):
     assert table.attrs["best_exact"] in (0.1, 1.0)
 
 
+@pytest.mark.slow  # tune_prior with exact_at (the table fixture)
 def test_heldout_column(table):
     h = table["heldout_nll"].to_numpy()
     assert np.all(np.isfinite(h)) and h.min() > 1.0  # σ = 1: the NLL is at least log(2π)/2 + 1/2 ≈ 1.42
@@ -81,6 +73,7 @@ def test_heldout_column(table):
     assert {line.get_gid() for line in ax.lines} >= {"loo_nll", "heldout_nll", "exact", "best_loo"}
 
 
+@pytest.mark.slow  # tune_prior with exact_at
 def test_factory_form_and_subset(data):
     X, y, *_ = data
     t = mpe.tune_prior(lambda s: (lambda X, y=None: model(X, y, prior_scale=s)), None, [0.1, 1.0],

@@ -1,0 +1,181 @@
+"""Compiled programs (docs/architecture.md, "Compiled programs"): compiled once per (model, data shapes and
+dtypes, options) and reused; sites of equal predictors share one program.
+
+Counts come from :func:`numpyro_mpe.programs.track` (programs compiled, or loaded from JAX's persistent cache,
+while the block runs).  Truths: a count of zero for a second fit of the same model on new data of the same
+shapes; for a model written as a Python loop over 30 scalar sites, the same model written with one vectorized
+site in a plate (the outputs must agree to round-off) and the number of sites (the programs must be far
+fewer); and a budget of programs for a first fit in a fresh interpreter with no cache at all.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+
+import numpyro_mpe as mpe
+from numpyro_mpe.programs import track
+
+KEY = jax.random.PRNGKey(0)
+
+
+def built(stats) -> int:
+    """Programs compiled plus programs loaded from the persistent cache (``loaded``, where ``track`` counts
+    them apart): every program not found in the process's own cache."""
+    return stats.programs + getattr(stats, "loaded", 0)
+
+
+# ===================================================================== (i) a second fit compiles nothing
+def logistic(X, y=None):
+    a = numpyro.sample("a", dist.Normal(0, 2.5))
+    b = numpyro.sample("b", dist.Normal(0, 1).expand([X.shape[1]]).to_event(1))
+    with numpyro.plate("data", X.shape[0]):
+        numpyro.sample("y", dist.Bernoulli(logits=a + X @ b), obs=y)
+
+
+def normal_scale(X, y=None):
+    a = numpyro.sample("a", dist.Normal(0, 2.5))
+    b = numpyro.sample("b", dist.Normal(0, 1).expand([X.shape[1]]).to_event(1))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    with numpyro.plate("data", X.shape[0]):
+        numpyro.sample("y", dist.Normal(a + X @ b, sigma), obs=y)
+
+
+def regression_data(kind, seed, n=50, p=3):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, p))
+    eta = 0.3 + X @ np.array([1.0, -0.5, 0.25])
+    if kind == "logistic":
+        y = (rng.uniform(size=n) < 1 / (1 + np.exp(-eta))).astype(float)
+    else:
+        y = eta + 0.7 * rng.normal(size=n)
+    return X, y
+
+
+def fit_and_outputs(model, X, y):
+    fit = mpe.Laplace(model, progress=False).run(KEY, X, y=y)
+    return fit, fit.sensitivities(), fit.loo()
+
+
+@pytest.mark.arviz  # fit.loo()
+@pytest.mark.parametrize("kind,model", [("logistic", logistic), ("normal_scale", normal_scale)])
+def test_second_fit_on_new_data_of_the_same_shape_compiles_nothing(kind, model):
+    X1, y1 = regression_data(kind, seed=1)
+    X2, y2 = regression_data(kind, seed=2)
+    assert X1.shape == X2.shape and not np.array_equal(X1, X2)
+    with track("first") as first:
+        fit1, ds1, _ = fit_and_outputs(model, X1, y1)
+    with track("second") as second:
+        fit2, ds2, loo2 = fit_and_outputs(model, X2, y2)
+    print(f"\n[{kind}] first fit + sensitivities + loo: {built(first)} programs; second on new data: "
+          f"{built(second)} {second.names}")
+    assert built(second) == 0, second.names
+    # the second fit is a fit of the new data, not the first one again
+    assert not np.allclose(np.asarray(fit1.posterior.mean), np.asarray(fit2.posterior.mean))
+    assert not np.allclose(ds1.elpd_loo.values, ds2.elpd_loo.values)
+    assert np.all(np.isfinite(ds2.elpd_loo.values))
+    # the count is real: the first fit of the model in this process did compile (or load) programs
+    assert built(first) > 0
+
+
+# ===================================================================== (ii) a loop over sites
+T = 30  # observed sites y_1 .. y_T; y_0 is given
+
+
+def ar_loop(y):
+    rho = numpyro.sample("rho", dist.Normal(0, 0.5))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    for t in range(1, T + 1):
+        numpyro.sample(f"y_{t}", dist.Normal(rho * y[t - 1], sigma), obs=y[t])
+
+
+def ar_plate(y):
+    rho = numpyro.sample("rho", dist.Normal(0, 0.5))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    with numpyro.plate("time", T):
+        numpyro.sample("y", dist.Normal(rho * y[:-1], sigma), obs=y[1:])
+
+
+@pytest.fixture(scope="module")
+def ar_series():
+    rng = np.random.default_rng(4)
+    y = np.zeros(T + 1)
+    for t in range(1, T + 1):
+        y[t] = 0.6 * y[t - 1] + 0.8 * rng.standard_t(5)
+    return jnp.asarray(y)
+
+
+@pytest.mark.slow  # > 20 s: 30 sites traced one by one, 30 + 1 sensitivities
+@pytest.mark.arviz  # to_inference_data
+def test_loop_over_sites_equals_one_vectorized_site_and_shares_programs(ar_series):
+    y = ar_series
+    fit_loop = mpe.Laplace(ar_loop, progress=False).run(KEY, y)
+    assert sorted(fit_loop.observed_names) == sorted(f"y_{t}" for t in range(1, T + 1))
+    with track("to_inference_data") as stats:
+        idata = fit_loop.to_inference_data(num_samples=100, rng_key=KEY)
+    print(f"\n[AR(1), {T} scalar sites] to_inference_data: {built(stats)} programs {stats.names}")
+    assert built(stats) < 15, (stats, stats.names)
+    fit_plate = mpe.Laplace(ar_plate, progress=False).run(KEY, y)
+    np.testing.assert_allclose(np.asarray(fit_loop.posterior.mean), np.asarray(fit_plate.posterior.mean),
+                               rtol=0, atol=1e-12)
+    ds = fit_plate.sensitivities("y")
+    assert ds.elpd_loo.shape == (T,)
+    for out in ("elpd_loo", "leverage", "sensitivity", "lpd"):
+        per_site = np.array([float(fit_loop.sensitivities(f"y_{t}")[out]) for t in range(1, T + 1)])
+        np.testing.assert_allclose(per_site, ds[out].values, rtol=0, atol=1e-12, err_msg=out)
+    # the export holds every site's outputs, the same values
+    mpe_group = idata["mpe"]
+    for t in (1, 17, T):
+        np.testing.assert_allclose(float(mpe_group[f"y_{t}_elpd_loo"]), float(ds.elpd_loo[t - 1]),
+                                   rtol=0, atol=1e-12)
+
+
+# ===================================================================== (iii) a first fit, nothing cached
+FIRST_FIT_SCRIPT = textwrap.dedent("""
+    import json, os
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax, numpyro
+    numpyro.enable_x64()
+    numpyro.set_platform("cpu")
+    import numpyro_mpe as mpe
+    from numpyro_mpe.io.datasets import STACKLOSS_PREDICTORS, load_stackloss, stackloss_model
+    from numpyro_mpe.programs import track
+    df = load_stackloss()
+    X = df[list(STACKLOSS_PREDICTORS)].to_numpy(float)
+    y = df["stack.loss"].to_numpy(float)
+    with track("fit") as fit_stats:
+        fit = mpe.Laplace(stackloss_model, progress=False).run(jax.random.PRNGKey(0), X, y=y)
+    with track("sensitivities") as sens_stats:
+        ds = fit.sensitivities()
+    assert not jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_dir  # no disk cache
+    def built(stats):
+        return stats.programs + getattr(stats, "loaded", 0)
+    print("RESULT" + json.dumps({"fit": built(fit_stats), "sensitivities": built(sens_stats),
+                                 "loaded": getattr(fit_stats, "loaded", 0) + getattr(sens_stats, "loaded", 0),
+                                 "names": fit_stats.names + sens_stats.names,
+                                 "finite": bool(ds.elpd_loo.notnull().all())}))
+""")
+
+
+@pytest.mark.slow  # a subprocess
+def test_first_fit_of_a_small_model_compiles_few_programs():
+    env = dict(os.environ, NUMPYRO_MPE_CACHE_DIR="off", JAX_PLATFORMS="cpu")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    proc = subprocess.run([sys.executable, "-c", FIRST_FIT_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [s for s in proc.stdout.splitlines() if s.startswith("RESULT")][-1]
+    res = json.loads(line[len("RESULT"):])
+    total = res["fit"] + res["sensitivities"]
+    print(f"\n[stack loss, fresh interpreter, no cache] Laplace fit {res['fit']} + sensitivities "
+          f"{res['sensitivities']} = {total} programs: {res['names']}")
+    assert res["finite"] and res["loaded"] == 0
+    assert 0 < total <= 15, res["names"]
