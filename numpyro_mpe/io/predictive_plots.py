@@ -24,6 +24,18 @@ from numpyro_mpe.loo.calibration import ecdf_at, ecdf_band, pit_calibration
 CURVE_POINTS = 400
 
 
+def p_value(p: float) -> str:
+    """``"= 0.123"``, or ``"< 0.001"`` below that.
+
+    Examples
+    --------
+    >>> from numpyro_mpe.io.predictive_plots import p_value
+    >>> p_value(0.4321), p_value(0.0004)
+    ('= 0.432', '< 0.001')
+    """
+    return "< 0.001" if p < 0.001 else f"= {p:.3f}"
+
+
 def _pit_array(pit: Any) -> tuple[np.ndarray, str]:
     """The PIT values of a :func:`loo_pit` Dataset (its one variable), a DataArray or an array."""
     if hasattr(pit, "data_vars"):
@@ -76,8 +88,8 @@ def plot_loo_pit(pit: Any, ax: Any = None, *, prob: float = 0.95, seed: int = 0)
     verdict = "outside: miscalibrated" if test["ecdf_reject"] else "inside"
     ax.plot(u, ecdf_at(values, u) - u, color=FLAG if test["ecdf_reject"] else BLUE, linewidth=1.6,
             drawstyle="steps-post", gid="ecdf",
-            label=f"LOO-PIT ECDF − uniform ({verdict}; p = {test['ecdf_pvalue']:.3f}, "
-                  f"KS p = {test['ks_pvalue']:.3f})")
+            label=f"LOO-PIT ECDF − uniform ({verdict}; p {p_value(test['ecdf_pvalue'])}, "
+                  f"KS p {p_value(test['ks_pvalue'])})")
     ax.axhline(0.0, color=GREY, linewidth=0.8)
     ax.set_xlim(0.0, 1.0)
     ax.set_xlabel("LOO-PIT")
@@ -126,7 +138,8 @@ def plot_loo_intervals(interval: Any, y: Any, ax: Any = None, *, mean: Any = Non
     outside = (yv[order] < lo[order]) | (yv[order] > hi[order])
     prob = float(getattr(interval, "attrs", {}).get("prob", np.nan))
     ax = styled_axes(ax, figsize=(7.0, 4.2))
-    ax.vlines(x, lo[order], hi[order], color=CYAN, linewidth=2.0, alpha=0.7, gid="intervals",
+    ax.vlines(x, lo[order], hi[order], color=CYAN, linewidth=max(0.6, min(2.5, 250 / max(yv.size, 1))),
+              alpha=0.7, gid="intervals",
               label="LOO predictive interval" + ("" if np.isnan(prob) else f" ({prob:.0%})"))
     if mean is not None:
         ax.plot(x, centre[order], "_", color=BLUE, markersize=6, gid="means", label="LOO mean")
@@ -140,4 +153,4 @@ def plot_loo_intervals(interval: Any, y: Any, ax: Any = None, *, mean: Any = Non
     return ax
 
 
-__all__ = ["plot_loo_intervals", "plot_loo_pit"]
+__all__ = ["p_value", "plot_loo_intervals", "plot_loo_pit"]

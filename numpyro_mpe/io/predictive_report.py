@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from numpyro_mpe.errors import MPEError
-from numpyro_mpe.io.predictive_plots import plot_loo_intervals, plot_loo_pit
+from numpyro_mpe.io.predictive_plots import p_value, plot_loo_intervals, plot_loo_pit
 from numpyro_mpe.io.report_html import card_html, figure_html, png_data_uri
 
 if TYPE_CHECKING:
@@ -86,8 +86,9 @@ class PredictiveChecks:
         a = self.pit.attrs
         verdict = "outside the band: miscalibrated" if a["ecdf_reject"] else "inside the band"
         cover = self.interval.attrs["coverage"]
-        return (f"LOO predictive checks of '{self.var_name}': LOO-PIT ECDF test p = {a['ecdf_pvalue']:.3f} "
-                f"({verdict} at {a['band_prob']:.0%}), KS p = {a['ks_pvalue']:.3f}; "
+        return (f"LOO predictive checks of '{self.var_name}': LOO-PIT ECDF test "
+                f"p {p_value(a['ecdf_pvalue'])} ({verdict} at {a['band_prob']:.0%}), "
+                f"KS p {p_value(a['ks_pvalue'])}; "
                 f"{INTERVAL_PROB:.0%} LOO intervals cover {cover:.0%} of the observations; "
                 f"LOO-R2 {self.r2.mean:.3f} [{self.r2.eti_lb:.3f}, {self.r2.eti_ub:.3f}]")
 
@@ -112,10 +113,10 @@ class PredictiveChecks:
             "the LOO-PIT values are uniform and about "
             f"{INTERVAL_PROB:.0%} of the observations fall inside their {INTERVAL_PROB:.0%} interval.</p>",
             '<div class="cards">',
-            card_html("LOO-PIT calibration", f"p = {a['ecdf_pvalue']:.3f}",
+            card_html("LOO-PIT calibration", f"p {p_value(a['ecdf_pvalue'])}",
                       f"simultaneous {a['band_prob']:.0%} ECDF band: "
                       + ("the ECDF leaves it" if a["ecdf_reject"] else "inside")
-                      + f" · KS p = {a['ks_pvalue']:.3f}", alert=bool(a["ecdf_reject"])),
+                      + f" · KS p {p_value(a['ks_pvalue'])}", alert=bool(a["ecdf_reject"])),
             card_html(f"{INTERVAL_PROB:.0%} LOO intervals", f"{cover:.0%} <small>cover y</small>",
                       f"{len(np.ravel(y))} observations"),
             card_html("LOO-R²", f"{self.r2.mean:.3f}",
