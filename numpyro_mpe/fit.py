@@ -96,7 +96,10 @@ class Fit:
 
     def __repr__(self) -> str:
         sites = ", ".join(f"{n}{s.obs_shape}" for n, s in self.adapter.observed.items())
-        return f"Fit(method={self.method!r}, P={self.adapter.num_params}, observed=[{sites}])"
+        check = self.info.get("posterior_check")
+        khat = (f", global k̂={check.khat:.2f}{'' if check.reliable else ' (q is NOT the posterior)'}"
+                if check is not None else "")
+        return f"Fit(method={self.method!r}, P={self.adapter.num_params}, observed=[{sites}]{khat})"
 
     # ------------------------------------------------------------ options, for callers
     progress = property(lambda self: self.options.progress, doc="Progress bars on long passes.")
@@ -332,17 +335,26 @@ class Fit:
             "max eig of S^-1/2 H_i S^-1/2; the cavity is valid iff < 1 (compare Pareto k)")
         return ds
 
-    def loo(self, var_name: str | None = None, method: str = "mpe", groups=None, **options):
-        """MPE leave-one-out as the installed arviz's ``ELPDData`` (``az.compare`` accepts it).
+    def loo(self, var_name: str | None = None, method: str = "auto", groups=None, **options):
+        """Leave-one-out as the installed arviz's ``ELPDData`` (``az.compare`` accepts it).
 
-        ``elpd_loo`` is the sum of the MPE ``elpd_loo`` over observations, ``se`` its standard error
-        √N·sd, ``p_loo`` the sum of ``p_loo``; ``loo_i`` the pointwise values and, where PSIS puts
-        ``pareto_k``, the MPE leverage.  See :func:`numpyro_mpe.loo.elpd.elpd_data` for ``method``,
-        ``groups`` and the further ``options``.
+        By default (``method="auto"``) each observation gets the best available estimate of the exact
+        Bayesian leave-one-out, its k̂ in ``pareto_k`` and what it was in ``method_i``; flagged observations
+        warn (``repair="refit"`` refits them by NUTS).  ``method="mpe"`` is the closed-form MPE, the
+        leave-one-out of q (``pareto_k`` the leverage).  ``elpd_loo`` is the sum over observations, ``se``
+        its standard error √N·sd, ``p_loo`` the sum of ``p_loo``.  See
+        :func:`numpyro_mpe.loo.elpd.elpd_data` for ``method``, ``groups`` and the further ``options``.
         """
         from numpyro_mpe.loo.elpd import elpd_data
 
         return elpd_data(self, var_name, method=method, groups=groups, **options)
+
+    def posterior_check(self, var_name: str | None = None, **options):
+        """The global Pareto k̂ of q (can importance sampling correct it to the posterior?), kept in
+        ``info["posterior_check"]``; see :func:`numpyro_mpe.loo.posterior_check.posterior_check`."""
+        from numpyro_mpe.loo.posterior_check import posterior_check
+
+        return posterior_check(self, var_name, **options)
 
     def importance_loo(self, indices=None, num_samples: int = 1000, rng_key=None,
                        var_name: str | None = None, **options) -> xr.Dataset:

@@ -200,7 +200,7 @@ def test_az_loo_on_export_agrees_with_mpe(lin):
     *_, fit = lin
     idata = fit.to_inference_data(num_samples=2000, rng_key=jax.random.PRNGKey(2))
     res = az.loo(idata, pointwise=True)
-    mine = fit.loo()
+    mine = fit.loo(method="mpe")
     np.testing.assert_allclose(np.asarray(pointwise_elpd(res)), np.asarray(pointwise_elpd(mine)), atol=0.05)
     assert abs(res["elpd_loo" if not ARVIZ_1 else "elpd"] - mine["elpd_loo" if not ARVIZ_1 else "elpd"]) < 0.2
 
@@ -208,7 +208,7 @@ def test_az_loo_on_export_agrees_with_mpe(lin):
 def test_loo_totals_are_sums_of_sensitivities(lin):
     *_, fit = lin
     ds = fit.sensitivities()
-    res = fit.loo()
+    res = fit.loo(method="mpe")
     cls = az.stats.stats_utils.ELPDData if not ARVIZ_1 else __import__("arviz_stats").ELPDDataLOO
     assert isinstance(res, cls)
     elpd_i = ds["elpd_loo"].values
@@ -235,14 +235,15 @@ def test_az_compare_accepts_mpe_beside_psis(lin, lin_nuts):
         warnings.simplefilter("ignore")
         psis = az.loo(lin_nuts, pointwise=True)
         kw = {"round_to": "none"} if ARVIZ_1 else {}  # arviz >= 1 rounds to 2 significant digits
-        cmp = az.compare({"mpe": fit.loo(), "psis": psis}, **kw)
-    assert set(cmp.index) == {"mpe", "psis"}
+        cmp = az.compare({"mpe": fit.loo(method="mpe"), "psis": psis, "auto": fit.loo()}, **kw)
+    assert set(cmp.index) == {"mpe", "psis", "auto"}  # the default result, with its extra fields, compares
     col = "elpd" if ARVIZ_1 else "elpd_loo"
     mine = fit.sensitivities()["elpd_loo"].values.sum()
     np.testing.assert_allclose(cmp.loc["mpe", col], mine, rtol=1e-12)
     np.testing.assert_allclose(cmp.loc["psis", col], psis["elpd" if ARVIZ_1 else "elpd_loo"], rtol=1e-12)
     # Laplace is the exact posterior here: MPE and NUTS + PSIS estimate the same LOO.
     assert abs(cmp.loc["mpe", col] - cmp.loc["psis", col]) < 0.3
+    assert abs(cmp.loc["auto", col] - cmp.loc["psis", col]) < 0.3
     plt = pytest.importorskip("matplotlib.pyplot")
     try:
         az.plot_compare(cmp)
@@ -282,8 +283,9 @@ def test_invalid_cavity_falls_back_to_psis_on_q():
         fit = mpe.Laplace(cauchy, progress=False).run(jax.random.PRNGKey(0), y=y)
         ds = fit.sensitivities()
     assert not bool(ds["valid"][0]) and bool(ds["valid"][1:].all())
-    with pytest.warns(UserWarning, match="PSIS-LOO on 2000 draws from q"):
-        res = elpd_data(fit)
+    with pytest.warns(UserWarning, match="PSIS-LOO on 2000 draws from q") as rec:
+        res = elpd_data(fit, method="mpe")
+    assert rec[0].filename == __file__  # the warning points at the caller's line, not into the package
     m = float(fit.posterior.mean[0])
     var = 1.0 / float(fit.posterior.precision[0, 0])
     truth = -np.log(np.pi * (1.0 + (y[0] - m) ** 2 + var))

@@ -46,6 +46,7 @@ from numpyro_mpe.io.report_html import (
     HOW_TO_READ,
     card_html,
     figure_html,
+    gaussian_check_card,
     integer_cell,
     number_cell,
     observation_columns,
@@ -192,8 +193,7 @@ def _totals(r: _Report) -> list[str]:
         card_html("Most influential", big, observation_name(first, r.coord_cols)
                   + (f" · leverage {_num(first['leverage'])}" if np.isfinite(first["leverage"]) else ""),
                   alert=not bool(first["valid"]) or float(first["leverage"]) > t),
-        "</section>",
-    ]
+        gaussian_check_card(r.fit, r.site.name), "</section>"]
     if bool(s["posterior_from_q"]):
         parts.append(
             '<p class="callout info">PSIS-LOO here ran on independent draws from q, the fit\'s own Gaussian '

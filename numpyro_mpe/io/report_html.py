@@ -206,6 +206,19 @@ def card_html(label: str, value: str, note: str = "", alert: bool = False) -> st
             f'<div class="value">{value}</div><div class="note">{note}</div></div>')
 
 
+def gaussian_check_card(fit: Any, name: str) -> str:
+    """Card: the global k̂ of the fit's q (:func:`numpyro_mpe.loo.posterior_check.posterior_check`), computed
+    here where draws × rows are affordable."""
+    from numpyro_mpe.loo.posterior_check import affordable, posterior_check
+
+    if fit.info.get("posterior_check") is None and not affordable(fit):
+        return card_html("Gaussian check", "–", "global k̂ not computed (too many rows × draws)")
+    c = fit.info.get("posterior_check") or posterior_check(fit, name, warn=False)
+    note = ("q covers the posterior: fit.loo() reweights it" if c.reliable
+            else "q is NOT the posterior: its closed-form MPE describes q")
+    return card_html("Gaussian check · global k̂", format_number(c.khat, ".2f"), note, alert=not c.reliable)
+
+
 def table_html(frame: pd.DataFrame, columns: Sequence[Column], css: str = "") -> str:
     """An HTML table of ``frame``, one row per row of it.
 

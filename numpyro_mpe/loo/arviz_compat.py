@@ -22,14 +22,13 @@ from scipy.special import logsumexp
 
 from numpyro_mpe.engine.layout import map_rows
 from numpyro_mpe.gaussian import draws as posterior_draws
+from numpyro_mpe.loo.common import GOOD_K  # noqa: F401  (re-exported: leverage and k̂ threshold)
 
 if TYPE_CHECKING:
     from numpyro_mpe.fit import Fit
 
 #: True on the arviz ≥ 1 line (DataTree, arviz_stats).
 ARVIZ_1 = int(az.__version__.split(".")[0]) >= 1
-#: Threshold on leverage (MPE) and Pareto k̂ (PSIS) above which an observation is flagged.
-GOOD_K = 0.7
 #: Elements (draws × log-likelihood values) per chunk when evaluating the model on draws.
 DRAW_CHUNK_ELEMENTS = 2**22
 SAMPLE_DIMS = ("chain", "draw")

@@ -3,13 +3,16 @@ Carlo standard error, and Pareto-smoothed importance weights (through the instal
 
 from __future__ import annotations
 
+import warnings
+
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
 
 #: Log-weights whose spread is below this are treated as constant (no Pareto tail to fit).
 CONSTANT_LOG_WEIGHTS = float(np.sqrt(np.finfo(float).eps))
-
+#: Pareto k̂ above which an importance-sampling estimate is unreliable (Vehtari et al. 2024).
+GOOD_K = 0.7
 
 
 def psis_smooth(log_weights, r_eff: float = 1.0):
@@ -38,6 +41,16 @@ def psis_smooth(log_weights, r_eff: float = 1.0):
     0
     """
     lw = np.asarray(log_weights, dtype=float)
+    with warnings.catch_warnings(), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        # the tail fit of extreme weights overflows inside ArviZ; k̂ (inf) says so, not a bare RuntimeWarning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        smoothed, khat = _arviz_psislw(lw, r_eff)
+    smoothed = np.asarray(smoothed)
+    smoothed = smoothed - _logsumexp(smoothed)[..., None]
+    return smoothed, np.asarray(khat)
+
+
+def _arviz_psislw(lw, r_eff):
     try:  # arviz >= 1: array_stats.psislw takes log-likelihood-like values and smooths their negation
         from arviz_stats.base import array_stats
 
@@ -46,9 +59,7 @@ def psis_smooth(log_weights, r_eff: float = 1.0):
         import arviz as az
 
         smoothed, khat = az.psislw(lw, reff=r_eff)
-    smoothed = np.asarray(smoothed)
-    smoothed = smoothed - _logsumexp(smoothed)[..., None]
-    return smoothed, np.asarray(khat)
+    return smoothed, khat
 
 
 def _logsumexp(a):
@@ -83,15 +94,25 @@ def smooth_log_weights(log_r):
     return smoothed, khat
 
 
-def weighted_estimate(smoothed, ll):
-    """log Σ_s w̃_s p_s, its Monte Carlo standard error (delta method) and the ESS 1/Σ w̃²."""
+def weighted_estimate(smoothed, ll, khat=None):
+    """log Σ_s w̃_s p_s, its Monte Carlo standard error and the ESS 1/Σ w̃² of the smoothed weights.
+
+    The MCSE is the delta-method one, √(Σ_s w̃_s² (p_s/p̂ − 1)²) — the variance of p under the weights over
+    their effective sample size.  It is only an error bar where the weights have a finite variance: where
+    ``khat`` exceeds :data:`GOOD_K` (the estimate's own k̂), or fewer than two draws carry the weight, it is
+    ``inf`` (a sample that one draw dominates looks certain and is not).
+    """
     ll = np.where(np.isfinite(smoothed), ll, -np.inf)
     est = np.asarray(logsumexp(jnp.asarray(smoothed + ll), axis=-1))
     w = np.exp(smoothed)
-    rel = np.exp(ll - est[:, None])  # p_s / p̂
-    mcse = np.sqrt(np.nansum(w**2 * (rel - 1.0) ** 2, -1))
+    with np.errstate(invalid="ignore", over="ignore"):
+        rel = np.exp(ll - est[:, None])  # p_s / p̂
+        mcse = np.sqrt(np.nansum(w**2 * (rel - 1.0) ** 2, -1))
     ess = 1.0 / np.nansum(w**2, -1)
-    return est, mcse, ess
+    unreliable = ess < 2.0
+    if khat is not None:
+        unreliable |= np.asarray(khat) > GOOD_K
+    return est, np.where(unreliable, np.inf, mcse), ess
 
 
 def obs_coords(site, idx):

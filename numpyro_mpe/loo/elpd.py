@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import xarray as xr
 
+from numpyro_mpe.errors import user_stacklevel
 from numpyro_mpe.gaussian import draws as posterior_draws
 from numpyro_mpe.loo.arviz_compat import (
     ARVIZ_1,
@@ -43,12 +44,29 @@ def _psis_on_q(fit: Fit, var_name: str, idx: np.ndarray, num_samples: int, rng_k
     return np.asarray(pointwise_elpd(res)).ravel(), np.asarray(res["pareto_k"]).ravel()
 
 
-def elpd_data(fit: Fit, var_name: str | None = None, *, method: str = "mpe", groups=None,
-              num_samples: int = 2000, rng_key=None, df: float | None = None):
+#: Methods of :func:`elpd_data`.
+METHODS = ("auto", "mpe", "mpe-is")
+
+
+def elpd_data(fit: Fit, var_name: str | None = None, *, method: str = "auto", groups=None,
+              num_samples: int | None = None, rng_key=None, df: float | None = None,
+              repair: str | None = None, refit_count: int = 10):
     """The MPE leave-one-out of one observed site as the installed ArviZ's ELPD object.
 
     Built as ``az.loo(..., pointwise=True)`` builds its result, so that ``az.compare`` and
-    ``az.plot_compare`` take it beside ordinary PSIS-LOO results:
+    ``az.plot_compare`` take it beside ordinary PSIS-LOO results.
+
+    ``method="auto"`` (the default) takes, per observation, the best available estimate of the exact
+    Bayesian leave-one-out (:func:`numpyro_mpe.loo.auto.auto_loo`: importance sampling over q's Student-t
+    version where q covers the posterior, per-observation MPE importance sampling and moment matching for
+    the hard ones, SMC where q is not the posterior, the closed form where draws × rows are too many, NUTS
+    refits with ``repair="refit"``): ``elpd_i``/``loo_i`` those estimates, ``pareto_k`` their own k̂
+    (the leverage where the closed form is used), ``warning`` True when some observation is flagged
+    (k̂ > 0.7 or Monte Carlo error > 0.1 nats), with a warning that names them.  The result also carries
+    ``method_i`` (which estimate), ``mcse_i`` (its Monte Carlo standard error), ``flagged_i`` and
+    ``global_k`` (the global check of q, :func:`numpyro_mpe.loo.posterior_check.posterior_check`).
+
+    ``method="mpe"``, the closed form alone (the leave-one-out of q):
 
     * ``elpd_loo`` (arviz 0.x) / ``elpd`` (arviz ≥ 1): Σ_i ``elpd_loo``\\_i of :meth:`Fit.sensitivities`;
       ``se`` the standard error with the installed ArviZ's convention (√(N·var), ddof 0 on 0.x, 1 on ≥ 1);
@@ -86,17 +104,24 @@ def elpd_data(fit: Fit, var_name: str | None = None, *, method: str = "mpe", gro
         A fitted model.
     var_name : str, optional
         Observed site; required when the model has several (as in ``az.loo``).
-    method : {"mpe", "mpe-is"}, default "mpe"
-        Closed-form MPE, or MPE importance sampling for the flagged observations.
+    method : {"auto", "mpe", "mpe-is"}, default "auto"
+        The best available estimate per observation; the closed-form MPE; or the closed form with MPE
+        importance sampling for the observations of leverage > 0.5.
     groups : str or array_like, optional
         Leave-group-out: the name of an observation dim (plate) or labels aligned with the observations.
-    num_samples : int, default 2000
-        Draws for the PSIS fallback on invalid cavities, for MPE-IS per flagged observation, or per group.
+    num_samples : int, optional
+        ``"auto"``: draws of the global importance sampling (default 4000); otherwise draws for the PSIS
+        fallback on invalid cavities, for MPE-IS per flagged observation, or per group (default 2000).
     rng_key : jax.random.PRNGKey, optional
         Key for those draws; ``PRNGKey(0)`` when omitted.
     df : float, optional
         MPE-IS proposal: ``None`` the Gaussian MPE leave-one-out posterior, a number a Student-t with ``df``
-        degrees of freedom around it (see :func:`numpyro_mpe.loo.importance.importance_loo`).
+        degrees of freedom around it (see :func:`numpyro_mpe.loo.importance.importance_loo`); for
+        ``"auto"`` the Student-t degrees of freedom of every proposal (default 5).
+    repair : {None, "refit"}
+        ``"auto"`` only: NUTS refits without each observation still flagged (``arviz.reloo``'s remedy).
+    refit_count : int, default 10
+        The most NUTS refits.
 
     Returns
     -------
@@ -105,7 +130,8 @@ def elpd_data(fit: Fit, var_name: str | None = None, *, method: str = "mpe", gro
     Raises
     ------
     ValueError
-        For an unknown ``method``, or ``method="mpe-is"`` with ``groups``.
+        For an unknown ``method``, ``method="mpe-is"`` with ``groups``, an unknown ``repair``, a
+        ``refit_count`` below 1, or ``repair="refit"`` on a model NUTS cannot run.
 
     Examples
     --------
@@ -114,10 +140,17 @@ def elpd_data(fit: Fit, var_name: str | None = None, *, method: str = "mpe", gro
     >>> loo_is = fit.loo(method="mpe-is")  # doctest: +SKIP
     >>> az.compare({"a": fit_a.loo(groups="firm"), "b": fit_b.loo(groups="firm")})  # doctest: +SKIP
     """
-    if method not in ("mpe", "mpe-is"):
-        raise ValueError(f"method must be 'mpe' (closed-form MPE) or 'mpe-is' (MPE importance sampling for "
-                         f"the flagged observations), got '{method}'")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS} ('auto': the best available estimate per "
+                         f"observation; 'mpe': the closed form; 'mpe-is': MPE importance sampling for the "
+                         f"high-leverage observations), got {method!r}")
+    if repair is not None and method != "auto":
+        raise ValueError(f"repair={repair!r} needs method='auto', got method={method!r}")
     site = fit.adapter.observed_site(var_name)
+    extras = {}
+    if groups is not None and method == "auto" and repair is None:
+        method = "mpe"  # leave-group-out: the closed form, with MPE-IS for invalid group cavities
+    num_samples = int(num_samples) if num_samples is not None else (4000 if method == "auto" else 2000)
     if groups is not None:
         if method != "mpe":
             raise ValueError("method='mpe-is' is for leave-one-out; with groups= use method='mpe' (a group "
@@ -145,10 +178,24 @@ def elpd_data(fit: Fit, var_name: str | None = None, *, method: str = "mpe", gro
                 f"their elpd_loo is MPE importance sampling on {num_samples} draws instead (Pareto k-hat "
                 f"{np.array2string(res['pareto_k'].values[:10], precision=2)}), so the totals mix the closed "
                 "form and importance sampling; pareto_k keeps the leverage",
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
         n_data = int(valid.size)
         warn = bool(np.any(np.asarray(pareto_k) > GOOD_K) or not valid.all())
+    elif method == "auto":
+        from numpyro_mpe.loo.auto import auto_loo, unreliable_message
+
+        ds = auto_loo(fit, site.name, num_samples=num_samples, df=5.0 if df is None else df, rng_key=rng_key,
+                      repair=repair, refit_count=refit_count)
+        elpd_i, p_loo_i, pareto_k = ds["elpd_loo"].copy(), ds["p_loo"].copy(), ds["pareto_k"].copy()
+        n_samples = int(ds.attrs.get("global_samples", ds.attrs.get("smc_particles", 0)))
+        n_data = int(site.num_obs)
+        warn = bool(np.asarray(ds["flagged"]).any())
+        message = unreliable_message(ds)
+        if message:
+            warnings.warn(message, stacklevel=user_stacklevel())
+        extras = {"method_i": ds["method"], "mcse_i": ds["elpd_loo_mcse"], "flagged_i": ds["flagged"],
+                  "global_k": float(ds.attrs["global_k"]), "refit": ds.attrs["refit"]}
     else:
         ds = fit.sensitivities(site.name)
         elpd_i = ds["elpd_loo"].copy()
@@ -181,7 +228,7 @@ def elpd_data(fit: Fit, var_name: str | None = None, *, method: str = "mpe", gro
                         f"{np.array2string(flat_k[high][:10], precision=2)}); their elpd_loo is unreliable: "
                         "raise num_samples, try a heavier-tailed proposal (importance_loo(..., df=5)), or "
                         "refit without them",
-                        stacklevel=2,
+                        stacklevel=user_stacklevel(),
                     )
         elif bad.size:
             elpd_bad, k_bad = _psis_on_q(fit, site.name, bad, num_samples, rng_key)
@@ -194,7 +241,7 @@ def elpd_data(fit: Fit, var_name: str | None = None, *, method: str = "mpe", gro
                 f"elpd_loo is PSIS-LOO on {num_samples} draws from q instead (Pareto k-hat "
                 f"{np.array2string(k_bad[:10], precision=2)}{' ...' if bad.size > 10 else ''}), so the "
                 "totals mix MPE and PSIS; pareto_k keeps the leverage",
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
         elpd_i.values = flat_elpd.reshape(elpd_i.shape)
         p_loo_i.values = flat_p.reshape(p_loo_i.shape)
@@ -212,13 +259,17 @@ def elpd_data(fit: Fit, var_name: str | None = None, *, method: str = "mpe", gro
     if ARVIZ_1:
         from arviz_stats.utils import ELPDDataLOO
 
-        return ELPDDataLOO(elpd=elpd, se=se, p=p_loo, n_samples=int(n_samples), n_data_points=n_data,
-                           scale="log", warning=warn, good_k=GOOD_K, elpd_i=elpd_i, pareto_k=pareto_k,
-                           approx_posterior=False, p_loo_i=p_loo_i.rename("p_loo_i"))
+        out = ELPDDataLOO(elpd=elpd, se=se, p=p_loo, n_samples=int(n_samples), n_data_points=n_data,
+                          scale="log", warning=warn, good_k=GOOD_K, elpd_i=elpd_i, pareto_k=pareto_k,
+                          approx_posterior=False, p_loo_i=p_loo_i.rename("p_loo_i"))
+        for k, v in extras.items():
+            setattr(out, k, v)
+        return out
     from arviz.stats.stats_utils import ELPDData
 
     return ELPDData(
-        data=[elpd, se, p_loo, int(n_samples), n_data, warn, elpd_i, pareto_k, "log", GOOD_K],
+        data=[elpd, se, p_loo, int(n_samples), n_data, warn, elpd_i, pareto_k, "log", GOOD_K,
+              *extras.values()],
         index=["elpd_loo", "se", "p_loo", "n_samples", "n_data_points", "warning", "loo_i", "pareto_k",
-               "scale", "good_k"],
+               "scale", "good_k", *extras],
     )

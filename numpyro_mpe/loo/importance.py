@@ -21,6 +21,8 @@ from its own MPE Gaussian (q for U, the clipped cavity q₋G for U₋G).
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,6 +32,7 @@ from tqdm.auto import tqdm
 
 from numpyro_mpe.engine.cavity import whitened_memory
 from numpyro_mpe.loo.common import (
+    GOOD_K,
     flat_indices,
     obs_coords,
     smooth_log_weights,
@@ -59,7 +62,7 @@ def _proposal_one(post, g, h, clip):
 
 
 def importance_loo(fit, indices=None, num_samples: int = 1000, rng_key=None, var_name=None, *,
-                   clip: float = 0.05, df: float | None = None, psis=None,
+                   clip: float = 0.05, df: float | None = None, defensive: float = 0.0, psis=None,
                    progress: bool | None = None) -> xr.Dataset:
     """MPE importance-sampling LOO for the observations ``indices`` of one observed site.
 
@@ -89,6 +92,9 @@ def importance_loo(fit, indices=None, num_samples: int = 1000, rng_key=None, var
         same location and scale: heavier tails than q₋i, so that the weights stay bounded where the
         posterior has heavier tails than its Laplace approximation (small data, unknown scales), which
         lowers k̂ at the price of non-constant weights in the Gaussian case.
+    defensive : float, default 0
+        Weight α of q itself in the proposal (1 − α)·q₋i + α·q (same family, drawn stratified): a defensive
+        mixture whose weights stay bounded where q₋i is too narrow.
     psis : ELPDData or array, optional
         A PSIS-LOO result of the same site (``az.loo(..., pointwise=True)``) or its ``pareto_k`` values;
         with ``indices="flagged"``, observations with k̂ > 0.7 are flagged too.
@@ -99,7 +105,8 @@ def importance_loo(fit, indices=None, num_samples: int = 1000, rng_key=None, var
     -------
     xarray.Dataset
         Over dim ``obs`` (flat index; the site's observation dims attached as coordinates) with
-        ``elpd_loo``, ``elpd_loo_mcse`` (Monte Carlo standard error, delta method), ``pareto_k`` (k̂ of
+        ``elpd_loo``, ``elpd_loo_mcse`` (Monte Carlo standard error, delta method over the smoothed
+        weights; ``inf`` where k̂ > 0.7 or one draw carries the weight), ``pareto_k`` (k̂ of
         the smoothed weights; −inf where they are constant), ``ess`` (1/Σ w̃²) and the MPE ``leverage``.
 
     Raises
@@ -140,7 +147,8 @@ def importance_loo(fit, indices=None, num_samples: int = 1000, rng_key=None, var
         for i in idx:
             yield mem.grad[i], mem.hess[i], jax.nn.one_hot(i, site.num_obs, dtype=mem.grad.dtype)
 
-    est = _unit_importance(fit, site.name, rows(), len(idx), num_samples, rng_key, clip, progress, df)
+    est = UnitImportance(fit, site.name, num_samples, rng_key, clip=clip, df=df,
+                         defensive=defensive).run(rows(), len(idx), progress)
     ds = xr.Dataset(
         {"elpd_loo": ("obs", est["elpd"]), "elpd_loo_mcse": ("obs", est["mcse"]),
          "pareto_k": ("obs", est["khat"]), "ess": ("obs", est["ess"]),
@@ -154,55 +162,148 @@ def importance_loo(fit, indices=None, num_samples: int = 1000, rng_key=None, var
     return ds
 
 
-def _unit_importance(fit, name, rows, num_rows, num_samples, rng_key, clip, progress, df=None):
-    """Self-normalized MPE-IS for ``num_rows`` "units" given as ``(ĝ, Ĥ, a)`` by the iterable ``rows``:
-    a unit's memory is (ĝ, Ĥ) and its log-likelihood a·ℓ(θ) (a one-hot for one observation)."""
-    post = fit.posterior
-    adapter = fit.adapter
-    p = post.mean.shape[0]
-    dtype = post.mean.dtype
-    rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
-    batch = int(max(1, min(num_samples, 2**22 // max(fit.adapter.observed[name].num_obs, 1))))
-    z = jax.random.normal(rng_key, (num_samples, p), dtype)
+def _base_logpdf(z, df):
+    """log density of whitened offsets z (..., P): N(0, I) (``df`` None) or the multivariate t_df(0, I)."""
+    p = z.shape[-1]
     r2 = jnp.sum(z * z, -1)
-    log_q0 = -0.5 * r2 - 0.5 * p * jnp.log(2 * jnp.pi)  # standard normal, whitened
-    if df is not None:
-        if not df > 0:
+    if df is None:
+        return -0.5 * r2 - 0.5 * p * jnp.log(2 * jnp.pi)
+    return (gammaln((df + p) / 2) - gammaln(df / 2) - 0.5 * p * jnp.log(df * jnp.pi)
+            - 0.5 * (df + p) * jnp.log1p(r2 / df))
+
+
+def base_draws(rng_key, num_samples: int, p: int, df, dtype=jnp.float64):
+    """``num_samples`` whitened offsets from N(0, I), or from the multivariate t_df(0, I) (a Gaussian draw
+    scaled by √(df/χ²_df))."""
+    z = jax.random.normal(rng_key, (num_samples, p), dtype)
+    if df is None:
+        return z
+    chi2 = jax.random.chisquare(jax.random.fold_in(rng_key, 1), df, (num_samples,), dtype)
+    return z * jnp.sqrt(df / chi2)[:, None]
+
+
+@partial(jax.jit, static_argnames=("name", "df", "num_defensive", "batch"))
+def _unit_draws(post, adapter, z, u, c, a, *, name, df, num_defensive, batch):
+    """Importance log-ratios toward the posterior without one unit, with a (defensive) mixture proposal.
+
+    In whitened coordinates w (θ = m + L⁻ᵀw) the proposal is (1 − α)·t_df(u, ccᵀ) + α·t_df(0, I) (the unit's
+    cavity, and q itself with weight α = ``num_defensive``/S, drawn stratified: the last ``num_defensive``
+    offsets of ``z`` are q's).  Returns the log-ratios −U(θ) − a·ℓ(θ) − log g(w) (up to a constant), the
+    unit's log-likelihood a·ℓ(θ) and the draws w, for moment matching.
+    """
+    num = z.shape[0]
+    n_cav = num - num_defensive
+    w = jnp.concatenate([u + z[:n_cav] @ c.T, z[n_cav:]], 0)
+    z_c = jnp.linalg.solve(c, (w - u).T).T
+    log_g = _base_logpdf(z_c, df) - jnp.linalg.slogdet(c)[1]
+    if num_defensive:
+        alpha = num_defensive / num
+        log_g = jnp.logaddexp(jnp.log1p(-alpha) + log_g, jnp.log(alpha) + _base_logpdf(w, df))
+    theta = post.mean + post.unwhiten(w.T).T
+
+    def per_draw(t):  # the unit's log-likelihood and the potential at one draw
+        ll_all = adapter.log_lik(t, name)
+        return jnp.sum(jnp.where(a != 0, ll_all * a, 0.0)), adapter.potential(t)
+
+    ll, pot = jax.lax.map(per_draw, theta, batch_size=batch)
+    return -(pot + ll) - log_g, ll, w
+
+
+class UnitImportance:
+    """Self-normalized importance sampling toward the posterior without a unit (one observation or a group),
+    from its MPE cavity q₋ = N(m₋, S₋⁻¹): the engine of :func:`importance_loo` and
+    :func:`importance_groups`, and of the repairs of ``fit.loo(method="auto")``.
+
+    A unit is ``(ĝ, Ĥ, a)``: its memory and the weights a of its log-likelihood a·ℓ(θ) (a one-hot for one
+    observation).  Proposal: the cavity with its whitened-memory eigenvalues clipped at ``1 − clip`` (valid
+    even where leverage ≥ 1), Gaussian or Student-t (``df``), mixed with q itself with weight
+    ``defensive`` (a defensive mixture: the weights stay bounded by 1/α where q covers the posterior).
+    Draws share their base numbers across units (common random numbers).  :meth:`moment_match` then moves
+    a unit's proposal to the weighted mean and covariance of its draws while k̂ falls (Paananen et al.
+    2021, "Implicitly adaptive importance sampling"), and estimates once more from fresh draws.
+    """
+
+    def __init__(self, fit, name: str, num_samples: int, rng_key=None, *, clip: float = 0.05,
+                 df: float | None = None, defensive: float = 0.0):
+        if df is not None and not df > 0:
             raise ValueError(f"df must be positive (or None for a Gaussian proposal), got {df}")
-        chi2 = jax.random.chisquare(jax.random.fold_in(rng_key, 1), df, (num_samples,), dtype)
-        z = z * jnp.sqrt(df / chi2)[:, None]
-        r2 = jnp.sum(z * z, -1)
-        log_q0 = (gammaln((df + p) / 2) - gammaln(df / 2) - 0.5 * p * jnp.log(df * jnp.pi)
-                  - 0.5 * (df + p) * jnp.log1p(r2 / df))
+        if not 0.0 <= defensive < 1.0:
+            raise ValueError(f"defensive must lie in [0, 1) (the weight of q in the proposal), got "
+                             f"{defensive}")
+        self.fit, self.name, self.clip, self.df = fit, name, clip, df
+        self.num_samples = int(num_samples)
+        self.num_defensive = int(round(defensive * self.num_samples))
+        p = fit.posterior.mean.shape[0]
+        self.key = jax.random.PRNGKey(0) if rng_key is None else rng_key
+        self.z = base_draws(self.key, self.num_samples, p, df, fit.posterior.mean.dtype)
+        self.batch = int(max(1, min(self.num_samples, 2**22 // max(fit.adapter.observed[name].num_obs, 1))))
 
-    @jax.jit
-    def one(g, h, a):
-        u, c, logdet = _proposal_one(post, g, h, clip)
-        w = u + z @ c.T  # (S, P) whitened offsets
-        theta = post.mean + post.unwhiten(w.T).T
+    def draws(self, u, c, a, z=None):
+        """Log-ratios, log-likelihoods and whitened draws of one unit with proposal centre u and factor c."""
+        return _unit_draws(self.fit.posterior, self.fit.adapter, self.z if z is None else z, u, c,
+                           jnp.asarray(a, self.z.dtype), name=self.name, df=self.df,
+                           num_defensive=self.num_defensive, batch=self.batch)
 
-        def per_draw(t):  # the unit's log-likelihood and the potential at one draw
-            ll_all = adapter.log_lik(t, name)
-            return jnp.sum(jnp.where(a != 0, ll_all * a, 0.0)), adapter.potential(t)
+    def cavity(self, g, h):
+        """The clipped cavity of memory (ĝ, Ĥ) as a proposal centre and factor in whitened coordinates."""
+        u, c, _ = _proposal_one(self.fit.posterior, g, h, self.clip)
+        return u, c
 
-        ll, pot = jax.lax.map(per_draw, theta, batch_size=batch)
-        log_q = log_q0 + 0.5 * logdet
-        return -(pot + ll) - log_q, ll
+    @staticmethod
+    def estimate(log_r, ll) -> dict:
+        """PSIS estimate of each row: ``elpd`` (log Σ w̃ p), ``mcse``, ``khat``, ``ess`` and the smoothed
+        log-weights."""
+        log_r, ll = np.atleast_2d(np.asarray(log_r)), np.atleast_2d(np.asarray(ll))
+        log_r = np.where(np.isfinite(log_r) & np.isfinite(ll), log_r, -np.inf)
+        smoothed, khat = smooth_log_weights(log_r)
+        elpd, mcse, ess = weighted_estimate(smoothed, np.where(np.isfinite(ll), ll, -np.inf), khat)
+        return {"elpd": elpd, "mcse": mcse, "khat": khat, "ess": ess, "smoothed": smoothed}
 
-    if not num_rows:
-        empty = np.zeros(0)
-        return {"elpd": empty, "mcse": empty, "khat": empty, "ess": empty}
-    log_r, lls = [], []
-    for g, h, a in tqdm(rows, total=num_rows, desc=f"MPE-IS {name}", disable=not progress or num_rows < 2,
-                        leave=False):
-        r, ll = one(g, h, jnp.asarray(a, dtype))
-        log_r.append(np.asarray(r))
-        lls.append(np.asarray(ll))
-    log_r, lls = np.stack(log_r), np.stack(lls)
-    log_r = np.where(np.isfinite(log_r) & np.isfinite(lls), log_r, -np.inf)
-    smoothed, khat = smooth_log_weights(log_r)
-    elpd, mcse, ess = weighted_estimate(smoothed, np.where(np.isfinite(lls), lls, -np.inf))
-    return {"elpd": elpd, "mcse": mcse, "khat": khat, "ess": ess}
+    def run(self, rows, num_rows: int, progress: bool = False) -> dict:
+        """Estimates for the units ``rows`` (an iterable of ``(ĝ, Ĥ, a)``), as arrays over the units."""
+        if not num_rows:
+            empty = np.zeros(0)
+            return {"elpd": empty, "mcse": empty, "khat": empty, "ess": empty}
+        log_r, lls = [], []
+        for g, h, a in tqdm(rows, total=num_rows, desc=f"MPE-IS {self.name}",
+                            disable=not progress or num_rows < 2, leave=False):
+            r, ll, _ = self.draws(*self.cavity(g, h), a)
+            log_r.append(np.asarray(r))
+            lls.append(np.asarray(ll))
+        est = self.estimate(np.stack(log_r), np.stack(lls))
+        est.pop("smoothed")
+        return est
+
+    def moment_match(self, g, h, a, max_iter: int = 10) -> dict:
+        """One unit: adapt the proposal's centre and factor to the weighted moments of its draws while k̂
+        falls (full moments first, then the mean alone), at most ``max_iter`` times; returns the estimate
+        (``elpd``, ``mcse``, ``khat``, ``ess`` as floats) from fresh draws of the last accepted proposal, and
+        ``iterations``."""
+        u, c = self.cavity(g, h)
+        r, ll, w = self.draws(u, c, a)
+        est = self.estimate(r, ll)
+        it = 0
+        while est["khat"][0] > GOOD_K and it < max_iter:
+            wt = np.exp(est["smoothed"][0])
+            wn = np.asarray(w)
+            mean = wt @ wn
+            d = wn - mean
+            cov = (d * wt[:, None]).T @ d
+            improved = False
+            for c_try in (np.linalg.cholesky(0.5 * (cov + cov.T) + 1e-10 * np.eye(len(mean))), c):
+                r2, ll2, w2 = self.draws(jnp.asarray(mean), jnp.asarray(c_try), a)
+                est2 = self.estimate(r2, ll2)
+                if est2["khat"][0] < est["khat"][0]:
+                    u, c, w, est, improved = jnp.asarray(mean), jnp.asarray(c_try), w2, est2, True
+                    break
+            it += 1
+            if not improved:
+                break
+        if it:  # estimate from fresh draws: the accepted proposal was chosen on these ones
+            z = base_draws(jax.random.fold_in(self.key, 2), self.num_samples, self.z.shape[1], self.df,
+                           self.z.dtype)
+            est = self.estimate(*self.draws(u, c, a, z)[:2])
+        return {k: float(est[k][0]) for k in ("elpd", "mcse", "khat", "ess")} | {"iterations": it}
 
 
 def select_indices(indices, leverage, valid, num_obs: int, khat_psis=None, var_name: str = "") -> np.ndarray:
@@ -295,7 +396,8 @@ def importance_groups(fit, groups, var_name=None, select=None, num_samples: int 
         for k in chosen:
             yield g_sum[k], h_sum[k], jnp.asarray(codes == k, mem.grad.dtype)
 
-    est = _unit_importance(fit, site.name, rows(), chosen.size, num_samples, rng_key, clip, progress, df)
+    est = UnitImportance(fit, site.name, num_samples, rng_key, clip=clip, df=df).run(rows(), chosen.size,
+                                                                                      progress)
     ds = xr.Dataset(
         {"elpd_loo": (dim, est["elpd"]), "elpd_loo_mcse": (dim, est["mcse"]),
          "pareto_k": (dim, est["khat"]), "ess": (dim, est["ess"]), "leverage": (dim, lev[chosen])},
