@@ -306,6 +306,26 @@ class UnitImportance:
         return {k: float(est[k][0]) for k in ("elpd", "mcse", "khat", "ess")} | {"iterations": it}
 
 
+def predictor_samples(fit, name: str, indices, num_samples: int = 2000, rng_key=None, *, df: float = 5.0,
+                      defensive: float = 0.5) -> dict:
+    """Weighted samples of the predictor of the observations ``indices`` under their exact leave-one-out
+    posterior, by the importance sampling of ``fit.loo()``'s repairs (the clipped cavity as proposal, a
+    defensive t mixture): ``{i: (eta (S, K_all), smoothed log-weights (S,))}``, the ``repaired`` argument of
+    :func:`numpyro_mpe.loo.predictive_values.predictive_values`."""
+    engine = UnitImportance(fit, name, num_samples, rng_key, df=df, defensive=defensive)
+    mem = fit.memories(name)
+    n = fit.adapter.observed[name].num_obs
+    eta_of = jax.jit(jax.vmap(lambda t, i: fit.adapter.eta(t, name)[i], (0, None)))
+    out = {}
+    for i in np.asarray(indices, dtype=int).tolist():
+        a = jax.nn.one_hot(i, n, dtype=mem.grad.dtype)
+        log_r, ll, w = engine.draws(*engine.cavity(mem.grad[i], mem.hess[i]), a)
+        smoothed = engine.estimate(log_r, ll)["smoothed"][0]
+        theta = fit.posterior.mean + fit.posterior.unwhiten(w.T).T
+        out[i] = (np.asarray(eta_of(theta, i)), smoothed)
+    return out
+
+
 def select_indices(indices, leverage, valid, num_obs: int, khat_psis=None, var_name: str = "") -> np.ndarray:
     """Resolve ``indices`` (None, "flagged", int, sequence, boolean mask) to flat indices.
 

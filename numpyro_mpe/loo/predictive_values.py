@@ -113,7 +113,9 @@ def predictive_values(fit: Fit, var_name: str | None = None, functionals=("pit",
         :func:`numpyro_mpe.loo.groups.resolve_groups`).
     repaired : dict, optional
         ``{flat index: (eta_samples (S, K_all), log_weights (S,))}``: weighted samples of those observations'
-        predictors (importance sampling), whose functionals replace the quadrature values.
+        predictors (importance sampling), whose functionals replace the quadrature values.  By default
+        (leave-one-out) the observations without a Gaussian cavity (leverage ≥ 1) get the importance
+        sampling of ``fit.loo()``'s repairs (:func:`numpyro_mpe.loo.importance.predictor_samples`).
 
     Returns
     -------
@@ -138,6 +140,11 @@ def predictive_values(fit: Fit, var_name: str | None = None, functionals=("pit",
         leverage, valid = np.asarray(res.leverage), np.array(res.valid)
     else:
         values, leverage, valid = _group_values(fit, site, spec, groups)
+    if repaired is None and groups is None and not valid.all():
+        # no Gaussian cavity (leverage >= 1): the importance sampling of fit.loo()'s repairs instead
+        from numpyro_mpe.loo.importance import predictor_samples
+
+        repaired = predictor_samples(fit, site.name, np.flatnonzero(~valid))
     if repaired:
         aux = fit.adapter.predictor_aux(fit.posterior.mean, site.name)
         y = site.flat_value
