@@ -115,6 +115,7 @@ def tempered_smc(adapter, posterior, rng_key, *, num_particles: int = 4000, num_
     Returns
     -------
     SMCResult
+        The particles at b = 1, log Z, the stages and their acceptance rates.
 
     Examples
     --------

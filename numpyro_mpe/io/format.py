@@ -32,6 +32,7 @@ def format_number(x: Any, spec: str = ".3f", *, typeset: bool = False) -> str:
     Returns
     -------
     str
+        The formatted number.
 
     Examples
     --------

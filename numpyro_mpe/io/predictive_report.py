@@ -46,15 +46,16 @@ class PredictiveChecks:
         Parameters
         ----------
         fit : Fit
-            A fitted model.
+            The fitted model whose MPE cavities give the LOO predictives.
         var_name : str, optional
-            Observed site; required when the model has several.
+            The observed site to check (required when the model has several).
         rng_key : jax.random.PRNGKey, optional
             Key of the randomized PIT of a discrete outcome (:func:`numpyro_mpe.loo.predictive.loo_pit`).
 
         Returns
         -------
         PredictiveChecks
+            The PIT with its tests, the 90% intervals, the LOO means and the LOO-R².
 
         Examples
         --------

@@ -38,7 +38,7 @@ import numpy as np
 import xarray as xr
 
 from numpyro_mpe.errors import MPEError
-from numpyro_mpe.loo.common import GOOD_K, smooth_log_weights
+from numpyro_mpe.loo.common import GOOD_K, site_parameters, smooth_log_weights
 from numpyro_mpe.loo.importance import UnitImportance
 from numpyro_mpe.loo.posterior_check import (
     DF,
@@ -81,6 +81,7 @@ def _psis_loo(base, ll):
     return e, mcse, k, float(np.sqrt(np.nansum(np.nansum(phi, 0) ** 2)))
 
 
+@site_parameters
 def auto_loo(fit: Fit, var_name: str | None = None, *, num_samples: int = NUM_SAMPLES,
              obs_samples: int = 2000, df: float = DF, rng_key=None, repair: str | None = None,
              refit_count: int = 10, progress: bool | None = None) -> xr.Dataset:
@@ -88,10 +89,7 @@ def auto_loo(fit: Fit, var_name: str | None = None, *, num_samples: int = NUM_SA
 
     Parameters
     ----------
-    fit : Fit
-        A fitted model.
-    var_name : str, optional
-        Observed site; required when the model has several.
+    {site_parameters}
     num_samples : int, default 4000
         Draws of the global check and of the global importance sampling (raised, up to 32000, when the
         Monte Carlo error of the total is above 0.15 nats).

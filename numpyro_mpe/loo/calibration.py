@@ -63,6 +63,7 @@ def ecdf_band(n: int, prob: float = 0.95, num_points: int | None = None,
     Returns
     -------
     ECDFBand
+        The band's lower and upper ECDF bounds at the evaluation points, and its γ.
 
     Examples
     --------

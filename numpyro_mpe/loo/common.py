@@ -15,6 +15,20 @@ CONSTANT_LOG_WEIGHTS = float(np.sqrt(np.finfo(float).eps))
 GOOD_K = 0.7
 
 
+#: The numpydoc entries of the two arguments every per-site function of this package takes first;
+#: :func:`site_parameters` puts them where a docstring says ``{site_parameters}``.
+SITE_PARAMETERS = """fit : Fit
+        A fitted model.
+    var_name : str, optional
+        Observed site; required when the model has several."""
+
+
+def site_parameters(fn):
+    """Decorator: ``{site_parameters}`` in ``fn``'s docstring becomes :data:`SITE_PARAMETERS`."""
+    fn.__doc__ = fn.__doc__.replace("{site_parameters}", SITE_PARAMETERS)
+    return fn
+
+
 def psis_smooth(log_weights, r_eff: float = 1.0):
     """Pareto-smooth importance log-weights along the last axis.
 

@@ -415,7 +415,7 @@ def exact_group_loo(fit, groups, var_name: str | None = None, *, max_steps: int 
 def exact_loo_svi(fit, indices, var_name: str | None = None, **options) -> xr.Dataset:
     """:func:`exact_loo` of a fit made by :class:`numpyro_mpe.SVI` or :func:`numpyro_mpe.from_svi` (refits by
     SVI); ``options`` as there."""
-    from numpyro_mpe.inference.svi import SVIRefit
+    from numpyro_mpe.inference.svi_refit import SVIRefit
 
     if not isinstance(fit.refit, SVIRefit):
         raise MPEError("exact_loo_svi needs a fit made by mpe.SVI or mpe.from_svi, got "

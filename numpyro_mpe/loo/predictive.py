@@ -29,6 +29,7 @@ import xarray as xr
 from numpyro_mpe.engine.predictive import check_probs
 from numpyro_mpe.errors import MPEError
 from numpyro_mpe.loo.calibration import pit_calibration
+from numpyro_mpe.loo.common import site_parameters
 from numpyro_mpe.loo.predictive_values import PredictiveValues, moment_values, predictive_values
 
 if TYPE_CHECKING:
@@ -80,6 +81,7 @@ def _pit_values(pv: PredictiveValues, rng_key):
     return np.clip(lower + u * mass, 0.0, 1.0), what
 
 
+@site_parameters
 def loo_pit(fit: Fit, var_name: str | None = None, *, rng_key=None, prob: float = 0.95,
             groups=None) -> xr.Dataset:
     """LOO probability integral transform: p(ỹ_i ≤ y_i | y₋i) of every observation, from the MPE cavities.
@@ -90,10 +92,7 @@ def loo_pit(fit: Fit, var_name: str | None = None, *, rng_key=None, prob: float 
 
     Parameters
     ----------
-    fit : Fit
-        A fitted model.
-    var_name : str, optional
-        Observed site; required when the model has several.
+    {site_parameters}
     rng_key : jax.random.PRNGKey, optional
         Key of the uniforms u_i of a discrete outcome; ``PRNGKey(214)`` when omitted (arviz-stats' default
         seed).  Unused for continuous outcomes.
@@ -133,6 +132,7 @@ def loo_pit(fit: Fit, var_name: str | None = None, *, rng_key=None, prob: float 
     return ds
 
 
+@site_parameters
 def loo_expectations(fit: Fit, var_name: str | None = None, kind: str = "mean", probs=None, *, groups=None):
     """LOO predictive expectations E[ỹ_i | y₋i] (or var, sd, median, quantiles) from the MPE cavities.
 
@@ -141,10 +141,7 @@ def loo_expectations(fit: Fit, var_name: str | None = None, kind: str = "mean", 
 
     Parameters
     ----------
-    fit : Fit
-        A fitted model.
-    var_name : str, optional
-        Observed site; required when the model has several.
+    {site_parameters}
     kind : {"mean", "median", "var", "sd", "quantile"}, default "mean"
         What to compute (as ``arviz_stats.loo_expectations``; circular kinds are not supported).
     probs : float or list of float, optional
@@ -188,16 +185,14 @@ def loo_expectations(fit: Fit, var_name: str | None = None, kind: str = "mean", 
     return out, _array(pv.site, pv.leverage, pv.site.name)
 
 
+@site_parameters
 def loo_predictive_interval(fit: Fit, var_name: str | None = None, prob: float = 0.9, *,
                             groups=None) -> xr.DataArray:
     """Central LOO predictive intervals: the (1 − prob)/2 and (1 + prob)/2 quantiles of p(ỹ_i | y₋i).
 
     Parameters
     ----------
-    fit : Fit
-        A fitted model.
-    var_name : str, optional
-        Observed site; required when the model has several.
+    {site_parameters}
     prob : float, default 0.9
         Probability inside the interval, in (0, 1).
     groups : str or array_like, optional
@@ -230,6 +225,7 @@ def loo_predictive_interval(fit: Fit, var_name: str | None = None, prob: float =
     return out
 
 
+@site_parameters
 def loo_score(fit: Fit, var_name: str | None = None, kind: str = "crps", pointwise: bool = False,
               round_to=None, *, groups=None):
     """LOO CRPS or SCRPS from the MPE cavities, as maximization scores (arviz-stats' sign convention).
@@ -240,10 +236,7 @@ def loo_score(fit: Fit, var_name: str | None = None, kind: str = "crps", pointwi
 
     Parameters
     ----------
-    fit : Fit
-        A fitted model.
-    var_name : str, optional
-        Observed site; required when the model has several.
+    {site_parameters}
     kind : {"crps", "scrps"}, default "crps"
     pointwise : bool, default False
         Also return the per-observation scores and the leverages.
@@ -293,6 +286,7 @@ def _observed_and_mean(fit: Fit, var_name, groups):
     return y[ok], pv.values["mean"][ok]
 
 
+@site_parameters
 def loo_r2(fit: Fit, var_name: str | None = None, n_simulations: int = 4000, summary: bool = True,
            point_estimate: str = "mean", ci_kind: str = "eti", ci_prob: float = 0.89, round_to=None, *,
            groups=None):
@@ -301,10 +295,7 @@ def loo_r2(fit: Fit, var_name: str | None = None, n_simulations: int = 4000, sum
 
     Parameters
     ----------
-    fit : Fit
-        A fitted model.
-    var_name : str, optional
-        Observed site; required when the model has several.
+    {site_parameters}
     n_simulations : int, default 4000
         Bootstrap draws.
     summary : bool, default True
@@ -367,9 +358,9 @@ def loo_metrics(fit: Fit, kind: str = "rmse", var_name: str | None = None, round
     var_name : str, optional
         Observed site; required when the model has several.
     round_to : int or str, optional
-        Decimals or significant digits; raw numbers by default.
+        Decimals or significant digits of the metric and its standard error; raw numbers by default.
     groups : str or array_like, optional
-        Leave-group-out: each observation's mean with its whole group left out.
+        Leave-group-out: the metric over each observation's mean with its whole group left out.
 
     Returns
     -------

@@ -27,6 +27,7 @@ from numpyro_mpe.engine.predictive import (
 )
 from numpyro_mpe.engine.quadrature import Rule, default_rule
 from numpyro_mpe.errors import MPEError
+from numpyro_mpe.loo.common import site_parameters
 
 if TYPE_CHECKING:
     from numpyro_mpe.fit import Fit
@@ -93,16 +94,14 @@ def _group_values(fit: Fit, site, spec: PredictiveSpec, groups):
 _weighted = jax.jit(weighted_functionals, static_argnums=(0, 1))
 
 
+@site_parameters
 def predictive_values(fit: Fit, var_name: str | None = None, functionals=("pit", "moments"), probs=(), *,
                       groups=None, repaired: dict | None = None) -> PredictiveValues:
     """The LOO predictive ``functionals`` of every observation of one site (the core of this module).
 
     Parameters
     ----------
-    fit : Fit
-        A fitted model.
-    var_name : str, optional
-        Observed site; required when the model has several.
+    {site_parameters}
     functionals : tuple of str
         From ``"pit"``, ``"moments"``, ``"quantiles"``, ``"crps"``
         (:data:`numpyro_mpe.engine.predictive.FUNCTIONALS`).
@@ -120,6 +119,7 @@ def predictive_values(fit: Fit, var_name: str | None = None, functionals=("pit",
     Returns
     -------
     PredictiveValues
+        The functionals by name over the flat observations, with leverage and validity.
 
     Examples
     --------
