@@ -369,33 +369,37 @@ class Fit:
         return importance_loo(self, indices, num_samples=num_samples, rng_key=rng_key, var_name=var_name,
                               **options)
 
-    def loo_pit(self, var_name: str | None = None, *, rng_key=None, prob: float = 0.95, groups=None):
-        """LOO-PIT values from the MPE cavities, with calibration tests in ``attrs``; see
+    def loo_pit(self, var_name: str | None = None, *, rng_key=None, prob: float = 0.95, groups=None,
+                repair: str | None = "flagged"):
+        """LOO-PIT values from the MPE cavities (importance sampling where the closed form is not trusted),
+        with calibration tests in ``attrs``; see
         :func:`numpyro_mpe.loo.predictive.loo_pit`."""
         from numpyro_mpe.loo.predictive import loo_pit
 
-        return loo_pit(self, var_name, rng_key=rng_key, prob=prob, groups=groups)
+        return loo_pit(self, var_name, rng_key=rng_key, prob=prob, groups=groups, repair=repair)
 
-    def loo_expectations(self, var_name: str | None = None, kind: str = "mean", probs=None, *, groups=None):
+    def loo_expectations(self, var_name: str | None = None, kind: str = "mean", probs=None, *, groups=None,
+                         repair: str | None = "flagged"):
         """LOO predictive mean, var, sd, median or quantiles and the leverage (as arviz-stats' k̂); see
         :func:`numpyro_mpe.loo.predictive.loo_expectations`."""
         from numpyro_mpe.loo.predictive import loo_expectations
 
-        return loo_expectations(self, var_name, kind, probs, groups=groups)
+        return loo_expectations(self, var_name, kind, probs, groups=groups, repair=repair)
 
-    def loo_predictive_interval(self, var_name: str | None = None, prob: float = 0.9, *, groups=None):
+    def loo_predictive_interval(self, var_name: str | None = None, prob: float = 0.9, *, groups=None,
+                                repair: str | None = "flagged"):
         """Central LOO predictive intervals; see
         :func:`numpyro_mpe.loo.predictive.loo_predictive_interval`."""
         from numpyro_mpe.loo.predictive import loo_predictive_interval
 
-        return loo_predictive_interval(self, var_name, prob, groups=groups)
+        return loo_predictive_interval(self, var_name, prob, groups=groups, repair=repair)
 
     def loo_score(self, var_name: str | None = None, kind: str = "crps", pointwise: bool = False,
-                  round_to=None, *, groups=None):
+                  round_to=None, *, groups=None, repair: str | None = "flagged"):
         """LOO CRPS or SCRPS (maximization scores); see :func:`numpyro_mpe.loo.predictive.loo_score`."""
         from numpyro_mpe.loo.predictive import loo_score
 
-        return loo_score(self, var_name, kind, pointwise, round_to, groups=groups)
+        return loo_score(self, var_name, kind, pointwise, round_to, groups=groups, repair=repair)
 
     def loo_r2(self, var_name: str | None = None, **options):
         """LOO-adjusted R²; see :func:`numpyro_mpe.loo.predictive.loo_r2` for the ``options``."""
@@ -403,12 +407,13 @@ class Fit:
 
         return loo_r2(self, var_name, **options)
 
-    def loo_metrics(self, kind: str = "rmse", var_name: str | None = None, round_to=None, *, groups=None):
+    def loo_metrics(self, kind: str = "rmse", var_name: str | None = None, round_to=None, *, groups=None,
+                    repair: str | None = "flagged"):
         """LOO predictive metrics (mae, mse, rmse, acc, acc_balanced); see
         :func:`numpyro_mpe.loo.predictive.loo_metrics`."""
         from numpyro_mpe.loo.predictive import loo_metrics
 
-        return loo_metrics(self, kind, var_name, round_to, groups=groups)
+        return loo_metrics(self, kind, var_name, round_to, groups=groups, repair=repair)
 
     def parameter_shift(self, var_names=None, var_name: str | None = None,
                         chunk_size: int | None = None) -> xr.Dataset:

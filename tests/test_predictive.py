@@ -98,35 +98,44 @@ def _check_closed_forms(values, mu, sd, y, atol=1e-6):
 def test_gaussian_closed_forms(gaussian):
     X, y, fit = gaussian
     mu, sd = loo_normal(X, y, np.arange(len(y)))
-    pv = predictive_values(fit, functionals=ALL, probs=PROBS)
+    pv = predictive_values(fit, functionals=ALL, probs=PROBS, repair=None)
     assert pv.valid.all() and pv.spec.normal and not pv.spec.discrete
     _check_closed_forms(pv.values, mu, sd, y)
-    # the public functions: the same numbers, arviz-stats' names and signs
-    ds = fit.loo_pit()
+    # by default the high-leverage row 0 (leverage > 0.5) takes importance sampling toward p(θ | y₋0), as
+    # fit.loo() repairs it: the same value within its Monte Carlo error, the other rows untouched
+    lev = fit.sensitivities().leverage.values
+    assert lev[0] > 0.5 and (lev[1:] < 0.5).all()
+    rep = predictive_values(fit, functionals=ALL, probs=PROBS)
+    np.testing.assert_allclose(rep.values["mean"][0], mu[0], atol=0.02)
+    np.testing.assert_allclose(rep.values["pit_lower"][0], stats.norm.cdf(y[0], mu[0], sd[0]), atol=0.01)
+    np.testing.assert_array_equal(rep.values["mean"][1:], pv.values["mean"][1:])
+    # the public functions (closed forms: repair=None): the same numbers, arviz-stats' names and signs
+    ds = fit.loo_pit(repair=None)
     np.testing.assert_allclose(ds["y"].values, stats.norm.cdf(y, mu, sd), atol=1e-6)
     assert not ds.attrs["randomized"] and "continuous" in ds.attrs["rng_key"]
-    mean, khat = fit.loo_expectations()
+    mean, khat = fit.loo_expectations(repair=None)
     np.testing.assert_allclose(mean.values, mu, atol=1e-6)
     np.testing.assert_allclose(khat.values, fit.sensitivities().leverage.values)
-    np.testing.assert_allclose(fit.loo_expectations(kind="sd")[0].values, sd, atol=1e-6)
-    np.testing.assert_allclose(fit.loo_expectations(kind="var")[0].values, sd**2, atol=1e-6)
-    np.testing.assert_allclose(fit.loo_expectations(kind="median")[0].values, mu, atol=1e-6)
-    q, _ = fit.loo_expectations(kind="quantile", probs=[0.1, 0.7])
+    np.testing.assert_allclose(fit.loo_expectations(repair=None, kind="sd")[0].values, sd, atol=1e-6)
+    np.testing.assert_allclose(fit.loo_expectations(repair=None, kind="var")[0].values, sd**2, atol=1e-6)
+    np.testing.assert_allclose(fit.loo_expectations(repair=None, kind="median")[0].values, mu, atol=1e-6)
+    q, _ = fit.loo_expectations(repair=None, kind="quantile", probs=[0.1, 0.7])
     assert q.dims == ("quantile", "data") and q["quantile"].values.tolist() == [0.1, 0.7]
     np.testing.assert_allclose(q.values, stats.norm.ppf([[0.1], [0.7]], mu, sd), atol=1e-6)
-    ci = fit.loo_predictive_interval(prob=0.8)
+    ci = fit.loo_predictive_interval(repair=None, prob=0.8)
     np.testing.assert_allclose(ci.sel(ci_bound="upper").values, stats.norm.ppf(0.9, mu, sd), atol=1e-6)
     lo, hi = stats.norm.ppf([[0.1], [0.9]], mu, sd)
     assert ci.attrs["coverage"] == pytest.approx(np.mean((lo <= y) & (y <= hi)))
     crps, abs_err, mad = crps_normal(mu, sd, y)
-    res = fit.loo_score(pointwise=True)
+    res = fit.loo_score(repair=None, pointwise=True)
     np.testing.assert_allclose(res.pointwise.values, -crps, atol=1e-6)  # a maximization score: −CRPS
     assert res.mean == pytest.approx(-crps.mean(), abs=1e-6) and res.se == pytest.approx(crps.std() / 30**0.5)
-    scrps = fit.loo_score(kind="scrps", pointwise=True)
+    scrps = fit.loo_score(repair=None, kind="scrps", pointwise=True)
     np.testing.assert_allclose(scrps.pointwise.values, -abs_err / mad - 0.5 * np.log(mad), atol=1e-6)
-    assert fit.loo_metrics(kind="rmse").mean == pytest.approx(np.sqrt(np.mean((y - mu) ** 2)), abs=1e-6)
-    assert fit.loo_metrics(kind="mae", round_to=3).mean == round(np.mean(np.abs(y - mu)), 3)
-    r2 = fit.loo_r2(summary=False)
+    rmse = np.sqrt(np.mean((y - mu) ** 2))
+    assert fit.loo_metrics(repair=None, kind="rmse").mean == pytest.approx(rmse, abs=1e-6)
+    assert fit.loo_metrics(repair=None, kind="mae", round_to=3).mean == round(np.mean(np.abs(y - mu)), 3)
+    r2 = fit.loo_r2(repair=None, summary=False)
     assert r2.shape == (4000,) and np.median(r2) == pytest.approx(1 - np.var(y - mu) / np.var(y), abs=0.03)
 
 
@@ -136,13 +145,13 @@ def test_gaussian_leave_group_out(gaussian):
     mu, sd = loo_normal(X, y, groups)
     pv = predictive_values(fit, functionals=ALL, probs=PROBS, groups=groups)
     _check_closed_forms(pv.values, mu, sd, y)
-    np.testing.assert_allclose(fit.loo_expectations(groups=groups)[0].values, mu, atol=1e-6)
+    np.testing.assert_allclose(fit.loo_expectations(repair=None, groups=groups)[0].values, mu, atol=1e-6)
     crps = crps_normal(mu, sd, y)[0]
-    scores = fit.loo_score(pointwise=True, groups=groups).pointwise.values
+    scores = fit.loo_score(repair=None, pointwise=True, groups=groups).pointwise.values
     np.testing.assert_allclose(scores, -crps, atol=1e-6)
     # groups of one observation are leave-one-out
     one = predictive_values(fit, functionals=("moments",), groups=np.arange(len(y)))
-    loo = predictive_values(fit, functionals=("moments",))
+    loo = predictive_values(fit, functionals=("moments",), repair=None)
     np.testing.assert_allclose(one.values["mean"], loo.values["mean"], atol=1e-10)
 
 
@@ -152,7 +161,7 @@ def test_gaussian_memory_pass(gaussian):
     mc = Fit(fit.adapter, fit.posterior, "laplace", memories=MemorySpec(kind="mc", num_samples=8))
     assert not mc.uses_predictor("y")
     mu, sd = loo_normal(X, y, np.arange(len(y)))
-    _check_closed_forms(predictive_values(mc, functionals=ALL, probs=PROBS).values, mu, sd, y)
+    _check_closed_forms(predictive_values(mc, functionals=ALL, probs=PROBS, repair=None).values, mu, sd, y)
 
 
 # ===================================================================== arviz-stats on NUTS draws
@@ -294,6 +303,8 @@ def test_bad_input(gaussian, poisson_fits):
         predictive_values(fit, functionals=("pit", "entropy"))
     with pytest.raises(MPEError, match="groups="):
         fit.loo_pit(groups=np.arange(30) // 3)
+    with pytest.raises(MPEError, match=r"repair must be one of \('flagged', 'invalid', None\), got 'all'"):
+        fit.loo_pit(repair="all")
     # a discrete site without rng_key: the default key, stated
     assert "PRNGKey(214)" in poisson_fits["poisson"][2].loo_pit().attrs["rng_key"]
 

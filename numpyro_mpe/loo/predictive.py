@@ -83,7 +83,7 @@ def _pit_values(pv: PredictiveValues, rng_key):
 
 @site_parameters
 def loo_pit(fit: Fit, var_name: str | None = None, *, rng_key=None, prob: float = 0.95,
-            groups=None) -> xr.Dataset:
+            groups=None, repair: str | None = "flagged") -> xr.Dataset:
     """LOO probability integral transform: p(ỹ_i ≤ y_i | y₋i) of every observation, from the MPE cavities.
 
     For a continuous outcome the PIT is E[F(y_i | η)] over the cavity; for a discrete one it is randomized,
@@ -101,6 +101,11 @@ def loo_pit(fit: Fit, var_name: str | None = None, *, rng_key=None, prob: float 
     groups : None
         Refused: the PIT values of a group left out together are not independent uniforms.
 
+    repair : {"flagged", "invalid", None}, default "flagged"
+        Observations whose closed form is not trusted — leverage > 0.5 or no Gaussian cavity (``"flagged"``),
+        or only the latter (``"invalid"``) — take their values from importance sampling toward p(θ | y₋i),
+        the proposal with which ``fit.loo()`` repairs them; ``None`` keeps the closed form everywhere (NaN
+        without a cavity).  Leave-one-out only (``groups`` keeps the closed form).
     Returns
     -------
     xarray.Dataset
@@ -123,7 +128,7 @@ def loo_pit(fit: Fit, var_name: str | None = None, *, rng_key=None, prob: float 
                        "out together are not independent, so their uniformity test does not apply; "
                        "loo_expectations, loo_predictive_interval, loo_score, loo_r2 and loo_metrics take "
                        "groups=")
-    pv = moment_values(fit, var_name, None, pit=True)
+    pv = moment_values(fit, var_name, None, pit=True, repair=repair)
     _warn_invalid(pv, "LOO-PIT")
     pit, how = _pit_values(pv, rng_key)
     ds = xr.Dataset({pv.site.name: _array(pv.site, pit, pv.site.name)})
@@ -133,7 +138,8 @@ def loo_pit(fit: Fit, var_name: str | None = None, *, rng_key=None, prob: float 
 
 
 @site_parameters
-def loo_expectations(fit: Fit, var_name: str | None = None, kind: str = "mean", probs=None, *, groups=None):
+def loo_expectations(fit: Fit, var_name: str | None = None, kind: str = "mean", probs=None, *, groups=None,
+                     repair: str | None = "flagged"):
     """LOO predictive expectations E[ỹ_i | y₋i] (or var, sd, median, quantiles) from the MPE cavities.
 
     mean and variance by the law of total variance over the cavity (E μ(η), E σ²(η) + Var μ(η)); quantiles
@@ -149,6 +155,11 @@ def loo_expectations(fit: Fit, var_name: str | None = None, kind: str = "mean", 
     groups : str or array_like, optional
         Leave-group-out: each observation's predictive with its whole group left out.
 
+    repair : {"flagged", "invalid", None}, default "flagged"
+        Observations whose closed form is not trusted — leverage > 0.5 or no Gaussian cavity (``"flagged"``),
+        or only the latter (``"invalid"``) — take their values from importance sampling toward p(θ | y₋i),
+        the proposal with which ``fit.loo()`` repairs them; ``None`` keeps the closed form everywhere (NaN
+        without a cavity).  Leave-one-out only (``groups`` keeps the closed form).
     Returns
     -------
     loo_expec : xarray.DataArray
@@ -171,14 +182,14 @@ def loo_expectations(fit: Fit, var_name: str | None = None, kind: str = "mean", 
         raise MPEError("probs must be given when kind is 'quantile'")
     if kind in ("quantile", "median"):
         probs = (0.5,) if kind == "median" else check_probs(probs)
-        pv = predictive_values(fit, var_name, ("quantiles",), probs, groups=groups)
+        pv = predictive_values(fit, var_name, ("quantiles",), probs, groups=groups, repair=repair)
         q = pv.values["quantiles"]
         if kind == "median":
             out = _array(pv.site, q[:, 0], pv.site.name)
         else:
             out = _array(pv.site, q, pv.site.name, ("quantile",), {"quantile": list(probs)})
     else:
-        pv = moment_values(fit, var_name, groups)
+        pv = moment_values(fit, var_name, groups, repair=repair)
         v = pv.values["mean" if kind == "mean" else "var"]
         out = _array(pv.site, np.sqrt(v) if kind == "sd" else v, pv.site.name)
     _warn_invalid(pv, f"LOO {kind}")
@@ -187,7 +198,7 @@ def loo_expectations(fit: Fit, var_name: str | None = None, kind: str = "mean", 
 
 @site_parameters
 def loo_predictive_interval(fit: Fit, var_name: str | None = None, prob: float = 0.9, *,
-                            groups=None) -> xr.DataArray:
+                            groups=None, repair: str | None = "flagged") -> xr.DataArray:
     """Central LOO predictive intervals: the (1 − prob)/2 and (1 + prob)/2 quantiles of p(ỹ_i | y₋i).
 
     Parameters
@@ -198,6 +209,11 @@ def loo_predictive_interval(fit: Fit, var_name: str | None = None, prob: float =
     groups : str or array_like, optional
         Leave-group-out: each observation's predictive with its whole group left out.
 
+    repair : {"flagged", "invalid", None}, default "flagged"
+        Observations whose closed form is not trusted — leverage > 0.5 or no Gaussian cavity (``"flagged"``),
+        or only the latter (``"invalid"``) — take their values from importance sampling toward p(θ | y₋i),
+        the proposal with which ``fit.loo()`` repairs them; ``None`` keeps the closed form everywhere (NaN
+        without a cavity).  Leave-one-out only (``groups`` keeps the closed form).
     Returns
     -------
     xarray.DataArray
@@ -214,7 +230,7 @@ def loo_predictive_interval(fit: Fit, var_name: str | None = None, prob: float =
     """
     (prob,) = check_probs(prob, "prob")
     probs = (0.5 - prob / 2.0, 0.5 + prob / 2.0)
-    pv = predictive_values(fit, var_name, ("quantiles",), probs, groups=groups)
+    pv = predictive_values(fit, var_name, ("quantiles",), probs, groups=groups, repair=repair)
     _warn_invalid(pv, "LOO predictive interval")
     out = _array(pv.site, pv.values["quantiles"], pv.site.name, ("ci_bound",),
                  {"ci_bound": ["lower", "upper"]})
@@ -227,7 +243,7 @@ def loo_predictive_interval(fit: Fit, var_name: str | None = None, prob: float =
 
 @site_parameters
 def loo_score(fit: Fit, var_name: str | None = None, kind: str = "crps", pointwise: bool = False,
-              round_to=None, *, groups=None):
+              round_to=None, *, groups=None, repair: str | None = "flagged"):
     """LOO CRPS or SCRPS from the MPE cavities, as maximization scores (arviz-stats' sign convention).
 
     CRPS_i = E|Ỹ − y_i| − ½ E|Ỹ − Ỹ′| under p(ỹ | y₋i) (closed form for a Normal likelihood, else by
@@ -245,6 +261,11 @@ def loo_score(fit: Fit, var_name: str | None = None, kind: str = "crps", pointwi
     groups : str or array_like, optional
         Leave-group-out: each observation's predictive with its whole group left out.
 
+    repair : {"flagged", "invalid", None}, default "flagged"
+        Observations whose closed form is not trusted — leverage > 0.5 or no Gaussian cavity (``"flagged"``),
+        or only the latter (``"invalid"``) — take their values from importance sampling toward p(θ | y₋i),
+        the proposal with which ``fit.loo()`` repairs them; ``None`` keeps the closed form everywhere (NaN
+        without a cavity).  Leave-one-out only (``groups`` keeps the closed form).
     Returns
     -------
     namedtuple
@@ -261,7 +282,7 @@ def loo_score(fit: Fit, var_name: str | None = None, kind: str = "crps", pointwi
     """
     if kind not in ("crps", "scrps"):
         raise MPEError(f"kind must be 'crps' or 'scrps', got '{kind}'")
-    pv = predictive_values(fit, var_name, ("crps",), groups=groups)
+    pv = predictive_values(fit, var_name, ("crps",), groups=groups, repair=repair)
     _warn_invalid(pv, kind.upper())
     if kind == "crps":
         score = -pv.values["crps"]
@@ -278,8 +299,8 @@ def loo_score(fit: Fit, var_name: str | None = None, kind: str = "crps", pointwi
     return namedtuple(name, ["mean", "se"])(_round(mean, round_to), _round(se, round_to))
 
 
-def _observed_and_mean(fit: Fit, var_name, groups):
-    pv = moment_values(fit, var_name, groups)
+def _observed_and_mean(fit: Fit, var_name, groups, repair):
+    pv = moment_values(fit, var_name, groups, repair=repair)
     _warn_invalid(pv, "LOO mean")
     y = np.asarray(pv.site.flat_value, float)
     ok = np.isfinite(pv.values["mean"])
@@ -289,7 +310,7 @@ def _observed_and_mean(fit: Fit, var_name, groups):
 @site_parameters
 def loo_r2(fit: Fit, var_name: str | None = None, n_simulations: int = 4000, summary: bool = True,
            point_estimate: str = "mean", ci_kind: str = "eti", ci_prob: float = 0.89, round_to=None, *,
-           groups=None):
+           groups=None, repair: str | None = "flagged"):
     """LOO-adjusted R² = 1 − Var(y − E[ỹ | y₋i]) / Var(y), with the Dirichlet-weighted bootstrap of
     arviz-stats' ``loo_r2`` (same seed, 42) over the MPE LOO means.
 
@@ -309,6 +330,11 @@ def loo_r2(fit: Fit, var_name: str | None = None, n_simulations: int = 4000, sum
     groups : str or array_like, optional
         Leave-group-out: each observation's mean with its whole group left out.
 
+    repair : {"flagged", "invalid", None}, default "flagged"
+        Observations whose closed form is not trusted — leverage > 0.5 or no Gaussian cavity (``"flagged"``),
+        or only the latter (``"invalid"``) — take their values from importance sampling toward p(θ | y₋i),
+        the proposal with which ``fit.loo()`` repairs them; ``None`` keeps the closed form everywhere (NaN
+        without a cavity).  Leave-one-out only (``groups`` keeps the closed form).
     Returns
     -------
     namedtuple or numpy.ndarray
@@ -329,7 +355,7 @@ def loo_r2(fit: Fit, var_name: str | None = None, n_simulations: int = 4000, sum
     if point_estimate not in ("mean", "median"):
         raise MPEError(f"point_estimate must be 'mean' or 'median', got '{point_estimate}'")
     (ci_prob,) = check_probs(ci_prob, "ci_prob")
-    y, pred = _observed_and_mean(fit, var_name, groups)
+    y, pred = _observed_and_mean(fit, var_name, groups, repair)
     n = y.size
     eloo = pred - y
     rd = stats.dirichlet.rvs(np.ones(n), size=int(n_simulations), random_state=42)
@@ -345,7 +371,8 @@ def loo_r2(fit: Fit, var_name: str | None = None, n_simulations: int = 4000, sum
     return namedtuple("loo_R2", fields)(*(_round(v, round_to) for v in (est, lb, ub)))
 
 
-def loo_metrics(fit: Fit, kind: str = "rmse", var_name: str | None = None, round_to=None, *, groups=None):
+def loo_metrics(fit: Fit, kind: str = "rmse", var_name: str | None = None, round_to=None, *, groups=None,
+                repair: str | None = "flagged"):
     """Predictive metrics of the MPE LOO means against the observations, as arviz-stats' ``loo_metrics``.
 
     Parameters
@@ -362,6 +389,11 @@ def loo_metrics(fit: Fit, kind: str = "rmse", var_name: str | None = None, round
     groups : str or array_like, optional
         Leave-group-out: the metric over each observation's mean with its whole group left out.
 
+    repair : {"flagged", "invalid", None}, default "flagged"
+        Observations whose closed form is not trusted — leverage > 0.5 or no Gaussian cavity (``"flagged"``),
+        or only the latter (``"invalid"``) — take their values from importance sampling toward p(θ | y₋i),
+        the proposal with which ``fit.loo()`` repairs them; ``None`` keeps the closed form everywhere (NaN
+        without a cavity).  Leave-one-out only (``groups`` keeps the closed form).
     Returns
     -------
     namedtuple
@@ -376,7 +408,7 @@ def loo_metrics(fit: Fit, kind: str = "rmse", var_name: str | None = None, round
     """
     if kind not in METRIC_KINDS:
         raise MPEError(f"kind must be one of {list(METRIC_KINDS)}, got '{kind}'")
-    y, pred = _observed_and_mean(fit, var_name, groups)
+    y, pred = _observed_and_mean(fit, var_name, groups, repair)
     n = y.size
     if kind in ("mae", "mse", "rmse"):
         e = np.abs(y - pred) if kind == "mae" else (y - pred) ** 2

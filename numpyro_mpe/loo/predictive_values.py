@@ -33,6 +33,12 @@ if TYPE_CHECKING:
     from numpyro_mpe.fit import Fit
 
 
+#: Which observations take importance-sampled functionals, and the leverage above which one is flagged
+#: (the trust rule of ``fit.loo()``'s repairs).
+REPAIRS = ("flagged", "invalid", None)
+MAX_LEVERAGE = 0.5
+
+
 class PredictiveValues(NamedTuple):
     """Per-observation functionals of one site (flat arrays over its N observations): ``values`` by output
     name (:attr:`PredictiveSpec.outputs`), the MPE ``leverage`` (or the group's) and ``valid``."""
@@ -96,7 +102,8 @@ _weighted = jax.jit(weighted_functionals, static_argnums=(0, 1))
 
 @site_parameters
 def predictive_values(fit: Fit, var_name: str | None = None, functionals=("pit", "moments"), probs=(), *,
-                      groups=None, repaired: dict | None = None) -> PredictiveValues:
+                      groups=None, repaired: dict | None = None,
+                      repair: str | None = "flagged") -> PredictiveValues:
     """The LOO predictive ``functionals`` of every observation of one site (the core of this module).
 
     Parameters
@@ -115,6 +122,9 @@ def predictive_values(fit: Fit, var_name: str | None = None, functionals=("pit",
         predictors (importance sampling), whose functionals replace the quadrature values.  By default
         (leave-one-out) the observations without a Gaussian cavity (leverage ≥ 1) get the importance
         sampling of ``fit.loo()``'s repairs (:func:`numpyro_mpe.loo.importance.predictor_samples`).
+    repair : {"flagged", "invalid", None}, default "flagged"
+        Without ``repaired``: which observations get that importance sampling — leverage > 0.5 or no
+        Gaussian cavity, only the latter, or none (leave-one-out only).
 
     Returns
     -------
@@ -140,11 +150,14 @@ def predictive_values(fit: Fit, var_name: str | None = None, functionals=("pit",
         leverage, valid = np.asarray(res.leverage), np.array(res.valid)
     else:
         values, leverage, valid = _group_values(fit, site, spec, groups)
-    if repaired is None and groups is None and not valid.all():
-        # no Gaussian cavity (leverage >= 1): the importance sampling of fit.loo()'s repairs instead
+    if repair not in REPAIRS:
+        raise MPEError(f"repair must be one of {REPAIRS}, got {repair!r}")
+    untrusted = ~valid | (np.asarray(leverage) > MAX_LEVERAGE if repair == "flagged" else False)
+    if repaired is None and groups is None and repair is not None and untrusted.any():
+        # the closed form is not trusted there: the importance sampling of fit.loo()'s repairs instead
         from numpyro_mpe.loo.importance import predictor_samples
 
-        repaired = predictor_samples(fit, site.name, np.flatnonzero(~valid))
+        repaired = predictor_samples(fit, site.name, np.flatnonzero(untrusted))
     if repaired:
         aux = fit.adapter.predictor_aux(fit.posterior.mean, site.name)
         y = site.flat_value
@@ -156,16 +169,17 @@ def predictive_values(fit: Fit, var_name: str | None = None, functionals=("pit",
     return PredictiveValues(site, spec, values, leverage, valid)
 
 
-def moment_values(fit: Fit, var_name, groups, pit: bool = False) -> PredictiveValues:
+def moment_values(fit: Fit, var_name, groups, pit: bool = False, repair: str | None = "flagged"
+                  ) -> PredictiveValues:
     """The pass of ``("pit", "moments")``, one program for ``loo_pit``, the moments of ``loo_expectations``,
     ``loo_r2`` and ``loo_metrics``; ``("moments",)`` alone with groups or where the PIT is not defined."""
     if groups is None:
         try:
-            return predictive_values(fit, var_name, ("pit", "moments"))
+            return predictive_values(fit, var_name, ("pit", "moments"), repair=repair)
         except MPEError:
             if pit:
                 raise
-    return predictive_values(fit, var_name, ("moments",), groups=groups)
+    return predictive_values(fit, var_name, ("moments",), groups=groups, repair=repair)
 
 
 __all__ = ["PredictiveValues", "moment_values", "predictive_values"]
