@@ -24,7 +24,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.special import gammaln, logsumexp
+from jax.scipy.special import gammaln
+from scipy.special import logsumexp  # host-side: the weights are NumPy arrays
 from tqdm.auto import tqdm
 
 
@@ -42,6 +43,19 @@ def _log_g0(w, df):
     p = w.shape[-1]
     return (gammaln((df + p) / 2) - gammaln(df / 2) - 0.5 * p * jnp.log(df * jnp.pi)
             - 0.5 * (df + p) * jnp.log1p(jnp.sum(w * w, -1) / df))
+
+
+@partial(jax.jit, static_argnames=("num", "p", "df", "dtype"))
+def _reference_draws(key, num, p, df, dtype):
+    """Draws from g₀ = t_df(0, I) in whitened coordinates."""
+    z = jax.random.normal(key, (num, p), dtype)
+    chi2 = jax.random.chisquare(jax.random.fold_in(key, 1), df, (num,), dtype)
+    return z * jnp.sqrt(df / chi2)[:, None]
+
+
+@partial(jax.jit, static_argnames=("inflate",))
+def _to_theta(post, w, *, inflate):
+    return post.mean + post.unwhiten(inflate * w.T).T
 
 
 def _potential_w(adapter, post, w, inflate):
@@ -128,9 +142,7 @@ def tempered_smc(adapter, posterior, rng_key, *, num_particles: int = 4000, num_
     p = posterior.mean.shape[0]
     dtype = posterior.mean.dtype
     k0, key = jax.random.split(rng_key)
-    z = jax.random.normal(k0, (num_particles, p), dtype)
-    chi2 = jax.random.chisquare(jax.random.fold_in(k0, 1), df, (num_particles,), dtype)
-    w = z * jnp.sqrt(df / chi2)[:, None]
+    w = _reference_draws(k0, num_particles, p, float(df), dtype)
     b, log_z, stages, acceptance = 0.0, 0.0, 0, []
     eps = float(p ** (-1.0 / 6.0))
     kw = {"df": float(df), "inflate": float(inflate)}
@@ -174,7 +186,7 @@ def tempered_smc(adapter, posterior, rng_key, *, num_particles: int = 4000, num_
         eps = eps * 0.6 if a < 0.4 else (eps * 1.4 if a > 0.75 else eps)
         stages += 1
     bar.close()
-    theta = posterior.mean + posterior.unwhiten(inflate * jnp.asarray(w).T).T
+    theta = _to_theta(posterior, jnp.asarray(w, dtype), inflate=float(inflate))
     return SMCResult(np.asarray(theta), log_z, stages, acceptance)
 
 

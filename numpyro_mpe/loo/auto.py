@@ -39,7 +39,7 @@ import xarray as xr
 
 from numpyro_mpe.errors import MPEError
 from numpyro_mpe.loo.common import GOOD_K, site_parameters, smooth_log_weights
-from numpyro_mpe.loo.importance import UnitImportance
+from numpyro_mpe.loo.importance import UnitImportance, _one_hot, memory_rows
 from numpyro_mpe.loo.posterior_check import (
     DF,
     NUM_SAMPLES,
@@ -154,7 +154,6 @@ def auto_loo(fit: Fit, var_name: str | None = None, *, num_samples: int = NUM_SA
     khat = lev.copy()
     method = np.full(n, "mpe", dtype=object)
     attrs = {"global_k": np.nan, "global_k_gaussian": np.nan, "branch": "closed-form"}
-    mem = fit.memories(name)
 
     def unit_is(idx, key_idx):
         """Mixture IS from each observation's cavity, then moment matching where k̂ stays above 0.7."""
@@ -163,15 +162,12 @@ def auto_loo(fit: Fit, var_name: str | None = None, *, num_samples: int = NUM_SA
         engine = UnitImportance(fit, name, obs_samples, jax.random.fold_in(key, key_idx), df=df,
                                 defensive=0.5)
 
-        def rows():
-            for i in idx:
-                yield mem.grad[i], mem.hess[i], jax.nn.one_hot(i, n, dtype=mem.grad.dtype)
-
-        est = engine.run(rows(), idx.size, progress)
+        memory = dict(zip(idx.tolist(), memory_rows(fit, name, idx)))
+        est = engine.run(((*memory[i], _one_hot(i, n)) for i in idx.tolist()), idx.size, progress)
         elpd[idx], mcse[idx], khat[idx] = est["elpd"], est["mcse"], est["khat"]
         method[idx] = "mixture-is"
         for i in idx[est["khat"] > GOOD_K]:
-            mm = engine.moment_match(mem.grad[i], mem.hess[i], jax.nn.one_hot(i, n, dtype=mem.grad.dtype))
+            mm = engine.moment_match(*memory[int(i)], _one_hot(int(i), n))
             if mm["khat"] < khat[i]:
                 elpd[i], mcse[i], khat[i] = mm["elpd"], mm["mcse"], mm["khat"]
                 method[i] = "moment-matched-is"
@@ -200,11 +196,11 @@ def auto_loo(fit: Fit, var_name: str | None = None, *, num_samples: int = NUM_SA
                 branch = "smc"
         if branch == "smc":
             from numpyro_mpe.inference.smc import tempered_smc
-            from numpyro_mpe.loo.posterior_check import _terms
+            from numpyro_mpe.loo.posterior_check import _batch, site_log_lik_at
 
             smc = tempered_smc(fit.adapter, fit.posterior, jax.random.fold_in(key, 2), progress=progress)
-            batch = int(max(1, min(smc.theta.shape[0], 2**22 // max(n, 1))))
-            _, ll = _terms(fit.adapter, jax.numpy.asarray(smc.theta), name=name, batch=batch)
+            ll = site_log_lik_at(fit.adapter, jax.numpy.asarray(smc.theta), name=name,
+                                 batch=_batch(n, smc.theta.shape[0]))
             elpd[:], mcse[:], khat[:], _ = _psis_loo(np.zeros(smc.theta.shape[0]), np.asarray(ll))
             method[:] = "smc-psis"
             attrs.update(smc_stages=smc.stages, smc_particles=int(smc.theta.shape[0]))

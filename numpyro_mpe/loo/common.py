@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import warnings
 
-import jax.numpy as jnp
 import numpy as np
-from jax.scipy.special import logsumexp
+from scipy.special import logsumexp  # on the host: these are small NumPy reductions
 
 #: Log-weights whose spread is below this are treated as constant (no Pareto tail to fit).
 CONSTANT_LOG_WEIGHTS = float(np.sqrt(np.finfo(float).eps))
@@ -117,7 +116,8 @@ def weighted_estimate(smoothed, ll, khat=None):
     ``inf`` (a sample that one draw dominates looks certain and is not).
     """
     ll = np.where(np.isfinite(smoothed), ll, -np.inf)
-    est = np.asarray(logsumexp(jnp.asarray(smoothed + ll), axis=-1))
+    with np.errstate(invalid="ignore"):
+        est = np.asarray(logsumexp(smoothed + ll, axis=-1))
     w = np.exp(smoothed)
     with np.errstate(invalid="ignore", over="ignore"):
         rel = np.exp(ll - est[:, None])  # p_s / p̂
@@ -158,7 +158,7 @@ def log_mean_exp(log_w):
     """log mean exp along the last axis, and the Monte Carlo standard error of it (delta method)."""
     log_w = np.asarray(log_w, dtype=float)
     n = log_w.shape[-1]
-    est = np.asarray(logsumexp(jnp.asarray(log_w), axis=-1)) - np.log(n)
+    est = np.asarray(logsumexp(log_w, axis=-1)) - np.log(n)
     with np.errstate(invalid="ignore", over="ignore"):
         rel = np.exp(log_w - est[..., None])
         mcse = np.std(rel, axis=-1) / np.sqrt(n)

@@ -61,6 +61,9 @@ def _proposal_one(post, g, h, clip):
     return u, c, logdet
 
 
+_jit_proposal = jax.jit(_proposal_one)
+
+
 def importance_loo(fit, indices=None, num_samples: int = 1000, rng_key=None, var_name=None, *,
                    clip: float = 0.05, df: float | None = None, defensive: float = 0.0, psis=None,
                    progress: bool | None = None) -> xr.Dataset:
@@ -137,15 +140,14 @@ def importance_loo(fit, indices=None, num_samples: int = 1000, rng_key=None, var
             raise ValueError(f"psis has {khat_psis.size} Pareto k values, the site '{site.name}' has "
                              f"{site.num_obs} observations")
     idx = select_indices(indices, res.leverage, res.valid, site.num_obs, khat_psis, site.name)
-    mem = fit.memories(site.name)
     num_samples = int(num_samples)
     if num_samples < 2:
         raise ValueError(f"num_samples must be at least 2, got {num_samples}")
     progress = fit.progress if progress is None else progress
 
     def rows():
-        for i in idx:
-            yield mem.grad[i], mem.hess[i], jax.nn.one_hot(i, site.num_obs, dtype=mem.grad.dtype)
+        for i, (g, h) in zip(idx, memory_rows(fit, site.name, idx)):
+            yield g, h, _one_hot(i, site.num_obs)
 
     est = UnitImportance(fit, site.name, num_samples, rng_key, clip=clip, df=df,
                          defensive=defensive).run(rows(), len(idx), progress)
@@ -162,6 +164,13 @@ def importance_loo(fit, indices=None, num_samples: int = 1000, rng_key=None, var
     return ds
 
 
+def _one_hot(i: int, n: int) -> np.ndarray:
+    """Row ``i`` of the N×N identity, built on the host (no compiled program per call)."""
+    a = np.zeros(n)
+    a[int(i)] = 1.0
+    return a
+
+
 def _base_logpdf(z, df):
     """log density of whitened offsets z (..., P): N(0, I) (``df`` None) or the multivariate t_df(0, I)."""
     p = z.shape[-1]
@@ -172,14 +181,22 @@ def _base_logpdf(z, df):
             - 0.5 * (df + p) * jnp.log1p(r2 / df))
 
 
+@partial(jax.jit, static_argnames=("num_samples", "p", "df", "dtype"))
 def base_draws(rng_key, num_samples: int, p: int, df, dtype=jnp.float64):
     """``num_samples`` whitened offsets from N(0, I), or from the multivariate t_df(0, I) (a Gaussian draw
-    scaled by √(df/χ²_df))."""
+    scaled by √(df/χ²_df)); one compiled program."""
     z = jax.random.normal(rng_key, (num_samples, p), dtype)
     if df is None:
         return z
     chi2 = jax.random.chisquare(jax.random.fold_in(rng_key, 1), df, (num_samples,), dtype)
     return z * jnp.sqrt(df / chi2)[:, None]
+
+
+@partial(jax.jit, static_argnames=("name", "df", "num_defensive", "batch"))
+def _cavity_draws(post, adapter, z, g, h, a, clip, *, name, df, num_defensive, batch):
+    """:func:`_unit_draws` from the unit's clipped cavity (memory ĝ, Ĥ), in one program."""
+    u, c, _ = _proposal_one(post, g, h, clip)
+    return _unit_draws(post, adapter, z, u, c, a, name=name, df=df, num_defensive=num_defensive, batch=batch)
 
 
 @partial(jax.jit, static_argnames=("name", "df", "num_defensive", "batch"))
@@ -236,17 +253,22 @@ class UnitImportance:
         p = fit.posterior.mean.shape[0]
         self.key = jax.random.PRNGKey(0) if rng_key is None else rng_key
         self.z = base_draws(self.key, self.num_samples, p, df, fit.posterior.mean.dtype)
+        self.static = {"name": name, "df": df, "num_defensive": self.num_defensive}
         self.batch = int(max(1, min(self.num_samples, 2**22 // max(fit.adapter.observed[name].num_obs, 1))))
 
     def draws(self, u, c, a, z=None):
         """Log-ratios, log-likelihoods and whitened draws of one unit with proposal centre u and factor c."""
-        return _unit_draws(self.fit.posterior, self.fit.adapter, self.z if z is None else z, u, c,
-                           jnp.asarray(a, self.z.dtype), name=self.name, df=self.df,
-                           num_defensive=self.num_defensive, batch=self.batch)
+        return _unit_draws(self.fit.posterior, self.fit.adapter, self.z if z is None else z, jnp.asarray(u),
+                           jnp.asarray(c), jnp.asarray(a, self.z.dtype), batch=self.batch, **self.static)
+
+    def cavity_draws(self, g, h, a):
+        """:meth:`draws` from the unit's clipped cavity, memory (ĝ, Ĥ)."""
+        return _cavity_draws(self.fit.posterior, self.fit.adapter, self.z, g, h, jnp.asarray(a, self.z.dtype),
+                             self.clip, batch=self.batch, **self.static)
 
     def cavity(self, g, h):
         """The clipped cavity of memory (ĝ, Ĥ) as a proposal centre and factor in whitened coordinates."""
-        u, c, _ = _proposal_one(self.fit.posterior, g, h, self.clip)
+        u, c, _ = _jit_proposal(self.fit.posterior, g, h, self.clip)
         return u, c
 
     @staticmethod
@@ -267,7 +289,7 @@ class UnitImportance:
         log_r, lls = [], []
         for g, h, a in tqdm(rows, total=num_rows, desc=f"MPE-IS {self.name}",
                             disable=not progress or num_rows < 2, leave=False):
-            r, ll, _ = self.draws(*self.cavity(g, h), a)
+            r, ll, _ = self.cavity_draws(g, h, a)
             log_r.append(np.asarray(r))
             lls.append(np.asarray(ll))
         est = self.estimate(np.stack(log_r), np.stack(lls))
@@ -280,7 +302,7 @@ class UnitImportance:
         (``elpd``, ``mcse``, ``khat``, ``ess`` as floats) from fresh draws of the last accepted proposal, and
         ``iterations``."""
         u, c = self.cavity(g, h)
-        r, ll, w = self.draws(u, c, a)
+        r, ll, w = self.cavity_draws(g, h, a)
         est = self.estimate(r, ll)
         it = 0
         while est["khat"][0] > GOOD_K and it < max_iter:
@@ -313,17 +335,28 @@ def predictor_samples(fit, name: str, indices, num_samples: int = 2000, rng_key=
     defensive t mixture): ``{i: (eta (S, K_all), smoothed log-weights (S,))}``, the ``repaired`` argument of
     :func:`numpyro_mpe.loo.predictive_values.predictive_values`."""
     engine = UnitImportance(fit, name, num_samples, rng_key, df=df, defensive=defensive)
-    mem = fit.memories(name)
     n = fit.adapter.observed[name].num_obs
-    eta_of = jax.jit(jax.vmap(lambda t, i: fit.adapter.eta(t, name)[i], (0, None)))
     out = {}
-    for i in np.asarray(indices, dtype=int).tolist():
-        a = jax.nn.one_hot(i, n, dtype=mem.grad.dtype)
-        log_r, ll, w = engine.draws(*engine.cavity(mem.grad[i], mem.hess[i]), a)
+    for i, (g, h) in zip(np.asarray(indices, dtype=int).tolist(), memory_rows(fit, name, indices)):
+        log_r, ll, w = engine.cavity_draws(g, h, _one_hot(i, n))
         smoothed = engine.estimate(log_r, ll)["smoothed"][0]
-        theta = fit.posterior.mean + fit.posterior.unwhiten(w.T).T
-        out[i] = (np.asarray(eta_of(theta, i)), smoothed)
+        out[i] = (np.asarray(_eta_at(fit.adapter, fit.posterior, w, i, name=name)), smoothed)
     return out
+
+
+@partial(jax.jit, static_argnames=("name",))
+def _eta_at(adapter, post, w, i, *, name):
+    """The predictor of observation i at the whitened draws w (S, P)."""
+    return jax.vmap(lambda t: adapter.eta(t, name)[i])(post.mean + post.unwhiten(w.T).T)
+
+
+def memory_rows(fit, name: str, indices) -> list:
+    """The memories (ĝ_i, Ĥ_i) of the observations ``indices`` as host arrays (one gather, not one compiled
+    indexing program per observation)."""
+    mem = fit.memories(name)
+    idx = jnp.asarray(np.asarray(indices, dtype=int))
+    grads, hess = np.asarray(jnp.take(mem.grad, idx, axis=0)), np.asarray(jnp.take(mem.hess, idx, axis=0))
+    return list(zip(grads, hess))
 
 
 def select_indices(indices, leverage, valid, num_obs: int, khat_psis=None, var_name: str = "") -> np.ndarray:
@@ -412,9 +445,11 @@ def importance_groups(fit, groups, var_name=None, select=None, num_samples: int 
     lev = np.asarray(jax.vmap(lambda g, h: _whitened(fit.posterior, g, h)[1][-1])(g_sum, h_sum))
     progress = fit.progress if progress is None else progress
 
+    g_host, h_host = np.asarray(g_sum), np.asarray(h_sum)
+
     def rows():
         for k in chosen:
-            yield g_sum[k], h_sum[k], jnp.asarray(codes == k, mem.grad.dtype)
+            yield g_host[k], h_host[k], (codes == k).astype(float)
 
     est = UnitImportance(fit, site.name, num_samples, rng_key, clip=clip, df=df).run(rows(), chosen.size,
                                                                                       progress)

@@ -25,7 +25,6 @@ from functools import partial
 from typing import TYPE_CHECKING, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from numpyro_mpe.loo.common import GOOD_K, smooth_log_weights
@@ -68,31 +67,42 @@ class PosteriorCheck(NamedTuple):
                 f"draws; Gaussian q's own k̂ {self.khat_gaussian:.2f})")
 
 
-@partial(jax.jit, static_argnames=("name", "batch"))
+@partial(jax.jit, static_argnames=("num_samples", "df", "name", "batch"))
+def _draw_terms(adapter, post, rng_key, *, num_samples, df, name, batch):
+    """Draws from t_df(m, S⁻¹) (Gaussian for ``df=None``), log g up to a constant, U and the site's ℓ at each
+    draw: one compiled program."""
+    z = base_draws(rng_key, num_samples, post.mean.shape[0], df, post.mean.dtype)
+    theta = post.mean + post.unwhiten(z.T).T
+    log_g = _base_logpdf(z, df)  # the Jacobian of θ(z) is constant: cancels in normalized weights
+    pot, ll = _terms(adapter, theta, name=name, batch=batch)
+    return theta, log_g, pot, ll
+
+
 def _terms(adapter, theta, *, name, batch):
-    """U(θ_s) and ℓ(θ_s) of the site ``name`` at every draw, in batches of draws (one program)."""
+    """U(θ_s) and ℓ(θ_s) of the site ``name`` at every draw, in batches of draws."""
     def one(t):
         return adapter.potential(t), adapter.log_lik(t, name)
 
     return jax.lax.map(one, theta, batch_size=batch)
 
 
-def draw_terms(fit: Fit, var_name: str, num_samples: int, rng_key, df: float | None = DF,
-               mean=None, factor=None) -> DrawTerms:
-    """``num_samples`` draws from t_df(m, S⁻¹) (Gaussian for ``df=None``; or from t_df(mean, factor
-    factorᵀ) in whitened coordinates) with their log density, potential and log-likelihoods of
-    ``var_name``."""
-    post = fit.posterior
-    p = post.mean.shape[0]
-    z = base_draws(rng_key, num_samples, p, df, post.mean.dtype)
-    w = z if factor is None else z @ jnp.asarray(factor).T
-    w = w if mean is None else w + jnp.asarray(mean)
-    theta = post.mean + post.unwhiten(w.T).T
-    log_g = _base_logpdf(z, df)  # the Jacobian of θ(z) is constant: cancels in normalized weights
+@partial(jax.jit, static_argnames=("name", "batch"))
+def site_log_lik_at(adapter, theta, *, name, batch):
+    """ℓ(θ_s) of the site ``name`` at given draws θ (S, P) (e.g. SMC particles), in one program."""
+    return jax.lax.map(lambda t: adapter.log_lik(t, name), theta, batch_size=batch)
+
+
+def _batch(n: int, num_samples: int) -> int:
+    return int(max(1, min(num_samples, 2**22 // max(n, 1))))
+
+
+def draw_terms(fit: Fit, var_name: str, num_samples: int, rng_key, df: float | None = DF) -> DrawTerms:
+    """``num_samples`` draws from t_df(m, S⁻¹) (Gaussian for ``df=None``) with their log density, potential
+    and log-likelihoods of ``var_name``."""
     n = fit.adapter.observed[var_name].num_obs
-    batch = int(max(1, min(num_samples, 2**22 // max(n, 1))))
-    pot, ll = _terms(fit.adapter, theta, name=var_name, batch=batch)
-    return DrawTerms(np.asarray(theta), np.asarray(log_g), np.asarray(pot), np.asarray(ll))
+    out = _draw_terms(fit.adapter, fit.posterior, rng_key, num_samples=int(num_samples), df=df, name=var_name,
+                      batch=_batch(n, num_samples))
+    return DrawTerms(*(np.asarray(x) for x in out))
 
 
 def affordable(fit: Fit, num_samples: int = NUM_SAMPLES) -> bool:
