@@ -39,7 +39,7 @@ import xarray as xr
 
 from numpyro_mpe.errors import MPEError
 from numpyro_mpe.loo.common import GOOD_K, site_parameters, smooth_log_weights
-from numpyro_mpe.loo.importance import UnitImportance, _one_hot, memory_rows
+from numpyro_mpe.loo.importance import UnitImportance, memory_rows, one_hot_row
 from numpyro_mpe.loo.posterior_check import (
     DF,
     NUM_SAMPLES,
@@ -163,11 +163,11 @@ def auto_loo(fit: Fit, var_name: str | None = None, *, num_samples: int = NUM_SA
                                 defensive=0.5)
 
         memory = dict(zip(idx.tolist(), memory_rows(fit, name, idx)))
-        est = engine.run(((*memory[i], _one_hot(i, n)) for i in idx.tolist()), idx.size, progress)
+        est = engine.run(((*memory[i], one_hot_row(i, n)) for i in idx.tolist()), idx.size, progress)
         elpd[idx], mcse[idx], khat[idx] = est["elpd"], est["mcse"], est["khat"]
         method[idx] = "mixture-is"
         for i in idx[est["khat"] > GOOD_K]:
-            mm = engine.moment_match(*memory[int(i)], _one_hot(int(i), n))
+            mm = engine.moment_match(*memory[int(i)], one_hot_row(int(i), n))
             if mm["khat"] < khat[i]:
                 elpd[i], mcse[i], khat[i] = mm["elpd"], mm["mcse"], mm["khat"]
                 method[i] = "moment-matched-is"
@@ -196,11 +196,11 @@ def auto_loo(fit: Fit, var_name: str | None = None, *, num_samples: int = NUM_SA
                 branch = "smc"
         if branch == "smc":
             from numpyro_mpe.inference.smc import tempered_smc
-            from numpyro_mpe.loo.posterior_check import _batch, site_log_lik_at
+            from numpyro_mpe.loo.posterior_check import draw_batch, site_log_lik_at
 
             smc = tempered_smc(fit.adapter, fit.posterior, jax.random.fold_in(key, 2), progress=progress)
             ll = site_log_lik_at(fit.adapter, jax.numpy.asarray(smc.theta), name=name,
-                                 batch=_batch(n, smc.theta.shape[0]))
+                                 batch=draw_batch(n, smc.theta.shape[0]))
             elpd[:], mcse[:], khat[:], _ = _psis_loo(np.zeros(smc.theta.shape[0]), np.asarray(ll))
             method[:] = "smc-psis"
             attrs.update(smc_stages=smc.stages, smc_particles=int(smc.theta.shape[0]))

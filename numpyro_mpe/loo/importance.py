@@ -147,7 +147,7 @@ def importance_loo(fit, indices=None, num_samples: int = 1000, rng_key=None, var
 
     def rows():
         for i, (g, h) in zip(idx, memory_rows(fit, site.name, idx)):
-            yield g, h, _one_hot(i, site.num_obs)
+            yield g, h, one_hot_row(i, site.num_obs)
 
     est = UnitImportance(fit, site.name, num_samples, rng_key, clip=clip, df=df,
                          defensive=defensive).run(rows(), len(idx), progress)
@@ -164,14 +164,14 @@ def importance_loo(fit, indices=None, num_samples: int = 1000, rng_key=None, var
     return ds
 
 
-def _one_hot(i: int, n: int) -> np.ndarray:
+def one_hot_row(i: int, n: int) -> np.ndarray:
     """Row ``i`` of the N×N identity, built on the host (no compiled program per call)."""
     a = np.zeros(n)
     a[int(i)] = 1.0
     return a
 
 
-def _base_logpdf(z, df):
+def base_logpdf(z, df):
     """log density of whitened offsets z (..., P): N(0, I) (``df`` None) or the multivariate t_df(0, I)."""
     p = z.shape[-1]
     r2 = jnp.sum(z * z, -1)
@@ -212,10 +212,10 @@ def _unit_draws(post, adapter, z, u, c, a, *, name, df, num_defensive, batch):
     n_cav = num - num_defensive
     w = jnp.concatenate([u + z[:n_cav] @ c.T, z[n_cav:]], 0)
     z_c = jnp.linalg.solve(c, (w - u).T).T
-    log_g = _base_logpdf(z_c, df) - jnp.linalg.slogdet(c)[1]
+    log_g = base_logpdf(z_c, df) - jnp.linalg.slogdet(c)[1]
     if num_defensive:
         alpha = num_defensive / num
-        log_g = jnp.logaddexp(jnp.log1p(-alpha) + log_g, jnp.log(alpha) + _base_logpdf(w, df))
+        log_g = jnp.logaddexp(jnp.log1p(-alpha) + log_g, jnp.log(alpha) + base_logpdf(w, df))
     theta = post.mean + post.unwhiten(w.T).T
 
     def per_draw(t):  # the unit's log-likelihood and the potential at one draw
@@ -338,7 +338,7 @@ def predictor_samples(fit, name: str, indices, num_samples: int = 2000, rng_key=
     n = fit.adapter.observed[name].num_obs
     out = {}
     for i, (g, h) in zip(np.asarray(indices, dtype=int).tolist(), memory_rows(fit, name, indices)):
-        log_r, ll, w = engine.cavity_draws(g, h, _one_hot(i, n))
+        log_r, ll, w = engine.cavity_draws(g, h, one_hot_row(i, n))
         smoothed = engine.estimate(log_r, ll)["smoothed"][0]
         out[i] = (np.asarray(_eta_at(fit.adapter, fit.posterior, w, i, name=name)), smoothed)
     return out

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from numpyro_mpe.loo.common import GOOD_K, smooth_log_weights
-from numpyro_mpe.loo.importance import _base_logpdf, base_draws
+from numpyro_mpe.loo.importance import base_draws, base_logpdf
 
 if TYPE_CHECKING:
     from numpyro_mpe.fit import Fit
@@ -73,7 +73,7 @@ def _draw_terms(adapter, post, rng_key, *, num_samples, df, name, batch):
     draw: one compiled program."""
     z = base_draws(rng_key, num_samples, post.mean.shape[0], df, post.mean.dtype)
     theta = post.mean + post.unwhiten(z.T).T
-    log_g = _base_logpdf(z, df)  # the Jacobian of θ(z) is constant: cancels in normalized weights
+    log_g = base_logpdf(z, df)  # the Jacobian of θ(z) is constant: cancels in normalized weights
     pot, ll = _terms(adapter, theta, name=name, batch=batch)
     return theta, log_g, pot, ll
 
@@ -92,7 +92,8 @@ def site_log_lik_at(adapter, theta, *, name, batch):
     return jax.lax.map(lambda t: adapter.log_lik(t, name), theta, batch_size=batch)
 
 
-def _batch(n: int, num_samples: int) -> int:
+def draw_batch(n: int, num_samples: int) -> int:
+    """Draws per batch so that a batch of log-likelihoods holds about 4M values."""
     return int(max(1, min(num_samples, 2**22 // max(n, 1))))
 
 
@@ -101,7 +102,7 @@ def draw_terms(fit: Fit, var_name: str, num_samples: int, rng_key, df: float | N
     and log-likelihoods of ``var_name``."""
     n = fit.adapter.observed[var_name].num_obs
     out = _draw_terms(fit.adapter, fit.posterior, rng_key, num_samples=int(num_samples), df=df, name=var_name,
-                      batch=_batch(n, num_samples))
+                      batch=draw_batch(n, num_samples))
     return DrawTerms(*(np.asarray(x) for x in out))
 
 
