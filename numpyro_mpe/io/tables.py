@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
+import jax
 import numpy as np
 import pandas as pd
 
@@ -13,6 +14,12 @@ from numpyro_mpe.io.format import value_formatter
 
 if TYPE_CHECKING:
     from numpyro_mpe.fit import Fit
+
+
+@jax.jit
+def _constrained(adapter, theta):
+    """The latent sites in constrained space at each draw θ (S, P): one compiled program."""
+    return jax.vmap(lambda t: adapter.constrain(t, deterministic=False))(theta)
 
 
 def posterior_summary(fit: Fit, idata=None, num_samples: int = 4000, rng_key=None) -> pd.DataFrame:
@@ -47,7 +54,7 @@ def posterior_summary(fit: Fit, idata=None, num_samples: int = 4000, rng_key=Non
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
     theta = posterior_draws(fit.posterior, int(num_samples), rng_key, antithetic=False)
     names = [s.name for s in fit.adapter.latent]
-    draws = jax.vmap(lambda t: fit.adapter.constrain(t, deterministic=False))(theta)
+    draws = _constrained(fit.adapter, theta)
     rows = _draw_summary({k: np.asarray(draws[k]) for k in names})
     frame = pd.DataFrame.from_dict(rows, orient="index", columns=["mean", "sd"])
     frame.index.name = "parameter"

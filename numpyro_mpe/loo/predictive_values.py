@@ -159,7 +159,7 @@ def predictive_values(fit: Fit, var_name: str | None = None, functionals=("pit",
 
         repaired = predictor_samples(fit, site.name, np.flatnonzero(untrusted))
     if repaired:
-        aux = fit.adapter.predictor_aux(fit.posterior.mean, site.name)
+        aux = _predictor_aux(fit.adapter, fit.posterior.mean, name=site.name)
         y = site.flat_value
         for i, (eta_s, log_w) in repaired.items():
             out = _weighted(site.predictor, spec, eta_s, log_w, y[i], {k: v[i] for k, v in aux.items()})
@@ -167,6 +167,12 @@ def predictive_values(fit: Fit, var_name: str | None = None, functionals=("pit",
                 values[k][i] = np.asarray(out[k])
             valid[i] = True
     return PredictiveValues(site, spec, values, leverage, valid)
+
+
+@partial(jax.jit, static_argnames=("name",))
+def _predictor_aux(adapter, theta, *, name):
+    """The predictor's auxiliary values at θ (one program; eagerly, the model trace is dozens)."""
+    return adapter.predictor_aux(theta, name)
 
 
 def moment_values(fit: Fit, var_name, groups, pit: bool = False, repair: str | None = "flagged"
