@@ -133,3 +133,22 @@ def test_singleton_groups_equal_leave_one_out():
     groups = fit.sensitivities(groups=np.arange(40))
     loo = fit.sensitivities()
     np.testing.assert_allclose(groups.elpd_loo.values, loo.elpd_loo.values, rtol=1e-10)
+
+
+def test_backend_options_are_checked_before_any_work():
+    with pytest.raises(mpe.MPEError, match="Laplace needs a NumPyro model"):
+        mpe.Laplace(None)
+    with pytest.raises(mpe.MPEError, match="num_samples must be an integer >= 2, got 0"):
+        mpe.Laplace(line, num_samples=0)
+
+
+def test_cli_names_an_unknown_var_name_before_the_fit(capsys, tmp_path):
+    from numpyro_mpe.io.cli import main
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples"
+    code = main(["run", f"{root / 'user_model.py'}:model", "--data", str(root / "user_data.csv"),
+                 "--var-name", "rate", "--no-nuts", "--out", str(tmp_path)])
+    err = capsys.readouterr()
+    assert code != 0
+    assert "--var-name 'rate' is not an observed site" in err.err + err.out
+    assert "Laplace fit" not in err.out  # refused before fitting
