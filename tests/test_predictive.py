@@ -186,6 +186,7 @@ def test_against_arviz_stats(family):
     pv = predictive_values(fit, functionals=ALL, probs=tuple(ref["probs"]))
     mad = pv.values["mean_abs_diff"]
     ours = dict(pv.values, sd=np.sqrt(pv.values["var"]), crps=-pv.values["crps"],
+                quantiles=pv.values["quantiles"].T,  # (probs, N), as the reference stores them
                 scrps=-pv.values["abs_error"] / mad - 0.5 * np.log(mad))
     discrete = family != "normal"
     names = ["mean", "var", "sd", "crps"] + (["pit_lower", "pit_mass"] if discrete else ["quantiles"])
