@@ -153,3 +153,12 @@ def test_repair_refit_on_a_model_nuts_cannot_run():
     bad = Fit(good.adapter, from_precision(-np.ones(1), np.eye(1)), "laplace")
     with pytest.raises(mpe.MPEError, match="NUTS cannot start.*potential is nan"):
         bad.loo("y", repair="refit")
+
+
+def test_global_check_warns_where_laplace_is_poor():
+    fit = fitted("hier30")  # Laplace puts the group scale far from NUTS's
+    with pytest.warns(UserWarning, match="q of this fit is not the posterior") as rec:
+        check = fit.posterior_check()
+    assert rec[0].filename == __file__  # the warning points at the caller's line
+    assert not check.reliable and check.khat > 0.7
+    assert fit.info["posterior_check"] is check and "q is NOT the posterior" in repr(fit)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import jax
 import numpy as np
 
+from numpyro_mpe.errors import user_stacklevel
 from numpyro_mpe.loo.common import GOOD_K, smooth_log_weights
 from numpyro_mpe.loo.importance import base_draws, base_logpdf
 
@@ -175,7 +176,7 @@ def posterior_check(fit: Fit, var_name: str | None = None, *, num_samples: int =
             f"The Gaussian posterior q of this fit is not the posterior: {check.describe()}. Its "
             "leave-one-out (and its parameter shifts) describe q, not the Bayesian model; fit.loo() corrects "
             "the elpd by sampling from the posterior (method='auto'); for parameters, reparametrize (e.g. "
-            "non-centre a hierarchy), or run NUTS.", stacklevel=3)
+            "non-centre a hierarchy), or run NUTS.", stacklevel=user_stacklevel())
     return check
 
 
