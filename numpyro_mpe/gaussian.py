@@ -13,6 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
+from jax.scipy.special import gammaln
 
 from numpyro_mpe.model.rankone import RankOneBlock, block_project, join
 from numpyro_mpe.model.rankone import dense as dense_block
@@ -347,6 +348,34 @@ def _draws(posterior, rng_key, num_samples: int, antithetic: bool) -> jax.Array:
     else:
         z = jax.random.normal(rng_key, (num_samples, posterior.dim), posterior.mean.dtype)
     return posterior.mean + posterior.unwhiten(z.T).T
+
+
+def base_logpdf(z, df):
+    """log density of whitened offsets z (..., P): N(0, I) (``df`` None) or the multivariate t_df(0, I).
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> round(float(base_logpdf(jnp.zeros(2), None)), 4)  # −log 2π
+    -1.8379
+    """
+    p = z.shape[-1]
+    r2 = jnp.sum(z * z, -1)
+    if df is None:
+        return -0.5 * r2 - 0.5 * p * jnp.log(2 * jnp.pi)
+    return (gammaln((df + p) / 2) - gammaln(df / 2) - 0.5 * p * jnp.log(df * jnp.pi)
+            - 0.5 * (df + p) * jnp.log1p(r2 / df))
+
+
+@partial(jax.jit, static_argnames=("num_samples", "p", "df", "dtype"))
+def base_draws(rng_key, num_samples: int, p: int, df, dtype=jnp.float64):
+    """``num_samples`` whitened offsets from N(0, I), or from the multivariate t_df(0, I) (a Gaussian draw
+    scaled by √(df/χ²_df)); one compiled program."""
+    z = jax.random.normal(rng_key, (num_samples, p), dtype)
+    if df is None:
+        return z
+    chi2 = jax.random.chisquare(jax.random.fold_in(rng_key, 1), df, (num_samples,), dtype)
+    return z * jnp.sqrt(df / chi2)[:, None]
 
 
 def from_state(mean, precision) -> GaussianPosterior:

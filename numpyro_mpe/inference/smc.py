@@ -24,9 +24,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.special import gammaln
 from scipy.special import logsumexp  # host-side: the weights are NumPy arrays
 from tqdm.auto import tqdm
+
+from numpyro_mpe.gaussian import base_draws, base_logpdf
 
 
 class SMCResult(NamedTuple):
@@ -37,20 +38,6 @@ class SMCResult(NamedTuple):
     log_z: float
     stages: int
     acceptance: list
-
-
-def _log_g0(w, df):
-    p = w.shape[-1]
-    return (gammaln((df + p) / 2) - gammaln(df / 2) - 0.5 * p * jnp.log(df * jnp.pi)
-            - 0.5 * (df + p) * jnp.log1p(jnp.sum(w * w, -1) / df))
-
-
-@partial(jax.jit, static_argnames=("num", "p", "df", "dtype"))
-def _reference_draws(key, num, p, df, dtype):
-    """Draws from g₀ = t_df(0, I) in whitened coordinates."""
-    z = jax.random.normal(key, (num, p), dtype)
-    chi2 = jax.random.chisquare(jax.random.fold_in(key, 1), df, (num,), dtype)
-    return z * jnp.sqrt(df / chi2)[:, None]
 
 
 @partial(jax.jit, static_argnames=("inflate",))
@@ -66,14 +53,14 @@ def _potential_w(adapter, post, w, inflate):
 @partial(jax.jit, static_argnames=("df", "inflate"))
 def _increments(adapter, post, w, *, df, inflate):
     """−U(θ(w)) − log g₀(w) per particle: the log incremental weight of a unit rise in temperature."""
-    return jax.vmap(lambda x: -_potential_w(adapter, post, x, inflate) - _log_g0(x, df))(w)
+    return jax.vmap(lambda x: -_potential_w(adapter, post, x, inflate) - base_logpdf(x, df))(w)
 
 
 @partial(jax.jit, static_argnames=("steps", "df", "inflate"))
 def _mala(adapter, post, key, w, b, chol, eps, *, steps, df, inflate):
     """``steps`` preconditioned MALA moves of every particle under π_b; returns particles and acceptance."""
     def log_pi(x):
-        return (1.0 - b) * _log_g0(x, df) - b * _potential_w(adapter, post, x, inflate)
+        return (1.0 - b) * base_logpdf(x, df) - b * _potential_w(adapter, post, x, inflate)
 
     value_grad = jax.value_and_grad(log_pi)
     mass = chol @ chol.T
@@ -142,7 +129,7 @@ def tempered_smc(adapter, posterior, rng_key, *, num_particles: int = 4000, num_
     p = posterior.mean.shape[0]
     dtype = posterior.mean.dtype
     k0, key = jax.random.split(rng_key)
-    w = _reference_draws(k0, num_particles, p, float(df), dtype)
+    w = base_draws(k0, num_particles, p, float(df), dtype)
     b, log_z, stages, acceptance = 0.0, 0.0, 0, []
     eps = float(p ** (-1.0 / 6.0))
     kw = {"df": float(df), "inflate": float(inflate)}

@@ -37,8 +37,13 @@ import jax
 import numpy as np
 import xarray as xr
 
-from numpyro_mpe.errors import MPEError
-from numpyro_mpe.loo.common import GOOD_K, site_parameters, smooth_log_weights
+from numpyro_mpe.loo.common import (
+    GOOD_K,
+    MAX_LEVERAGE,
+    site_parameters,
+    smooth_log_weights,
+    weighted_estimate,
+)
 from numpyro_mpe.loo.importance import UnitImportance, memory_rows, one_hot_row
 from numpyro_mpe.loo.posterior_check import (
     DF,
@@ -48,6 +53,7 @@ from numpyro_mpe.loo.posterior_check import (
     draw_terms,
     posterior_check,
 )
+from numpyro_mpe.options import check_choice, check_positive_int
 
 if TYPE_CHECKING:
     from numpyro_mpe.fit import Fit
@@ -56,8 +62,9 @@ if TYPE_CHECKING:
 MAX_MCSE = 0.1
 #: Target Monte Carlo error of the total from the global draws (nats), and the most draws spent on it.
 TOTAL_MCSE, MAX_GLOBAL_SAMPLES = 0.15, 32000
-#: Leverage and p_loo_i above which the closed form is redone by importance sampling.
-MAX_LEVERAGE, MAX_P_LOO = 0.5, 0.5
+#: p_loo_i above which the closed form is redone by importance sampling where the global draws are not
+#: affordable (an outlier the closed form underweights; for leverage see ``loo.common.MAX_LEVERAGE``).
+MAX_P_LOO = 0.5
 #: Fraction of flagged observations above which the global draws give way to SMC.
 ESCALATE = 0.1
 #: Repairs of ``fit.loo()``.
@@ -66,18 +73,13 @@ REPAIRS = (None, "refit")
 
 def _psis_loo(base, ll):
     """PSIS-LOO over shared draws: log-ratios base_s − ℓ_i(θ_s) per observation.  Returns elpd, MCSE, k̂ per
-    observation and the delta-method MCSE of their sum (the draws are shared, so errors correlate)."""
+    observation (:func:`numpyro_mpe.loo.common.weighted_estimate`) and the delta-method MCSE of their sum
+    (the draws are shared, so the observations' errors correlate)."""
     log_r = base[None, :] - ll.T
-    log_r = np.where(np.isfinite(log_r), log_r, -np.inf)
-    smoothed, k = smooth_log_weights(log_r)
-    w = np.exp(smoothed)
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        lik = np.exp(ll.T)
-        e = np.log(np.sum(w * lik, -1))
-        phi = w * (np.exp(ll.T - e[:, None]) - 1.0)
-    mcse = np.sqrt(np.nansum(phi**2, -1))
-    ess = 1.0 / np.nansum(w**2, -1)
-    mcse = np.where((k > GOOD_K) | (ess < 2.0), np.inf, mcse)
+    smoothed, k = smooth_log_weights(np.where(np.isfinite(log_r), log_r, -np.inf))
+    e, mcse, _ = weighted_estimate(smoothed, ll.T, k)
+    with np.errstate(over="ignore", invalid="ignore"):
+        phi = np.exp(smoothed) * (np.exp(ll.T - e[:, None]) - 1.0)  # each draw's term of the delta method
     return e, mcse, k, float(np.sqrt(np.nansum(np.nansum(phi, 0) ** 2)))
 
 
@@ -131,10 +133,8 @@ def auto_loo(fit: Fit, var_name: str | None = None, *, num_samples: int = NUM_SA
     >>> bool(abs(float(ds.elpd_loo.sum()) - float(fit.site_mpe().elpd_loo.sum())) < 0.1)
     True
     """
-    if repair not in REPAIRS:
-        raise MPEError(f"repair must be one of {REPAIRS}, got {repair!r}")
-    if isinstance(refit_count, bool) or not isinstance(refit_count, int | np.integer) or refit_count < 1:
-        raise MPEError(f"refit_count must be a positive integer (the most NUTS refits), got {refit_count!r}")
+    check_choice("repair", repair, REPAIRS)
+    refit_count = check_positive_int("refit_count", refit_count)
     site = fit.adapter.observed_site(var_name)
     name = site.name
     if repair == "refit":

@@ -12,6 +12,9 @@ from scipy.special import logsumexp  # on the host: these are small NumPy reduct
 CONSTANT_LOG_WEIGHTS = float(np.sqrt(np.finfo(float).eps))
 #: Pareto k̂ above which an importance-sampling estimate is unreliable (Vehtari et al. 2024).
 GOOD_K = 0.7
+#: Leverage above which the closed-form MPE of an observation is not trusted (the one-step cavity
+#: overshoots): MPE importance sampling redoes it (``method="mpe-is"``, ``"auto"``, the predictive checks).
+MAX_LEVERAGE = 0.5
 
 
 #: The numpydoc entries of the two arguments every per-site function of this package takes first;

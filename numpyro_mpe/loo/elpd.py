@@ -20,6 +20,7 @@ from numpyro_mpe.loo.arviz_compat import (
     log_lik_on_draws,
     pointwise_elpd,
 )
+from numpyro_mpe.loo.common import MAX_LEVERAGE
 
 if TYPE_CHECKING:
     from numpyro_mpe.fit import Fit
@@ -153,8 +154,8 @@ def elpd_data(fit: Fit, var_name: str | None = None, *, method: str = "auto", gr
     num_samples = int(num_samples) if num_samples is not None else (4000 if method == "auto" else 2000)
     if groups is not None:
         if method != "mpe":
-            raise ValueError("method='mpe-is' is for leave-one-out; with groups= use method='mpe' (a group "
-                             "whose cavity is invalid gets MPE importance sampling anyway)")
+            raise ValueError(f"method={method!r} is for leave-one-out; with groups= use method='mpe' (a "
+                             "group whose cavity is invalid gets MPE importance sampling anyway)")
         from numpyro_mpe.loo.groups import group_dataset
         from numpyro_mpe.loo.importance import importance_groups
 
@@ -211,7 +212,7 @@ def elpd_data(fit: Fit, var_name: str | None = None, *, method: str = "auto", gr
         if method == "mpe-is":
             from numpyro_mpe.loo.importance import importance_loo
 
-            flagged = np.union1d(np.flatnonzero(flat_k > 0.5), bad)
+            flagged = np.union1d(np.flatnonzero(flat_k > MAX_LEVERAGE), bad)
             if flagged.size:
                 res = importance_loo(fit, flagged, num_samples=num_samples, rng_key=rng_key,
                                      var_name=site.name, df=df, progress=False)

@@ -27,12 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import xarray as xr
-from jax.scipy.special import gammaln
 from tqdm.auto import tqdm
 
 from numpyro_mpe.engine.cavity import whitened_memory
+from numpyro_mpe.gaussian import base_draws, base_logpdf
 from numpyro_mpe.loo.common import (
     GOOD_K,
+    MAX_LEVERAGE,
     flat_indices,
     obs_coords,
     smooth_log_weights,
@@ -169,27 +170,6 @@ def one_hot_row(i: int, n: int) -> np.ndarray:
     a = np.zeros(n)
     a[int(i)] = 1.0
     return a
-
-
-def base_logpdf(z, df):
-    """log density of whitened offsets z (..., P): N(0, I) (``df`` None) or the multivariate t_df(0, I)."""
-    p = z.shape[-1]
-    r2 = jnp.sum(z * z, -1)
-    if df is None:
-        return -0.5 * r2 - 0.5 * p * jnp.log(2 * jnp.pi)
-    return (gammaln((df + p) / 2) - gammaln(df / 2) - 0.5 * p * jnp.log(df * jnp.pi)
-            - 0.5 * (df + p) * jnp.log1p(r2 / df))
-
-
-@partial(jax.jit, static_argnames=("num_samples", "p", "df", "dtype"))
-def base_draws(rng_key, num_samples: int, p: int, df, dtype=jnp.float64):
-    """``num_samples`` whitened offsets from N(0, I), or from the multivariate t_df(0, I) (a Gaussian draw
-    scaled by √(df/χ²_df)); one compiled program."""
-    z = jax.random.normal(rng_key, (num_samples, p), dtype)
-    if df is None:
-        return z
-    chi2 = jax.random.chisquare(jax.random.fold_in(rng_key, 1), df, (num_samples,), dtype)
-    return z * jnp.sqrt(df / chi2)[:, None]
 
 
 @partial(jax.jit, static_argnames=("name", "df", "num_defensive", "batch"))
@@ -370,7 +350,7 @@ def select_indices(indices, leverage, valid, num_obs: int, khat_psis=None, var_n
     if isinstance(indices, str):
         if indices != "flagged":
             raise ValueError(f"indices must be None, 'flagged', integers or a boolean mask, got '{indices}'")
-        flag = (np.asarray(leverage) > 0.5) | ~np.asarray(valid, dtype=bool)
+        flag = (np.asarray(leverage) > MAX_LEVERAGE) | ~np.asarray(valid, dtype=bool)
         if khat_psis is not None:
             flag |= np.asarray(khat_psis) > 0.7
         return np.flatnonzero(flag)

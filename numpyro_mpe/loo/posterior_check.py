@@ -28,15 +28,16 @@ import jax
 import numpy as np
 
 from numpyro_mpe.errors import user_stacklevel
+from numpyro_mpe.gaussian import base_draws, base_logpdf
 from numpyro_mpe.loo.common import GOOD_K, smooth_log_weights
-from numpyro_mpe.loo.importance import base_draws, base_logpdf
 
 if TYPE_CHECKING:
     from numpyro_mpe.fit import Fit
 
 #: Draws of the check, and the Student-t degrees of freedom of its proposal.
 NUM_SAMPLES, DF = 4000, 5.0
-#: The check runs at fit time and inside ``fit.loo()`` when draws × observations stay below this.
+#: ``fit.loo()`` and the report run the check (and reweight its draws) when draws × observations stay
+#: below this.
 MAX_ELEMENTS = 2.5e7
 
 
@@ -70,11 +71,13 @@ class PosteriorCheck(NamedTuple):
 
 @partial(jax.jit, static_argnames=("num_samples", "df", "name", "batch"))
 def _draw_terms(adapter, post, rng_key, *, num_samples, df, name, batch):
-    """Draws from t_df(m, S⁻¹) (Gaussian for ``df=None``), log g up to a constant, U and the site's ℓ at each
-    draw: one compiled program."""
+    """Draws from t_df(m, S⁻¹) (Gaussian for ``df=None``), log g up to a constant, U and — with a site
+    ``name`` — its ℓ at each draw: one compiled program."""
     z = base_draws(rng_key, num_samples, post.mean.shape[0], df, post.mean.dtype)
     theta = post.mean + post.unwhiten(z.T).T
     log_g = base_logpdf(z, df)  # the Jacobian of θ(z) is constant: cancels in normalized weights
+    if name is None:  # the potential alone (Yao et al.'s check needs no log-likelihoods)
+        return theta, log_g, jax.lax.map(adapter.potential, theta, batch_size=batch), None
     pot, ll = _terms(adapter, theta, name=name, batch=batch)
     return theta, log_g, pot, ll
 
@@ -98,13 +101,13 @@ def draw_batch(n: int, num_samples: int) -> int:
     return int(max(1, min(num_samples, 2**22 // max(n, 1))))
 
 
-def draw_terms(fit: Fit, var_name: str, num_samples: int, rng_key, df: float | None = DF) -> DrawTerms:
+def draw_terms(fit: Fit, var_name: str | None, num_samples: int, rng_key, df: float | None = DF) -> DrawTerms:
     """``num_samples`` draws from t_df(m, S⁻¹) (Gaussian for ``df=None``) with their log density, potential
-    and log-likelihoods of ``var_name``."""
-    n = fit.adapter.observed[var_name].num_obs
+    and log-likelihoods of ``var_name`` (``None``: no log-likelihoods)."""
+    n = sum(site.num_obs for site in fit.adapter.observed.values())  # rows the potential runs over
     out = _draw_terms(fit.adapter, fit.posterior, rng_key, num_samples=int(num_samples), df=df, name=var_name,
                       batch=draw_batch(n, num_samples))
-    return DrawTerms(*(np.asarray(x) for x in out))
+    return DrawTerms(*(None if x is None else np.asarray(x) for x in out))
 
 
 def affordable(fit: Fit, num_samples: int = NUM_SAMPLES) -> bool:
@@ -167,7 +170,7 @@ def posterior_check(fit: Fit, var_name: str | None = None, *, num_samples: int =
     if cache_key in fit._cache:
         return fit._cache[cache_key][0]
     terms = draw_terms(fit, name, int(num_samples), key, df)
-    gauss = draw_terms(fit, name, int(num_samples), key, None)
+    gauss = draw_terms(fit, None, int(num_samples), key, None)
     check = PosteriorCheck(global_khat(terms), global_khat(gauss), int(num_samples), float(df))
     fit._cache[cache_key] = (check, terms)
     fit.info["posterior_check"] = check

@@ -27,16 +27,16 @@ from numpyro_mpe.engine.predictive import (
 )
 from numpyro_mpe.engine.quadrature import Rule, default_rule
 from numpyro_mpe.errors import MPEError
-from numpyro_mpe.loo.common import site_parameters
+from numpyro_mpe.loo.common import MAX_LEVERAGE, site_parameters
+from numpyro_mpe.options import check_choice
 
 if TYPE_CHECKING:
     from numpyro_mpe.fit import Fit
 
 
-#: Which observations take importance-sampled functionals, and the leverage above which one is flagged
-#: (the trust rule of ``fit.loo()``'s repairs).
+#: Which observations take importance-sampled functionals: leverage above
+#: :data:`~numpyro_mpe.loo.common.MAX_LEVERAGE` or no cavity, no cavity only, none.
 REPAIRS = ("flagged", "invalid", None)
-MAX_LEVERAGE = 0.5
 
 
 class PredictiveValues(NamedTuple):
@@ -120,8 +120,8 @@ def predictive_values(fit: Fit, var_name: str | None = None, functionals=("pit",
     repaired : dict, optional
         ``{flat index: (eta_samples (S, K_all), log_weights (S,))}``: weighted samples of those observations'
         predictors (importance sampling), whose functionals replace the quadrature values.  By default
-        (leave-one-out) the observations without a Gaussian cavity (leverage ≥ 1) get the importance
-        sampling of ``fit.loo()``'s repairs (:func:`numpyro_mpe.loo.importance.predictor_samples`).
+        (leave-one-out) the observations ``repair`` names get the importance sampling of ``fit.loo()``'s
+        repairs (:func:`numpyro_mpe.loo.importance.predictor_samples`).
     repair : {"flagged", "invalid", None}, default "flagged"
         Without ``repaired``: which observations get that importance sampling — leverage > 0.5 or no
         Gaussian cavity, only the latter, or none (leave-one-out only).
@@ -150,8 +150,7 @@ def predictive_values(fit: Fit, var_name: str | None = None, functionals=("pit",
         leverage, valid = np.asarray(res.leverage), np.array(res.valid)
     else:
         values, leverage, valid = _group_values(fit, site, spec, groups)
-    if repair not in REPAIRS:
-        raise MPEError(f"repair must be one of {REPAIRS}, got {repair!r}")
+    check_choice("repair", repair, REPAIRS)
     untrusted = ~valid | (np.asarray(leverage) > MAX_LEVERAGE if repair == "flagged" else False)
     if repaired is None and groups is None and repair is not None and untrusted.any():
         # the closed form is not trusted there: the importance sampling of fit.loo()'s repairs instead
