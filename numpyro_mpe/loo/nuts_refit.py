@@ -25,7 +25,7 @@ from numpyro.infer.hmc import hmc
 from tqdm.auto import tqdm
 
 from numpyro_mpe.errors import MPEError
-from numpyro_mpe.loo.common import flat_indices, obs_coords
+from numpyro_mpe.loo.common import flat_indices, log_mean_exp, obs_coords
 
 if TYPE_CHECKING:
     from numpyro_mpe.fit import Fit
@@ -130,11 +130,11 @@ def nuts_loo(fit: Fit, indices, var_name: str | None = None, *, num_warmup: int 
                        name=site.name, num_warmup=int(num_warmup), num_samples=int(num_samples),
                        num_chains=int(num_chains))
         ll = np.asarray(ll)
-        top = ll.max()
-        p = np.exp(ll - top)
-        elpd[k] = top + np.log(p.mean())
-        ess = float(effective_sample_size(p)) if num_chains > 1 or num_samples > 3 else float(p.size)
-        mcse[k] = p.std() / np.sqrt(max(ess, 1.0)) / p.mean()
+        est, iid_mcse = log_mean_exp(ll.ravel())
+        # the draws are autocorrelated: the iid error scaled by √(S / ESS) of p(y_i | θ_s) over the chains
+        ess = (float(effective_sample_size(np.exp(ll - ll.max()))) if num_chains > 1 or num_samples > 3
+               else float(ll.size))
+        elpd[k], mcse[k] = est, iid_mcse * np.sqrt(ll.size / max(ess, 1.0))
         rhat[k] = float(split_gelman_rubin(ll)) if num_samples > 3 else np.nan
         div[k] = float(np.asarray(d).sum())
     ds = xr.Dataset({"elpd_loo": ("obs", elpd), "elpd_loo_mcse": ("obs", mcse), "r_hat": ("obs", rhat),
