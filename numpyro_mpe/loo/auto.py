@@ -196,11 +196,10 @@ def auto_loo(fit: Fit, var_name: str | None = None, *, num_samples: int = NUM_SA
                 branch = "smc"
         if branch == "smc":
             from numpyro_mpe.inference.smc import tempered_smc
-            from numpyro_mpe.loo.posterior_check import draw_batch, site_log_lik_at
+            from numpyro_mpe.loo.arviz_compat import log_lik_on_draws
 
             smc = tempered_smc(fit.adapter, fit.posterior, jax.random.fold_in(key, 2), progress=progress)
-            ll = site_log_lik_at(fit.adapter, jax.numpy.asarray(smc.theta), name=name,
-                                 batch=draw_batch(n, smc.theta.shape[0]))
+            ll = log_lik_on_draws(fit, jax.numpy.asarray(smc.theta), name)
             elpd[:], mcse[:], khat[:], _ = _psis_loo(np.zeros(smc.theta.shape[0]), np.asarray(ll))
             method[:] = "smc-psis"
             attrs.update(smc_stages=smc.stages, smc_particles=int(smc.theta.shape[0]))

@@ -29,6 +29,7 @@ import numpy as np
 
 from numpyro_mpe.errors import user_stacklevel
 from numpyro_mpe.gaussian import base_draws, base_logpdf
+from numpyro_mpe.loo.arviz_compat import draw_chunk
 from numpyro_mpe.loo.common import GOOD_K, smooth_log_weights
 
 if TYPE_CHECKING:
@@ -90,23 +91,12 @@ def _terms(adapter, theta, *, name, batch):
     return jax.lax.map(one, theta, batch_size=batch)
 
 
-@partial(jax.jit, static_argnames=("name", "batch"))
-def site_log_lik_at(adapter, theta, *, name, batch):
-    """ℓ(θ_s) of the site ``name`` at given draws θ (S, P) (e.g. SMC particles), in one program."""
-    return jax.lax.map(lambda t: adapter.log_lik(t, name), theta, batch_size=batch)
-
-
-def draw_batch(n: int, num_samples: int) -> int:
-    """Draws per batch so that a batch of log-likelihoods holds about 4M values."""
-    return int(max(1, min(num_samples, 2**22 // max(n, 1))))
-
-
 def draw_terms(fit: Fit, var_name: str | None, num_samples: int, rng_key, df: float | None = DF) -> DrawTerms:
     """``num_samples`` draws from t_df(m, S⁻¹) (Gaussian for ``df=None``) with their log density, potential
     and log-likelihoods of ``var_name`` (``None``: no log-likelihoods)."""
     n = sum(site.num_obs for site in fit.adapter.observed.values())  # rows the potential runs over
     out = _draw_terms(fit.adapter, fit.posterior, rng_key, num_samples=int(num_samples), df=df, name=var_name,
-                      batch=draw_batch(n, num_samples))
+                      batch=draw_chunk(n, num_samples))
     return DrawTerms(*(None if x is None else np.asarray(x) for x in out))
 
 
