@@ -7,6 +7,14 @@ A quick local run leaves out the slow tests: ``python -m pytest -q -n 2 -m "not 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache folder per xdist worker: JAX writes a cache entry without a lock or an
+# atomic rename, and a worker reading an entry another is still writing crashed (segfault) twice here.
+# Each folder is reused by the same worker in the next run.
+if "PYTEST_XDIST_WORKER" in os.environ and "NUMPYRO_MPE_CACHE_DIR" not in os.environ:
+    from numpyro_mpe.programs import default_cache_dir
+
+    worker = os.environ["PYTEST_XDIST_WORKER"]
+    os.environ["NUMPYRO_MPE_CACHE_DIR"] = str(default_cache_dir() / f"tests-{worker}")
 
 import numpyro  # noqa: E402
 import pytest  # noqa: E402
