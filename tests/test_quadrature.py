@@ -102,10 +102,12 @@ def logistic_data(n, p=5, seed=0):
 def test_pass_with_block_rules_equals_the_full_rule_on_every_row():
     X, y = logistic_data(6000)
     fit = mpe.Laplace(logistic, curvature="ggn", chunk_size=1000, progress=False).run(KEY, X, y=y)
-    fast = fit.site_mpe("y")
+    fast = fit.site_mpe("y", quadrature_tol=1e-11)  # the tiers (the default above FULL_RULE_NODES)
     full = fit.site_mpe("y", quadrature_tol=0)
     assert "48 points per dimension" in full.method
     assert "K=1, 48 points" not in fast.method, fast.method
+    # 6000 rows × 48 nodes are within FULL_RULE_NODES: the default is the full rule, one branch to compile
+    assert fit.site_mpe("y").method == full.method
     for name in ("lpd", "elpd_loo"):
         np.testing.assert_allclose(getattr(fast, name), getattr(full, name), atol=1e-9, rtol=0)
     # a small data set (wide posterior) is integrated with more points than a large one
