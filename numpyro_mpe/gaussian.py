@@ -367,14 +367,24 @@ def base_logpdf(z, df):
             - 0.5 * (df + p) * jnp.log1p(r2 / df))
 
 
+#: Largest integer degrees of freedom whose χ² :func:`base_draws` sums from squared normals.
+CHI2_SUM_MAX_DF = 30
+
+
 @partial(jax.jit, static_argnames=("num_samples", "p", "df", "dtype"))
 def base_draws(rng_key, num_samples: int, p: int, df, dtype=jnp.float64):
     """``num_samples`` whitened offsets from N(0, I), or from the multivariate t_df(0, I) (a Gaussian draw
-    scaled by √(df/χ²_df)); one compiled program."""
+    scaled by √(df/χ²_df)); one compiled program.  For an integer df ≤ :data:`CHI2_SUM_MAX_DF`, χ²_df is
+    drawn as the sum of df squared standard normals: exact, and without the gamma sampler's rejection loop,
+    which takes most of the program's compile time (1.5 s of 1.6 s on two cores)."""
     z = jax.random.normal(rng_key, (num_samples, p), dtype)
     if df is None:
         return z
-    chi2 = jax.random.chisquare(jax.random.fold_in(rng_key, 1), df, (num_samples,), dtype)
+    key = jax.random.fold_in(rng_key, 1)
+    if float(df).is_integer() and 1 <= df <= CHI2_SUM_MAX_DF:
+        chi2 = jnp.sum(jnp.square(jax.random.normal(key, (num_samples, int(df)), dtype)), axis=1)
+    else:
+        chi2 = jax.random.chisquare(key, df, (num_samples,), dtype)
     return z * jnp.sqrt(df / chi2)[:, None]
 
 

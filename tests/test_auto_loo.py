@@ -22,7 +22,7 @@ import pytest
 
 import numpyro_mpe as mpe
 from numpyro_mpe.fit import Fit
-from numpyro_mpe.gaussian import from_precision
+from numpyro_mpe.gaussian import base_draws, from_precision
 from numpyro_mpe.loo.arviz_compat import ARVIZ_1
 from numpyro_mpe.loo.auto import auto_loo
 
@@ -162,3 +162,19 @@ def test_global_check_warns_where_laplace_is_poor():
     assert rec[0].filename == __file__  # the warning points at the caller's line
     assert not check.reliable and check.khat > 0.7
     assert fit.info["posterior_check"] is check and "q is NOT the posterior" in repr(fit)
+
+
+@pytest.mark.parametrize("df", [5, 4.5])
+def test_base_draws_are_student_t(df):
+    """The whitened t draws of the global check and the defensive mixtures: each coordinate is t_df (KS
+    test against scipy), the coordinates share one χ² (the radius r²/p is F(p, df)); integer df sums squared
+    normals, other df take the gamma sampler."""
+    from scipy import stats
+
+    z = np.asarray(base_draws(jax.random.PRNGKey(3), 20000, 3, df))
+    for j in range(3):
+        assert stats.kstest(z[:, j], stats.t(df).cdf).pvalue > 1e-3, (df, j)
+    assert stats.kstest(np.sum(z**2, axis=1) / 3, stats.f(3, df).cdf).pvalue > 1e-3, df
+    # a Gaussian coordinate (df = ∞) fails the same test: it can tell the two apart
+    assert stats.kstest(np.asarray(base_draws(jax.random.PRNGKey(3), 20000, 1, None))[:, 0],
+                        stats.t(df).cdf).pvalue < 1e-3
