@@ -28,6 +28,13 @@ from numpyro_mpe.options import MPEOptions
 from numpyro_mpe.programs import track
 
 
+def _covers(cached: tuple, predictive) -> bool:
+    """Whether a cached pass with functionals ``cached`` (``()`` or ``(spec,)``) gives ``predictive``'s."""
+    if not cached:
+        return predictive is None
+    return cached[0].covers(predictive)
+
+
 def _split_rows(res: SiteMPE, sizes: list) -> list:
     """A :class:`SiteMPE` over stacked rows cut into consecutive parts of ``sizes`` rows."""
     if len(sizes) == 1:
@@ -253,18 +260,19 @@ class Fit:
         ``first_order``, ``expect_q``: the training checkpoints' options (see
         :class:`~numpyro_mpe.engine.site.PassOptions`); ``predictive``: a
         :class:`~numpyro_mpe.engine.predictive.PredictiveSpec`, the LOO predictive functionals in ``extra``
-        (a pass without the shifts, cached by the spec).
+        (cached by the spec).  A cached pass whose functionals cover the request
+        (:meth:`~numpyro_mpe.engine.predictive.PredictiveSpec.covers`) serves it: one pass with every
+        functional a report needs also gives the sensitivities.
         """
         site = self.adapter.observed_site(var_name)
-        if predictive is not None:
-            keep_shift = False
         opts = dict(quadrature_tol=quadrature_tol, keep_shift=keep_shift, first_order=first_order,
                     expect_q=expect_q, predictive=predictive)
-        default = (quadrature_tol is None and (keep_shift is None or predictive is not None)
-                   and not first_order and not expect_q)
+        default = quadrature_tol is None and keep_shift is None and not first_order and not expect_q
         key = ("mpe", site.name) + (() if predictive is None else (predictive,))
-        if default and key in self._cache:
-            return self._cache[key]
+        if default:
+            for have, res in self._cache.items():
+                if isinstance(have, tuple) and have[:2] == key[:2] and _covers(have[2:], predictive):
+                    return res
         group = self.site_group(site.name) if self.uses_predictor(site.name) else (site.name,)
         with track(f"site_mpe({site.name})", self.info["compile"]):
             res = self._site_mpe(site.name, self.pass_options(site.name, **opts))

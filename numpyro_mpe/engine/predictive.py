@@ -75,6 +75,25 @@ class PredictiveSpec(NamedTuple):
         """The per-row outputs, in order."""
         return tuple(o for f in self.functionals for o in FUNCTIONALS[f])
 
+    def covers(self, other: PredictiveSpec | None) -> bool:
+        """Whether a pass with these functionals also gives every output of ``other`` (``None``: a pass
+        without functionals): its functionals are a subset, with the same quantile probabilities where it
+        asks for quantiles, of the same site description.
+
+        Examples
+        --------
+        >>> full = PredictiveSpec(("pit", "moments", "quantiles"), (0.05, 0.95))
+        >>> full.covers(PredictiveSpec(("moments",))), full.covers(None)
+        (True, True)
+        >>> full.covers(PredictiveSpec(("quantiles",), (0.5,))), full.covers(PredictiveSpec(("crps",)))
+        (False, False)
+        """
+        if other is None:
+            return True
+        same_site = self._replace(functionals=(), probs=()) == other._replace(functionals=(), probs=())
+        return (same_site and set(other.functionals) <= set(self.functionals)
+                and ("quantiles" not in other.functionals or other.probs == self.probs))
+
 
 def check_probs(probs, option: str = "probs") -> tuple:
     """``probs`` as a tuple of floats, each strictly inside (0, 1) (else :class:`MPEError` naming

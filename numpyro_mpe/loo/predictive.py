@@ -197,6 +197,18 @@ def loo_expectations(fit: Fit, var_name: str | None = None, kind: str = "mean", 
 
 
 @site_parameters
+def interval_probs(prob: float) -> tuple:
+    """The quantile probabilities (½ − prob/2, ½ + prob/2) of the central interval of probability ``prob``.
+
+    Examples
+    --------
+    >>> [round(p, 3) for p in interval_probs(0.9)]
+    [0.05, 0.95]
+    """
+    (prob,) = check_probs(prob, "prob")
+    return (0.5 - prob / 2.0, 0.5 + prob / 2.0)
+
+
 def loo_predictive_interval(fit: Fit, var_name: str | None = None, prob: float = 0.9, *,
                             groups=None, repair: str | None = "flagged") -> xr.DataArray:
     """Central LOO predictive intervals: the (1 − prob)/2 and (1 + prob)/2 quantiles of p(ỹ_i | y₋i).
@@ -229,8 +241,7 @@ def loo_predictive_interval(fit: Fit, var_name: str | None = None, prob: float =
     (('ci_bound', 'data'), True)
     """
     (prob,) = check_probs(prob, "prob")
-    probs = (0.5 - prob / 2.0, 0.5 + prob / 2.0)
-    pv = predictive_values(fit, var_name, ("quantiles",), probs, groups=groups, repair=repair)
+    pv = predictive_values(fit, var_name, ("quantiles",), interval_probs(prob), groups=groups, repair=repair)
     _warn_invalid(pv, "LOO predictive interval")
     out = _array(pv.site, pv.values["quantiles"], pv.site.name, ("ci_bound",),
                  {"ci_bound": ["lower", "upper"]})
@@ -428,5 +439,5 @@ def loo_metrics(fit: Fit, kind: str = "rmse", var_name: str | None = None, round
     return namedtuple(kind, ["mean", "se"])(_round(mean, round_to), _round(se, round_to))
 
 
-__all__ = ["DEFAULT_PIT_KEY", "loo_expectations", "loo_metrics", "loo_pit", "loo_predictive_interval",
-           "loo_r2", "loo_score", "predictive_values"]
+__all__ = ["DEFAULT_PIT_KEY", "interval_probs", "loo_expectations", "loo_metrics", "loo_pit",
+           "loo_predictive_interval", "loo_r2", "loo_score", "predictive_values"]

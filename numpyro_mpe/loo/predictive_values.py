@@ -144,13 +144,20 @@ def predictive_values(fit: Fit, var_name: str | None = None, functionals=("pit",
         raise MPEError(f"site '{site.name}' has no predictor ({site.no_predictor_reason}): the LOO "
                        "predictive checks integrate over its distribution's parameters")
     spec = _spec(fit, site, functionals, probs)
+    check_choice("repair", repair, REPAIRS)
+    cacheable = groups is None and repaired is None
+    if cacheable:
+        for key, pv in fit._cache.items():  # functionals computed before whose set covers spec
+            if (isinstance(key, tuple) and key[:3] == ("predictive", site.name, repair)
+                    and key[3].covers(spec)):
+                return pv._replace(spec=spec, values={k: pv.values[k].copy() for k in spec.outputs},
+                                   valid=pv.valid.copy())
     if groups is None:
         res = fit.site_mpe(site.name, predictive=spec)
         values = {k: np.array(res.extra[k]) for k in spec.outputs}
         leverage, valid = np.asarray(res.leverage), np.array(res.valid)
     else:
         values, leverage, valid = _group_values(fit, site, spec, groups)
-    check_choice("repair", repair, REPAIRS)
     untrusted = ~valid | (np.asarray(leverage) > MAX_LEVERAGE if repair == "flagged" else False)
     if repaired is None and groups is None and repair is not None and untrusted.any():
         # the closed form is not trusted there: the importance sampling of fit.loo()'s repairs instead
@@ -165,7 +172,11 @@ def predictive_values(fit: Fit, var_name: str | None = None, functionals=("pit",
             for k in spec.outputs:
                 values[k][i] = np.asarray(out[k])
             valid[i] = True
-    return PredictiveValues(site, spec, values, leverage, valid)
+    pv = PredictiveValues(site, spec, values, leverage, valid)
+    if cacheable:  # the repairs' importance sampling runs once per fit, site and set of functionals
+        fit._cache[("predictive", site.name, repair, spec)] = pv
+        return pv._replace(values={k: v.copy() for k, v in values.items()}, valid=valid.copy())
+    return pv
 
 
 @partial(jax.jit, static_argnames=("name",))
