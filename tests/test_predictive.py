@@ -396,3 +396,43 @@ def test_observation_without_a_gaussian_cavity_gets_the_importance_sampling_repa
     truth = np.trapezoid(stats.cauchy.cdf(0.4, mu) * post, mu) / np.trapezoid(post, mu)
     values = np.asarray(pit["y"] if hasattr(pit, "data_vars") else pit)
     assert abs(values[0] - truth) < 0.04, (values[0], truth)  # ~3 Monte Carlo sd of 2000 weighted draws
+
+
+def test_one_pass_serves_every_request_it_covers(monkeypatch):
+    """After one pass with PIT, moments and the 90 % interval's quantiles (what the report asks), the PIT, the
+    means, the interval, LOO-R² and the sensitivities run no other pass and no second importance sampling of
+    the flagged row, and equal what each computes alone on a fresh fit; other quantiles or the CRPS do run a
+    pass of their own."""
+    from numpyro_mpe.loo.predictive import interval_probs
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(30, 3))
+    X[0] *= 3.0  # a high-leverage row: repaired by importance sampling
+    y = X @ [1.0, -0.5, 0.3] + SIGMA * rng.standard_t(4, size=30)
+    alone = laplace(gaussian_model, X, y)
+    want = (alone.loo_pit(), alone.loo_expectations()[0], alone.loo_predictive_interval(prob=0.9),
+            alone.loo_r2(), alone.sensitivities())
+    fit = laplace(gaussian_model, X, y)
+    passes, repairs = [], []
+    monkeypatch.setattr(Fit, "_site_mpe", lambda self, name, opts, f=Fit._site_mpe: passes.append(
+        opts.predictive) or f(self, name, opts))
+    import numpyro_mpe.loo.importance as importance
+
+    monkeypatch.setattr(importance, "predictor_samples", lambda *a, f=importance.predictor_samples, **k:
+                        repairs.append(a[2]) or f(*a, **k))
+    predictive_values(fit, None, ("pit", "moments", "quantiles"), interval_probs(0.9))
+    assert len(passes) == 1 and list(map(list, repairs)) == [[0]], (passes, repairs)
+    got = (fit.loo_pit(), fit.loo_expectations()[0], fit.loo_predictive_interval(prob=0.9), fit.loo_r2(),
+           fit.sensitivities())
+    assert len(passes) == 1 and len(repairs) == 1, (passes, repairs)
+    def arr(x):  # loo_pit: a Dataset on arviz 0.x
+        return np.asarray(x["y"] if hasattr(x, "data_vars") else x)
+
+    for a, b in zip(got[:3], want[:3]):
+        np.testing.assert_allclose(arr(a), arr(b), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(got[3]), np.asarray(want[3]), rtol=1e-12)
+    for name in ("elpd_loo", "leverage", "sensitivity", "prediction_shift"):
+        np.testing.assert_allclose(got[4][name].values, want[4][name].values, rtol=1e-12, atol=1e-14)
+    fit.loo_expectations(kind="quantile", probs=[0.25])
+    fit.loo_score()
+    assert [p.functionals for p in passes[1:]] == [("quantiles",), ("crps",)], passes
