@@ -35,6 +35,10 @@ logger = logging.getLogger("numpyro_mpe")
 CACHE_ENV = "NUMPYRO_MPE_CACHE_DIR"
 #: Programs that take less than this to compile are not written to the persistent cache.
 MIN_COMPILE_SECONDS = 0.05
+#: Size bound of the persistent cache folder (least recently used entries are evicted above it).  A bound
+#: also makes JAX take a file lock around every read and write of the folder: without one, JAX writes an entry
+#: in place, and another process reading it meanwhile can crash.
+CACHE_MAX_BYTES = 2 << 30
 
 # JAX's monitoring events (jax._src.dispatch and jax._src.compiler): the backend event spans a compilation
 # or a load from the persistent cache; a cache hit is recorded inside that span, before it ends.
@@ -147,9 +151,28 @@ def default_cache_dir() -> Path:
     return Path(base) / "numpyro_mpe" / "jax"
 
 
+def _stamp_unbounded_entries(folder: Path) -> None:
+    """Give the entries that an unbounded cache wrote (no access-time file) one, dated now: a bounded JAX
+    cache reads the access time of every entry before each write, and fails the write where one is missing."""
+    try:
+        from jax._src.lru_cache import _ATIME_SUFFIX, _CACHE_SUFFIX
+    except ImportError:  # another JAX layout: the names of JAX 0.4.31 - 0.12
+        _CACHE_SUFFIX, _ATIME_SUFFIX = "-cache", "-atime"
+    now = time.time_ns().to_bytes(8, "little")
+    try:
+        for entry in folder.glob(f"*{_CACHE_SUFFIX}"):
+            atime = entry.with_name(entry.name[: -len(_CACHE_SUFFIX)] + _ATIME_SUFFIX)
+            if not atime.exists():
+                atime.write_bytes(now)
+    except OSError as err:  # a read-only folder: JAX reports the failed writes itself
+        logger.debug("persistent compilation cache: %s", err)
+
+
 def enable_persistent_cache(path: str | os.PathLike | None = None) -> Path | None:
     """Turn on JAX's persistent compilation cache in ``path`` (default: ``$NUMPYRO_MPE_CACHE_DIR`` or
-    :func:`default_cache_dir`), unless the user has set a cache folder already or the variable says ``off``.
+    :func:`default_cache_dir`), unless the user has set a cache folder already or the variable says ``off``;
+    bounded to :data:`CACHE_MAX_BYTES` (unless the user has set a bound), which makes processes that share the
+    folder take turns reading and writing it.
 
     Returns the folder in use (``None`` when the cache is left off).  Called when the first model is bound.
     """
@@ -175,6 +198,9 @@ def enable_persistent_cache(path: str | os.PathLike | None = None) -> Path | Non
     jax.config.update("jax_compilation_cache_dir", str(folder))
     if jax.config.jax_persistent_cache_min_compile_time_secs == 1.0:  # JAX's default: not set by the user
         jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+    if jax.config.jax_compilation_cache_max_size == -1:  # JAX's default: unbounded, and no lock
+        _stamp_unbounded_entries(folder)
+        jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
     try:  # the cache is set up at the first compilation of the process: start again if that has happened
         from jax.experimental.compilation_cache import compilation_cache
 

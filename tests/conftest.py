@@ -7,9 +7,9 @@ A quick local run leaves out the slow tests: ``python -m pytest -q -n 2 -m "not 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One persistent compilation cache folder per xdist worker: JAX writes a cache entry without a lock or an
-# atomic rename, and a worker reading an entry another is still writing crashed (segfault) twice here.
-# Each folder is reused by the same worker in the next run.
+# One persistent compilation cache folder per xdist worker, reused by the same worker in the next run: the
+# package's bound on the folder makes JAX lock it for each read and write (before it did, a worker reading an
+# entry another was still writing crashed twice here), and separate folders spare the workers the waits.
 if "PYTEST_XDIST_WORKER" in os.environ and "NUMPYRO_MPE_CACHE_DIR" not in os.environ:
     from numpyro_mpe.programs import default_cache_dir
 

@@ -179,3 +179,49 @@ def test_first_fit_of_a_small_model_compiles_few_programs():
           f"{res['sensitivities']} = {total} programs: {res['names']}")
     assert res["finite"] and res["loaded"] == 0
     assert 0 < total <= 15, res["names"]
+
+
+# ===================================================================== (iv) the persistent cache is locked
+CACHE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, jax.numpy as jnp
+    from numpyro_mpe.programs import CACHE_MAX_BYTES, enable_persistent_cache
+    folder = enable_persistent_cache()
+    chol = jax.jit(lambda x: jnp.linalg.cholesky(x @ x.T + 3.0 * jnp.eye(40)))
+    chol(jnp.ones((40, 40))).block_until_ready()
+    print("RESULT" + json.dumps({"folder": str(folder), "bound": jax.config.jax_compilation_cache_max_size,
+                                 "expected": CACHE_MAX_BYTES}))
+""")
+
+
+UNBOUNDED_SCRIPT = textwrap.dedent("""
+    import sys
+    import jax, jax.numpy as jnp
+    jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((30, 30))).block_until_ready()
+""")
+
+
+@pytest.mark.slow  # subprocesses
+def test_persistent_cache_is_bounded_and_locked_for_processes_that_share_it(tmp_path):
+    """The cache folder gets a size bound, which makes JAX lock it (a ``.lockfile`` beside the entries) around
+    every read and write (without the bound there is no lock file); two processes started together on one
+    folder both finish, and write their entries without a warning although an unbounded JAX wrote entries
+    there before (a bounded cache fails every write where an entry lacks its access-time file)."""
+    folder = tmp_path / "cache"
+    env = dict(os.environ, NUMPYRO_MPE_CACHE_DIR=str(folder), JAX_PLATFORMS="cpu",
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    subprocess.run([sys.executable, "-c", UNBOUNDED_SCRIPT, str(folder)], env=env, check=True, timeout=300)
+    assert not list(folder.glob("*-atime")) and list(folder.glob("*-cache"))  # the unbounded layout
+    procs = [subprocess.Popen([sys.executable, "-c", CACHE_SCRIPT], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        assert "Error writing persistent compilation cache" not in err, err[-3000:]
+        res = json.loads([s for s in out.splitlines() if s.startswith("RESULT")][-1][len("RESULT"):])
+        assert res["folder"] == str(folder) and res["bound"] == res["expected"] > 0
+    assert (folder / ".lockfile").exists(), sorted(p.name for p in folder.iterdir())
+    assert any(p.name.endswith("-cache") for p in folder.iterdir()), sorted(p.name for p in folder.iterdir())
