@@ -11,7 +11,8 @@ import xarray as xr
 from numpyro_mpe import __version__
 from numpyro_mpe.io.cli import build_parser, main
 
-DEMO_OPTIONS = ["--out", "--draws", "--chains", "--warmup", "--seed", "--no-nuts", "--top", "--quiet"]
+DEMO_OPTIONS = ["--out", "--draws", "--chains", "--warmup", "--seed", "--nuts-in-process", "--no-nuts",
+                "--top", "--quiet"]
 PNGS = ["sensitivity.png", "elpd_mpe_vs_psis.png", "leverage_vs_k.png"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -78,8 +78,6 @@ class Analysis:
     Examples
     --------
     >>> from pathlib import Path
-
-from numpyro_mpe.io.cli_arguments import CLIError
     >>> from numpyro_mpe.io.cli import build_parser
     >>> from numpyro_mpe.io.cli_analysis import Analysis
     >>> from numpyro_mpe.io.datasets import stackloss_inputs, stackloss_model
@@ -106,6 +104,8 @@ from numpyro_mpe.io.cli_arguments import CLIError
         self.site = None
         self.mcmc_idata = None
         self.checks = None
+        self.nuts_job = None
+        self.idata = None  # the fit's export, made once
 
     def observed_site(self, var_name: str | None):
         """The observed site to analyse, checked before any fit.
@@ -140,6 +140,45 @@ from numpyro_mpe.io.cli_arguments import CLIError
         self.site = adapter.observed[names[0] if var_name is None else var_name]
         return self.site
 
+    def start_nuts(self) -> None:
+        """Start the NUTS reference (when asked, and once): in a second process where the model pickles
+        (unless ``--nuts-in-process``), sampling while this one checks, fits and computes the MPE outputs;
+        :meth:`run` collects it."""
+        if not self.nuts or self.nuts_job is not None:
+            return
+        import jax
+
+        from numpyro_mpe.io.nuts_reference import NutsJob, NutsSettings
+
+        args = self.args
+        settings = NutsSettings(args.warmup, args.draws, args.chains, bool(jax.config.jax_enable_x64))
+        self.nuts_job = NutsJob(self.model, self.model_args, self.model_kwargs, self.k_nuts, settings,
+                                parallel=not getattr(args, "nuts_in_process", False))
+
+    def checked_labels(self, inputs, var_name: str | None):
+        """Start NUTS, then check ``--var-name`` and ``--id-column`` before any fit (stopping NUTS if either
+        is wrong).
+
+        Parameters
+        ----------
+        inputs : ModelInputs
+            The model's inputs, with the ``--id-column`` table.
+        var_name : str or None
+            ``--var-name``.
+
+        Returns
+        -------
+        pandas.Series or None
+            One label per observation of the site (:meth:`ModelInputs.labels_for`).
+        """
+        self.start_nuts()
+        try:
+            return inputs.labels_for(self.observed_site(var_name))
+        except BaseException:
+            if self.nuts_job is not None:
+                self.nuts_job.cancel()
+            raise
+
     def run(self) -> Analysis:
         """Fit, sensitivities of the observed site, NUTS (when asked) and the comparison.
 
@@ -156,6 +195,7 @@ from numpyro_mpe.io.cli_arguments import CLIError
         from numpyro_mpe.io.predictive_report import PredictiveChecks
         from numpyro_mpe.loo.compare import compare_psis
 
+        self.start_nuts()
         name = (self.site or self.observed_site(None)).name
         args, steps = self.args, self.steps
         with steps("Laplace fit"):
@@ -163,8 +203,9 @@ from numpyro_mpe.io.cli_arguments import CLIError
                                                                         **self.model_kwargs)
         self.site = self.fit.adapter.observed[name]
         with steps("MPE sensitivities"):
-            self.ds = self.fit.sensitivities(self.site.name)
+            # the checks first: their one pass (every functional, and the shifts) gives the sensitivities too
             self.checks = PredictiveChecks.compute(self.fit, self.site.name)
+            self.ds = self.fit.sensitivities(self.site.name)
         if self.nuts:
             self._run_nuts()
         suffix = "" if self.nuts else " (draws from the Laplace q)"
@@ -174,16 +215,25 @@ from numpyro_mpe.io.cli_arguments import CLIError
         return self
 
     def _run_nuts(self) -> None:
-        import arviz as az
-        from numpyro.infer import MCMC, NUTS
+        """Collect the NUTS draws (sampled beside the previous steps in a second process where possible)."""
+        args, job = self.args, self.nuts_job
+        here = job.where == "this process"
+        what = (f"NUTS ({args.chains} chain(s) x {args.warmup} warmup + {args.draws} draws"
+                + (")" if here else ", sampling in a second process since step 1)"))
+        with self.steps(what, inline=args.quiet or not here):
+            if not here:  # the report's parts that need no NUTS, while it samples
+                self._export()
+                from numpyro_mpe.loo.posterior_check import affordable, posterior_check
 
-        args = self.args
-        what = f"NUTS ({args.chains} chain(s) x {args.warmup} warmup + {args.draws} draws)"
-        with self.steps(what, inline=args.quiet):
-            mcmc = MCMC(NUTS(self.model), num_warmup=args.warmup, num_samples=args.draws,
-                        num_chains=args.chains, chain_method="sequential", progress_bar=not args.quiet)
-            mcmc.run(self.k_nuts, *self.model_args, **self.model_kwargs)
-            self.mcmc_idata = az.from_numpyro(mcmc, log_likelihood=True)
+                if affordable(self.fit):  # the report's Gaussian check card
+                    posterior_check(self.fit, self.site.name, warn=False)
+            self.mcmc_idata = job.result(progress=not args.quiet)
+
+    def _export(self):
+        """The fit's ArviZ data (:meth:`numpyro_mpe.Fit.to_inference_data`), computed once."""
+        if self.idata is None:
+            self.idata = self.fit.to_inference_data(num_samples=self.num_draws, rng_key=self.k_export)
+        return self.idata
 
     def write_html(self, path: Path, labels=None, title: str | None = None,
                    meta: dict | None = None) -> Path:
@@ -232,8 +282,7 @@ from numpyro_mpe.io.cli_arguments import CLIError
         from numpyro_mpe.io.plots import plot_elpd_comparison, plot_leverage_vs_k, plot_sensitivity
 
         paths = []
-        idata = self.fit.to_inference_data(num_samples=self.num_draws, rng_key=self.k_export)
-        for name, data in [("inference_data.nc", idata), ("nuts.nc", self.mcmc_idata)]:
+        for name, data in [("inference_data.nc", self._export()), ("nuts.nc", self.mcmc_idata)]:
             if data is not None:
                 path = out / name
                 _remove(path)

@@ -75,17 +75,21 @@ def _add_parser(subparsers, name: str, help: str, description: str, examples: st
 
 
 def _add_sampling_options(p, *, draws_use: str) -> None:
-    """``--draws``, ``--chains``, ``--warmup`` and ``--seed``, shared by the subcommands that run NUTS."""
+    """``--draws``, ``--chains``, ``--warmup``, ``--seed`` and ``--nuts-in-process``, shared by the
+    subcommands that run NUTS."""
     p.add_argument("--draws", metavar="N", type=_positive_int, default=1000,
                    help="NUTS draws per chain kept after warmup; draws x chains is also the number of draws "
                         f"from the Laplace posterior {draws_use} (default: %(default)s)")
     p.add_argument("--chains", metavar="N", type=_positive_int, default=2,
-                   help="NUTS chains, run one after the other (default: %(default)s)")
+                   help="NUTS chains, run together (vectorized) (default: %(default)s)")
     p.add_argument("--warmup", metavar="N", type=_positive_int, default=1000,
                    help="NUTS warmup (adaptation) steps per chain (default: %(default)s)")
     p.add_argument("--seed", metavar="INT", type=_non_negative_int, default=0,
                    help="random seed (jax.random.PRNGKey) of the fit, the draws and NUTS "
                         "(default: %(default)s)")
+    p.add_argument("--nuts-in-process", action="store_true",
+                   help="sample NUTS in this process after the MPE steps, not in a second process beside "
+                        "them (default where the model pickles: about the longer of the two, not the sum)")
 
 
 def _add_quiet(p) -> None:

@@ -77,7 +77,7 @@ def run_folder(inputs: ModelInputs, args: argparse.Namespace, *, nuts: bool, var
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out '{out}' exists and is not a directory")
     an = Analysis(inputs.model, inputs.args, inputs.kwargs, args, nuts=nuts)
-    labels = inputs.labels_for(an.observed_site(var_name))  # --var-name and --id-column before any fit
+    labels = an.checked_labels(inputs, var_name)  # NUTS starts; --var-name and --id-column before any fit
     out.mkdir(parents=True, exist_ok=True)
     an.run()
     with an.steps("writing the report"):
@@ -201,7 +201,7 @@ def run_report(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"{PROG} {__version__} report: {inputs.where} ({len(inputs.table)} rows)", flush=True)
     an = Analysis(inputs.model, inputs.args, inputs.kwargs, args, nuts=args.nuts)
-    labels = inputs.labels_for(an.observed_site(args.var_name))  # --var-name and --id-column before any fit
+    labels = an.checked_labels(inputs, args.var_name)  # NUTS starts; --var-name, --id-column before any fit
     an.run()
     with an.steps("writing the report"):
         path = an.write_html(out, labels=labels, title=title,

@@ -18,6 +18,9 @@ from typing import Any
 
 from numpyro_mpe.io.cli_arguments import DATA_FN, CLIError
 
+#: Modules imported from model files are named this prefix + the file's stem.
+USER_MODULE_PREFIX = "numpyro_mpe_user_"
+
 
 def _defined_names(module) -> list[str]:
     """Public callables defined in ``module`` itself (not imported), else all its public names."""
@@ -34,13 +37,13 @@ def _split_spec(spec: str) -> tuple[str, str]:
     return path_text, attr
 
 
-def _import_file(path: Path):
+def import_model_file(path: Path):
     """Import the Python file ``path`` as a fresh module (its folder importable while it runs)."""
     import importlib.util
     import re
     import traceback
 
-    name = "numpyro_mpe_user_" + re.sub(r"\W", "_", path.stem)
+    name = USER_MODULE_PREFIX + re.sub(r"\W", "_", path.stem)
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise CLIError(f"'{path}' cannot be imported as a Python file")
@@ -97,7 +100,7 @@ def load_user_model(spec: str, data_fn: str = DATA_FN):
         raise CLIError(f"model file '{path_text}' not found")
     if not path.is_file():
         raise CLIError(f"model file '{path_text}' is not a file")
-    module = _import_file(path)
+    module = import_model_file(path)
     names = _defined_names(module)
     if not hasattr(module, attr):
         raise CLIError(f"'{path_text}' has no attribute '{attr}' (the model); it defines: "
@@ -241,4 +244,4 @@ def user_inputs(args: argparse.Namespace) -> ModelInputs:
                        data=f"{args.data} ({len(df)} rows)", id_column=args.id_column)
 
 
-__all__ = ["ModelInputs", "load_user_model", "user_inputs"]
+__all__ = ["USER_MODULE_PREFIX", "ModelInputs", "import_model_file", "load_user_model", "user_inputs"]
