@@ -79,3 +79,25 @@ def test_a_failing_second_process_warns_and_samples_here(monkeypatch):
         idata = job.result()
     assert job.where == "this process"
     _same_draws(idata, sample_nuts(stackloss_model, args, kwargs, KEY, SETTINGS))
+
+
+def test_a_wrong_var_name_stops_the_nuts_process(monkeypatch, capsys):
+    """``run --var-name`` of a site the model does not have: NUTS had started beside the check; the command
+    fails with the one-line error and stops that process."""
+    from numpyro_mpe.io.cli import main
+
+    stopped = []
+    cancel = NutsJob.cancel
+
+    def record(job):
+        if job._proc is not None:
+            stopped.append(job._proc)
+        cancel(job)
+
+    monkeypatch.setattr(NutsJob, "cancel", record)
+    rc = main(["run", str(ROOT / "examples" / "user_model.py") + ":model", "--data",
+               str(ROOT / "examples" / "user_data.csv"), "--var-name", "nope", "--quiet",
+               "--out", "unused-folder"])
+    assert rc == 1 and "--var-name 'nope'" in capsys.readouterr().err
+    assert len(stopped) == 1 and stopped[0].poll() is not None  # killed, and reaped
+    assert not Path("unused-folder").exists()
