@@ -169,10 +169,14 @@ class NutsJob:
                 "sys_path": [p for p in sys.path if p], "job": job}
         self._folder = Path(tempfile.mkdtemp(prefix="numpyro_mpe_nuts_"))
         (self._folder / "job.pkl").write_bytes(pickle.dumps(head))
-        try:
-            self._proc = subprocess.Popen([sys.executable, "-m", __name__, str(self._folder)],
-                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.PIPE)
+        # on a GPU this process has taken its share of the memory already: the other one allocates as it goes
+        env = dict(os.environ)
+        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        try:  # its messages to a file: a pipe nobody reads until the end could fill and stall it
+            with open(self._folder / "stderr.txt", "wb") as err:
+                self._proc = subprocess.Popen([sys.executable, "-m", __name__, str(self._folder)],
+                                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                              stderr=err, env=env)
             self.where = "a second process"
         except OSError as err:
             logger.debug("NUTS runs in this process: %s", err)
@@ -185,12 +189,13 @@ class NutsJob:
 
     def _collect(self):
         """The other process's draws, or ``None`` (with a warning) where it failed."""
-        _, err = self._proc.communicate()
+        self._proc.wait()
         result = self._folder / "result.pkl"
         if result.exists():
             out = pickle.loads(result.read_bytes())
         else:  # it died before writing (killed, out of memory)
-            out = ("error", err.decode(errors="replace")[-2000:] or f"exit status {self._proc.returncode}")
+            err = (self._folder / "stderr.txt").read_text(errors="replace")[-2000:]
+            out = ("error", err or f"exit status {self._proc.returncode}")
         if out[0] == "ok":
             self.seconds = out[2]
             return out[1]
