@@ -7,14 +7,17 @@ A quick local run leaves out the slow tests: ``python -m pytest -q -n 2 -m "not 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One persistent compilation cache folder per xdist worker, reused by the same worker in the next run: the
-# package's bound on the folder makes JAX lock it for each read and write (before it did, a worker reading an
-# entry another was still writing crashed twice here), and separate folders spare the workers the waits.
+# One persistent compilation cache folder per xdist worker and JAX version, reused by the same worker in the
+# next run: the package's bound on the folder makes JAX lock it for each read and write (before it did, a
+# worker reading an entry another was still writing crashed twice here), separate folders spare the workers
+# the waits, and the Python 3.11 and 3.12 runs (two JAX versions) keep apart.
 if "PYTEST_XDIST_WORKER" in os.environ and "NUMPYRO_MPE_CACHE_DIR" not in os.environ:
+    from importlib.metadata import version
+
     from numpyro_mpe.programs import default_cache_dir
 
     worker = os.environ["PYTEST_XDIST_WORKER"]
-    os.environ["NUMPYRO_MPE_CACHE_DIR"] = str(default_cache_dir() / f"tests-{worker}")
+    os.environ["NUMPYRO_MPE_CACHE_DIR"] = str(default_cache_dir() / f"tests-jax{version('jax')}-{worker}")
 
 import numpyro  # noqa: E402
 import pytest  # noqa: E402

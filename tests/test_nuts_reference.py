@@ -83,7 +83,8 @@ def test_a_failing_second_process_warns_and_samples_here(monkeypatch):
 
 def test_a_wrong_var_name_stops_the_nuts_process(monkeypatch, capsys):
     """``run --var-name`` of a site the model does not have: NUTS had started beside the check; the command
-    fails with the one-line error and stops that process."""
+    fails with the one-line error and tells that process to stop, which it does before sampling (it is not
+    killed: a kill during a cache write would leave a truncated cache entry), removing its folder."""
     from numpyro_mpe.io.cli import main
 
     stopped = []
@@ -91,7 +92,7 @@ def test_a_wrong_var_name_stops_the_nuts_process(monkeypatch, capsys):
 
     def record(job):
         if job._proc is not None:
-            stopped.append(job._proc)
+            stopped.append((job._proc, job._folder))
         cancel(job)
 
     monkeypatch.setattr(NutsJob, "cancel", record)
@@ -99,5 +100,7 @@ def test_a_wrong_var_name_stops_the_nuts_process(monkeypatch, capsys):
                str(ROOT / "examples" / "user_data.csv"), "--var-name", "nope", "--quiet",
                "--out", "unused-folder"])
     assert rc == 1 and "--var-name 'nope'" in capsys.readouterr().err
-    assert len(stopped) == 1 and stopped[0].poll() is not None  # killed, and reaped
-    assert not Path("unused-folder").exists()
+    assert len(stopped) == 1 and not Path("unused-folder").exists()
+    proc, folder = stopped[0]
+    assert proc.wait(timeout=120) == 0 and not folder.exists()
+    assert not (folder / "result.pkl").exists()

@@ -29,6 +29,10 @@ import numpy as np
 logger = logging.getLogger("numpyro_mpe")
 
 
+#: A file in the job's folder that tells the other process to stop.
+STOP_FILE = "stop"
+
+
 class NutsSettings(NamedTuple):
     """Warmup and kept draws per chain, chains (run together, vectorized) and float64."""
 
@@ -94,6 +98,12 @@ def _sample_in_child(folder: Path) -> None:
     """The second process (``python -m numpyro_mpe.io.nuts_reference FOLDER``): reads ``job.pkl``, sets up
     the float width, the persistent cache, the parent's import path and the model's file, samples, and writes
     ``result.pkl``: ``("ok", idata, seconds)`` or ``("error", message)``."""
+    def stopped() -> bool:  # the command stopped early (NutsJob.cancel): leave, and take the folder along
+        if (folder / STOP_FILE).exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            return True
+        return False
+
     try:
         head = pickle.loads((folder / "job.pkl").read_bytes())
         settings = head["settings"]
@@ -110,6 +120,8 @@ def _sample_in_child(folder: Path) -> None:
 
             import_model_file(Path(head["module_file"]))
         model, model_args, model_kwargs, key = pickle.loads(head["job"])
+        if stopped():
+            return
         # ArviZ (1-2 s to import) is imported while NUTS compiles, which leaves the interpreter free
         threading.Thread(target=importlib.import_module, args=("arviz",), daemon=True).start()
         t0 = time.perf_counter()
@@ -117,6 +129,8 @@ def _sample_in_child(folder: Path) -> None:
         out = ("ok", idata, time.perf_counter() - t0)
     except BaseException as err:  # noqa: BLE001 - reported to the parent, which samples itself
         out = ("error", f"{type(err).__name__}: {err}")
+    if stopped():
+        return
     (folder / "result.tmp").write_bytes(pickle.dumps(out))
     os.replace(folder / "result.tmp", folder / "result.pkl")
 
@@ -221,12 +235,15 @@ class NutsJob:
         return idata
 
     def cancel(self) -> None:
-        """Stop the other process (an analysis that stops early) and remove its folder."""
-        proc = getattr(self, "_proc", None)
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if getattr(self, "_folder", None) is not None:
+        """Tell the other process to stop (an analysis that stops early): it leaves before sampling, or
+        drops its draws, and removes its folder.  It is not killed: a process killed while it writes an entry
+        of the persistent compilation cache leaves a truncated entry, which aborts the next process that
+        reads it."""
+        proc, folder = getattr(self, "_proc", None), getattr(self, "_folder", None)
+        if folder is not None and proc is not None and proc.poll() is None:
+            (folder / STOP_FILE).touch()
+            self._proc = self._folder = None  # the other process removes the folder
+        elif folder is not None:
             self._cleanup()
 
     __del__ = cancel
