@@ -81,7 +81,22 @@ def _pit_values(pv: PredictiveValues, rng_key):
     return np.clip(lower + u * mass, 0.0, 1.0), what
 
 
+#: The numpydoc entry of ``repair``, shared by the functionals below (``{repair}`` in their docstrings).
+REPAIR_PARAMETER = """repair : {"flagged", "invalid", None}, default "flagged"
+        Observations whose closed form is not trusted — leverage > 0.5 or no Gaussian cavity (``"flagged"``),
+        or only the latter (``"invalid"``) — take their values from importance sampling toward p(θ | y₋i),
+        the proposal with which ``fit.loo()`` repairs them; ``None`` keeps the closed form everywhere (NaN
+        without a cavity).  Leave-one-out only (``groups`` keeps the closed form)."""
+
+
+def repair_parameter(fn):
+    """Decorator: ``{repair}`` in ``fn``'s docstring becomes :data:`REPAIR_PARAMETER`."""
+    fn.__doc__ = fn.__doc__.replace("{repair}", REPAIR_PARAMETER)
+    return fn
+
+
 @site_parameters
+@repair_parameter
 def loo_pit(fit: Fit, var_name: str | None = None, *, rng_key=None, prob: float = 0.95,
             groups=None, repair: str | None = "flagged") -> xr.Dataset:
     """LOO probability integral transform: p(ỹ_i ≤ y_i | y₋i) of every observation, from the MPE cavities.
@@ -100,12 +115,8 @@ def loo_pit(fit: Fit, var_name: str | None = None, *, rng_key=None, prob: float 
         Coverage of the simultaneous ECDF band of the calibration test.
     groups : None
         Refused: the PIT values of a group left out together are not independent uniforms.
+    {repair}
 
-    repair : {"flagged", "invalid", None}, default "flagged"
-        Observations whose closed form is not trusted — leverage > 0.5 or no Gaussian cavity (``"flagged"``),
-        or only the latter (``"invalid"``) — take their values from importance sampling toward p(θ | y₋i),
-        the proposal with which ``fit.loo()`` repairs them; ``None`` keeps the closed form everywhere (NaN
-        without a cavity).  Leave-one-out only (``groups`` keeps the closed form).
     Returns
     -------
     xarray.Dataset
@@ -138,6 +149,7 @@ def loo_pit(fit: Fit, var_name: str | None = None, *, rng_key=None, prob: float 
 
 
 @site_parameters
+@repair_parameter
 def loo_expectations(fit: Fit, var_name: str | None = None, kind: str = "mean", probs=None, *, groups=None,
                      repair: str | None = "flagged"):
     """LOO predictive expectations E[ỹ_i | y₋i] (or var, sd, median, quantiles) from the MPE cavities.
@@ -154,12 +166,8 @@ def loo_expectations(fit: Fit, var_name: str | None = None, kind: str = "mean", 
         The quantiles' probabilities for ``kind="quantile"``, each in (0, 1).
     groups : str or array_like, optional
         Leave-group-out: each observation's predictive with its whole group left out.
+    {repair}
 
-    repair : {"flagged", "invalid", None}, default "flagged"
-        Observations whose closed form is not trusted — leverage > 0.5 or no Gaussian cavity (``"flagged"``),
-        or only the latter (``"invalid"``) — take their values from importance sampling toward p(θ | y₋i),
-        the proposal with which ``fit.loo()`` repairs them; ``None`` keeps the closed form everywhere (NaN
-        without a cavity).  Leave-one-out only (``groups`` keeps the closed form).
     Returns
     -------
     loo_expec : xarray.DataArray
@@ -196,7 +204,6 @@ def loo_expectations(fit: Fit, var_name: str | None = None, kind: str = "mean", 
     return out, _array(pv.site, pv.leverage, pv.site.name)
 
 
-@site_parameters
 def interval_probs(prob: float) -> tuple:
     """The quantile probabilities (½ − prob/2, ½ + prob/2) of the central interval of probability ``prob``.
 
@@ -209,6 +216,8 @@ def interval_probs(prob: float) -> tuple:
     return (0.5 - prob / 2.0, 0.5 + prob / 2.0)
 
 
+@site_parameters
+@repair_parameter
 def loo_predictive_interval(fit: Fit, var_name: str | None = None, prob: float = 0.9, *,
                             groups=None, repair: str | None = "flagged") -> xr.DataArray:
     """Central LOO predictive intervals: the (1 − prob)/2 and (1 + prob)/2 quantiles of p(ỹ_i | y₋i).
@@ -220,12 +229,8 @@ def loo_predictive_interval(fit: Fit, var_name: str | None = None, prob: float =
         Probability inside the interval, in (0, 1).
     groups : str or array_like, optional
         Leave-group-out: each observation's predictive with its whole group left out.
+    {repair}
 
-    repair : {"flagged", "invalid", None}, default "flagged"
-        Observations whose closed form is not trusted — leverage > 0.5 or no Gaussian cavity (``"flagged"``),
-        or only the latter (``"invalid"``) — take their values from importance sampling toward p(θ | y₋i),
-        the proposal with which ``fit.loo()`` repairs them; ``None`` keeps the closed form everywhere (NaN
-        without a cavity).  Leave-one-out only (``groups`` keeps the closed form).
     Returns
     -------
     xarray.DataArray
@@ -253,6 +258,7 @@ def loo_predictive_interval(fit: Fit, var_name: str | None = None, prob: float =
 
 
 @site_parameters
+@repair_parameter
 def loo_score(fit: Fit, var_name: str | None = None, kind: str = "crps", pointwise: bool = False,
               round_to=None, *, groups=None, repair: str | None = "flagged"):
     """LOO CRPS or SCRPS from the MPE cavities, as maximization scores (arviz-stats' sign convention).
@@ -271,12 +277,8 @@ def loo_score(fit: Fit, var_name: str | None = None, kind: str = "crps", pointwi
         Decimals (int) or significant digits (``"2g"``) of ``mean`` and ``se``; raw numbers by default.
     groups : str or array_like, optional
         Leave-group-out: each observation's predictive with its whole group left out.
+    {repair}
 
-    repair : {"flagged", "invalid", None}, default "flagged"
-        Observations whose closed form is not trusted — leverage > 0.5 or no Gaussian cavity (``"flagged"``),
-        or only the latter (``"invalid"``) — take their values from importance sampling toward p(θ | y₋i),
-        the proposal with which ``fit.loo()`` repairs them; ``None`` keeps the closed form everywhere (NaN
-        without a cavity).  Leave-one-out only (``groups`` keeps the closed form).
     Returns
     -------
     namedtuple
@@ -319,6 +321,7 @@ def _observed_and_mean(fit: Fit, var_name, groups, repair):
 
 
 @site_parameters
+@repair_parameter
 def loo_r2(fit: Fit, var_name: str | None = None, n_simulations: int = 4000, summary: bool = True,
            point_estimate: str = "mean", ci_kind: str = "eti", ci_prob: float = 0.89, round_to=None, *,
            groups=None, repair: str | None = "flagged"):
@@ -340,12 +343,8 @@ def loo_r2(fit: Fit, var_name: str | None = None, n_simulations: int = 4000, sum
         Decimals or significant digits; raw numbers by default.
     groups : str or array_like, optional
         Leave-group-out: each observation's mean with its whole group left out.
+    {repair}
 
-    repair : {"flagged", "invalid", None}, default "flagged"
-        Observations whose closed form is not trusted — leverage > 0.5 or no Gaussian cavity (``"flagged"``),
-        or only the latter (``"invalid"``) — take their values from importance sampling toward p(θ | y₋i),
-        the proposal with which ``fit.loo()`` repairs them; ``None`` keeps the closed form everywhere (NaN
-        without a cavity).  Leave-one-out only (``groups`` keeps the closed form).
     Returns
     -------
     namedtuple or numpy.ndarray
@@ -382,6 +381,7 @@ def loo_r2(fit: Fit, var_name: str | None = None, n_simulations: int = 4000, sum
     return namedtuple("loo_R2", fields)(*(_round(v, round_to) for v in (est, lb, ub)))
 
 
+@repair_parameter
 def loo_metrics(fit: Fit, kind: str = "rmse", var_name: str | None = None, round_to=None, *, groups=None,
                 repair: str | None = "flagged"):
     """Predictive metrics of the MPE LOO means against the observations, as arviz-stats' ``loo_metrics``.
@@ -399,12 +399,8 @@ def loo_metrics(fit: Fit, kind: str = "rmse", var_name: str | None = None, round
         Decimals or significant digits of the metric and its standard error; raw numbers by default.
     groups : str or array_like, optional
         Leave-group-out: the metric over each observation's mean with its whole group left out.
+    {repair}
 
-    repair : {"flagged", "invalid", None}, default "flagged"
-        Observations whose closed form is not trusted — leverage > 0.5 or no Gaussian cavity (``"flagged"``),
-        or only the latter (``"invalid"``) — take their values from importance sampling toward p(θ | y₋i),
-        the proposal with which ``fit.loo()`` repairs them; ``None`` keeps the closed form everywhere (NaN
-        without a cavity).  Leave-one-out only (``groups`` keeps the closed form).
     Returns
     -------
     namedtuple
