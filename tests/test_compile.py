@@ -22,7 +22,7 @@ import numpyro.distributions as dist
 import pytest
 
 import numpyro_mpe as mpe
-from numpyro_mpe.programs import track
+from numpyro_mpe.programs import BOUNDED_MARKER, track
 
 KEY = jax.random.PRNGKey(0)
 
@@ -147,7 +147,7 @@ FIRST_FIT_SCRIPT = textwrap.dedent("""
     numpyro.set_platform("cpu")
     import numpyro_mpe as mpe
     from numpyro_mpe.io.datasets import STACKLOSS_PREDICTORS, load_stackloss, stackloss_model
-    from numpyro_mpe.programs import track
+    from numpyro_mpe.programs import BOUNDED_MARKER, track
     df = load_stackloss()
     X = df[list(STACKLOSS_PREDICTORS)].to_numpy(float)
     y = df["stack.loss"].to_numpy(float)
@@ -224,4 +224,5 @@ def test_persistent_cache_is_bounded_and_locked_for_processes_that_share_it(tmp_
         res = json.loads([s for s in out.splitlines() if s.startswith("RESULT")][-1][len("RESULT"):])
         assert res["folder"] == str(folder) and res["bound"] == res["expected"] > 0
     assert (folder / ".lockfile").exists(), sorted(p.name for p in folder.iterdir())
+    assert (folder / BOUNDED_MARKER).exists()  # stamped once: later starts skip the scan
     assert any(p.name.endswith("-cache") for p in folder.iterdir()), sorted(p.name for p in folder.iterdir())
