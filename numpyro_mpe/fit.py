@@ -28,13 +28,6 @@ from numpyro_mpe.options import MPEOptions
 from numpyro_mpe.programs import track
 
 
-def _covers(cached: tuple, predictive) -> bool:
-    """Whether a cached pass with functionals ``cached`` (``()`` or ``(spec,)``) gives ``predictive``'s."""
-    if not cached:
-        return predictive is None
-    return cached[0].covers(predictive)
-
-
 def _split_rows(res: SiteMPE, sizes: list) -> list:
     """A :class:`SiteMPE` over stacked rows cut into consecutive parts of ``sizes`` rows."""
     if len(sizes) == 1:
@@ -270,9 +263,9 @@ class Fit:
         default = quadrature_tol is None and keep_shift is None and not first_order and not expect_q
         key = ("mpe", site.name) + (() if predictive is None else (predictive,))
         if default:
-            for have, res in self._cache.items():
-                if isinstance(have, tuple) and have[:2] == key[:2] and _covers(have[2:], predictive):
-                    return res
+            hit = self.cached_covering(("mpe", site.name), predictive)
+            if hit is not None:
+                return hit
         group = self.site_group(site.name) if self.uses_predictor(site.name) else (site.name,)
         with track(f"site_mpe({site.name})", self.info["compile"]):
             res = self._site_mpe(site.name, self.pass_options(site.name, **opts))
@@ -280,6 +273,20 @@ class Fit:
         if default:
             self._cache.update({("mpe", n) + key[2:]: r for n, r in parts.items()})
         return parts[site.name]
+
+    def cached_covering(self, prefix: tuple, predictive):
+        """A cached value under ``prefix`` whose LOO predictive functionals cover ``predictive``
+        (:meth:`~numpyro_mpe.engine.predictive.PredictiveSpec.covers`), or ``None``.
+
+        Keys are ``prefix`` (no functionals: serves ``predictive=None`` only) or ``prefix + (spec,)``.
+        """
+        for key, value in self._cache.items():
+            if not (isinstance(key, tuple) and key[:len(prefix)] == prefix):
+                continue
+            rest = key[len(prefix):]
+            if (rest[0].covers(predictive) if rest else predictive is None):
+                return value
+        return None
 
     def _site_mpe(self, name: str, opts: PassOptions) -> SiteMPE:
         key = jax.random.PRNGKey(0)

@@ -146,12 +146,11 @@ def predictive_values(fit: Fit, var_name: str | None = None, functionals=("pit",
     spec = _spec(fit, site, functionals, probs)
     check_choice("repair", repair, REPAIRS)
     cacheable = groups is None and repaired is None
-    if cacheable:
-        for key, pv in fit._cache.items():  # functionals computed before whose set covers spec
-            if (isinstance(key, tuple) and key[:3] == ("predictive", site.name, repair)
-                    and key[3].covers(spec)):
-                return pv._replace(spec=spec, values={k: pv.values[k].copy() for k in spec.outputs},
-                                   valid=pv.valid.copy())
+    if cacheable:  # functionals computed before whose set covers spec
+        pv = fit.cached_covering(("predictive", site.name, repair), spec)
+        if pv is not None:
+            return pv._replace(spec=spec, values={k: pv.values[k].copy() for k in spec.outputs},
+                               valid=pv.valid.copy())
     if groups is None:
         res = fit.site_mpe(site.name, predictive=spec)
         values = {k: np.array(res.extra[k]) for k in spec.outputs}
