@@ -179,10 +179,12 @@ class Analysis:
                 self.nuts_job.cancel()
             raise
 
-    def run(self) -> Analysis:
+    def run(self, *, export: bool = False) -> Analysis:
         """Fit, sensitivities of the observed site, NUTS (when asked) and the comparison.
 
-        The site is the one :meth:`observed_site` checked, else the model's only one.
+        The site is the one :meth:`observed_site` checked, else the model's only one.  ``export``: the
+        fit's ArviZ data will be written (:meth:`write_folder`): make it while NUTS samples in the other
+        process.
 
         Returns
         -------
@@ -207,14 +209,14 @@ class Analysis:
             self.checks = PredictiveChecks.compute(self.fit, self.site.name)
             self.ds = self.fit.sensitivities(self.site.name)
         if self.nuts:
-            self._run_nuts()
+            self._run_nuts(export)
         suffix = "" if self.nuts else " (draws from the Laplace q)"
         with steps("PSIS-LOO comparison" + suffix):
             self.table = compare_psis(self.fit, self.mcmc_idata, var_name=self.site.name,
                                       num_samples=self.num_draws, rng_key=self.k_psis)
         return self
 
-    def _run_nuts(self) -> None:
+    def _run_nuts(self, export: bool) -> None:
         """Collect the NUTS draws (sampled beside the previous steps in a second process where possible)."""
         args, job = self.args, self.nuts_job
         here = job.where == "this process"
@@ -222,7 +224,8 @@ class Analysis:
                 + (")" if here else ", sampling in a second process since step 1)"))
         with self.steps(what, inline=args.quiet or not here):
             if not here:  # the report's parts that need no NUTS, while it samples
-                self._export()
+                if export:
+                    self._export()
                 from numpyro_mpe.loo.posterior_check import affordable, posterior_check
 
                 if affordable(self.fit):  # the report's Gaussian check card

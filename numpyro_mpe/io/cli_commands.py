@@ -79,7 +79,7 @@ def run_folder(inputs: ModelInputs, args: argparse.Namespace, *, nuts: bool, var
     an = Analysis(inputs.model, inputs.args, inputs.kwargs, args, nuts=nuts)
     labels = an.checked_labels(inputs, var_name)  # NUTS starts; --var-name and --id-column before any fit
     out.mkdir(parents=True, exist_ok=True)
-    an.run()
+    an.run(export=True)
     with an.steps("writing the report"):
         paths = an.write_folder(out, labels=labels, title=title, meta=meta)
     print()
