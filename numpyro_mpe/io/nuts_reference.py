@@ -2,10 +2,10 @@
 
 On an everyday model NUTS spends most of its time tracing and compiling, not sampling (stack loss: 5–9 s for
 two chains of 2000 iterations, of which sampling is under a second), and so do the Laplace fit and the MPE
-pass.  The two are independent, so :class:`NutsJob` starts NUTS in a spawned process before the fit and
-collects its draws after the MPE steps: on two cores the commands wait for about the longer of the two
-instead of their sum.  A model that cannot be sent to another process (it does not pickle), or a process that
-fails to start, samples in this process instead, with the same key and the same draws.
+pass.  The two are independent, so :class:`NutsJob` starts NUTS in a second Python process before the fit
+and collects its draws after the MPE steps: the commands wait for about the longer of the two instead of
+their sum.  A model that cannot be sent to another process (it does not pickle), or a process that fails to
+start or to sample, samples in this process instead, with the same key and the same draws.
 """
 
 from __future__ import annotations
