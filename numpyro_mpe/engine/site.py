@@ -38,6 +38,7 @@ try:
 except ImportError:  # jax < 0.7
     from jax.experimental.shard_map import shard_map
 
+from numpyro_mpe.derivatives import value_grad_hessian
 from numpyro_mpe.engine.cavity import cavity_k, cavity_one
 from numpyro_mpe.engine.layout import Layout, run_chunks
 from numpyro_mpe.engine.predictive import FUNCTIONALS, PredictiveSpec, rows_functionals
@@ -208,8 +209,7 @@ def _expected_derivs(log_lik_fn, active, rule, e, lam, cov, eta, y, aux, w):
         pts = ea[act] + rule.nodes @ psd_sqrt(vi).T  # (Q, K)
 
         def at(x):
-            g = jax.grad(nll)(x, ea, yi, ai, wi)
-            h = jax.hessian(nll)(x, ea, yi, ai, wi)
+            _, g, h = value_grad_hessian(nll)(x, ea, yi, ai, wi)
             return g, 0.5 * (h + h.T)
 
         gq, hq = jax.vmap(at)(pts)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from numpyro_mpe.derivatives import value_grad_hessian
 from numpyro_mpe.engine import rowlinalg
 from numpyro_mpe.engine.quadrature import TAYLOR_ORDER, log_lik_series
 from numpyro_mpe.gaussian import row_gram
@@ -119,8 +120,7 @@ def predictor_derivs(log_lik_fn, active):
 
     def derivs(eta_all, y, aux, w):
         x = eta_all[active]
-        val, g = jax.value_and_grad(nll)(x, eta_all, y, aux, w)
-        h = jax.hessian(nll)(x, eta_all, y, aux, w)
+        val, g, h = value_grad_hessian(nll)(x, eta_all, y, aux, w)
         return val, g, 0.5 * (h + h.T)
 
     return derivs

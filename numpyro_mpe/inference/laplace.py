@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.infer import init_to_median
 
+from numpyro_mpe.derivatives import value_grad_hessian
 from numpyro_mpe.engine.layout import Layout, auto_chunk_size
 from numpyro_mpe.engine.sums import site_sums
 from numpyro_mpe.engine.terms import SiteData
@@ -45,11 +46,7 @@ OPTIMIZERS = ("auto", "newton", "lbfgs")
 def laplace_map(adapter: ModelAdapter, theta0, max_steps, gtol):
     """The MAP of U by damped Newton from ``theta0``, with U, ∇U and the exact ∇²U there, and the
     :class:`~numpyro_mpe.inference.optimum.Spectrum` of ∇²U for its checks: one program."""
-    def vgh(t):
-        v, g = jax.value_and_grad(adapter.potential)(t)
-        return v, g, jax.hessian(adapter.potential)(t)
-
-    state = minimize(vgh, theta0, gtol=gtol, max_steps=max_steps)
+    state = minimize(value_grad_hessian(adapter.potential), theta0, gtol=gtol, max_steps=max_steps)
     h = 0.5 * (state.hess + state.hess.T)
     return state, GaussianPosterior(state.theta, h, jnp.linalg.cholesky(h)), spectrum(adapter, state.theta, h)
 
@@ -274,11 +271,8 @@ def newton_refit(adapter: ModelAdapter, theta0, weights, max_steps, gtol, name: 
     def u_w(t):
         return adapter.potential(t) + jnp.sum((1.0 - weights) * adapter.log_lik(t, name))
 
-    def vgh(t):
-        v, g = jax.value_and_grad(u_w)(t)
-        return v, g, jax.hessian(u_w)(t)
-
-    return minimize(vgh, theta0, gtol=gtol, max_steps=max_steps, damping=0.0, polish=polish)
+    return minimize(value_grad_hessian(u_w), theta0, gtol=gtol, max_steps=max_steps, damping=0.0,
+                    polish=polish)
 
 
 class LaplaceRefit:

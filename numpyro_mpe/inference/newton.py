@@ -101,7 +101,9 @@ def newton_update(state: NewtonState, value, grad, hess, *, gtol: float, max_ste
 def minimize(vgh: Callable, theta0, *, gtol: float, max_steps: int = 200, damping: float = 1e-3,
              polish: int = 3) -> NewtonState:
     """Newton on a traceable oracle ``vgh(θ) -> (f, ∇f, ∇²f)``: one ``while_loop`` (call it inside a
-    jitted function; ``max_steps`` may be traced)."""
+    jitted function; ``max_steps`` may be traced).  The oracle is traced once, for the start and the loop's
+    body alike (a nested ``jax.jit``: half the program to trace and lower)."""
+    vgh = jax.jit(vgh)
     v, g, h = vgh(theta0)
     state = newton_init(theta0, v, g, h, damping=damping, gtol=gtol, max_steps=max_steps, polish=polish)
 

@@ -43,8 +43,8 @@ def spectrum(adapter: ModelAdapter, theta, precision) -> Spectrum:
     lam = vals[0]
     sd = FLAT_SD / jnp.sqrt(jnp.where(lam > 0, lam, jnp.inf))  # not positive definite: no walk (rise 0 − 0)
     step = sd * vecs[:, 0]
-    u0 = adapter.potential(theta)
-    rise = jnp.stack([adapter.potential(theta + step), adapter.potential(theta - step)]) - u0
+    u = jax.vmap(adapter.potential)(jnp.stack([theta, theta + step, theta - step]))  # one trace of U
+    rise = u[1:] - u[0]
     return Spectrum(vals, vecs, rise)
 
 

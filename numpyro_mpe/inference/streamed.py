@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from numpyro_mpe.derivatives import value_grad_hessian
 from numpyro_mpe.engine.sums import site_sums, total_loss_fn
 from numpyro_mpe.engine.terms import SiteData
 from numpyro_mpe.errors import PosteriorError
@@ -44,8 +45,10 @@ def prior_derivatives(adapter: ModelAdapter, theta, plan: RowPlan | None, hessia
     def fn(t):
         return prior_potential(adapter, t, plan)
 
+    if hessian:
+        return value_grad_hessian(fn)(theta)
     value, grad = jax.value_and_grad(fn)(theta)
-    return value, grad, (jax.hessian(fn)(theta) if hessian else None)
+    return value, grad, None
 
 
 @partial(jax.jit, static_argnames=("plan",))

@@ -32,6 +32,7 @@ from jax.scipy.linalg import solve_triangular
 from jax.scipy.special import logsumexp
 from tqdm.auto import tqdm
 
+from numpyro_mpe.derivatives import value_grad_hessian
 from numpyro_mpe.errors import MPEError
 from numpyro_mpe.inference.laplace import LaplaceRefit, newton_refit
 from numpyro_mpe.inference.newton import converged, minimize
@@ -245,11 +246,7 @@ def _group_refit(adapter: ModelAdapter, m, mask, max_steps, gtol, name: str):
         d = t - theta_c
         return 0.5 * d @ h_cav @ d - jnp.sum(jnp.where(mask, adapter.log_lik(t, name), 0.0))
 
-    def vgh(t):
-        v, g = jax.value_and_grad(tilted)(t)
-        return v, g, jax.hessian(tilted)(t)
-
-    tilt = minimize(vgh, m, gtol=gtol, max_steps=max_steps, damping=0.0, polish=0)
+    tilt = minimize(value_grad_hessian(tilted), m, gtol=gtol, max_steps=max_steps, damping=0.0, polish=0)
     return (state.theta, jnp.linalg.cholesky(h_cav), converged(state.value, state.grad, gtol)
             & jnp.isfinite(state.value), state.steps, tilt.theta, jnp.linalg.cholesky(tilt.hess))
 
