@@ -29,7 +29,6 @@ from scipy.stats import spearmanr
 import numpyro_mpe as mpe
 from numpyro_mpe.loo.arviz_compat import pointwise_elpd
 
-pytestmark = pytest.mark.arviz  # fit.loo(groups=...) and az.compare
 
 numpyro.enable_x64()
 KEY = jax.random.PRNGKey(0)
@@ -136,6 +135,7 @@ def grid_model(X, y=None):
         numpyro.sample("y", dist.Normal(X @ b, SIGMA), obs=y)
 
 
+@pytest.mark.arviz  # fit.loo(groups=...) and az.compare
 def test_groups_by_plate_name_and_loo():
     rng = np.random.default_rng(2)
     X = rng.normal(size=(4, 5, 2))
@@ -344,6 +344,7 @@ def test_digits_class_removal_predicts_test_nll(digits_heldout, digits):
 
 
 # ===================================================================== bad input
+@pytest.mark.arviz  # fit.loo(groups=...)
 def test_group_labels_wrong_length(linear):
     fit, *_ = linear
     with pytest.raises(mpe.MPEError, match=r"group labels of shape \(23,\) \(23 labels\) do not match the 24 "
@@ -377,6 +378,7 @@ def cauchy_model(y=None):
         numpyro.sample("y", dist.Cauchy(mu, 1.0), obs=y)
 
 
+@pytest.mark.arviz  # fit.loo(groups=...)
 def test_group_without_valid_cavity():
     # Three points at 0 hold the Cauchy location; the two at ±2.5 pull on it with negative curvature there.
     # Removing the centre group leaves U₋G non-convex at the mode: S − Σ H_i is not positive definite.
