@@ -3,15 +3,19 @@
 Three structures of the precision S: full (:class:`GaussianPosterior`, Cholesky factor), diagonal
 (:class:`DiagGaussianPosterior`) and diagonal plus low rank (:class:`LowRankGaussianPosterior`).  All give
 S⁻¹v (``cov_matvec``), whitening, draws and log q; the MPE needs no more.
+
+Draws from q (and the whitened base draws of the importance sampling) are made on the host by NumPy from the
+JAX key's words (:func:`host_generator`): JAX's threefry generator costs every program that draws about half a
+second of XLA compilation on CPU, more than the rest of a small program.
 """
 
 from __future__ import annotations
 
-from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.linalg import solve_triangular
 from jax.scipy.special import gammaln
 
@@ -99,8 +103,8 @@ class GaussianPosterior(NamedTuple):
         return self
 
     def sample(self, rng_key, num_samples: int):
-        """``num_samples`` draws, shape ``(num_samples, P)``."""
-        z = jax.random.normal(rng_key, (num_samples, self.dim), self.mean.dtype)
+        """``num_samples`` draws, shape ``(num_samples, P)`` (base draws: :func:`standard_normal`)."""
+        z = standard_normal(rng_key, (num_samples, self.dim), self.mean.dtype)
         return self.mean + self.unwhiten(z.T).T
 
     def log_prob(self, theta):
@@ -195,7 +199,7 @@ class DiagGaussianPosterior(NamedTuple):
         return jnp.diag(1.0 / self.precision_diag)
 
     def sample(self, rng_key, num_samples: int):
-        z = jax.random.normal(rng_key, (num_samples, self.dim), self.mean.dtype)
+        z = standard_normal(rng_key, (num_samples, self.dim), self.mean.dtype)
         return self.mean + z / jnp.sqrt(self.precision_diag)
 
     def log_prob(self, theta):
@@ -303,7 +307,7 @@ class LowRankGaussianPosterior(NamedTuple):
         return self.cov_matvec(jnp.eye(self.dim, dtype=self.mean.dtype))
 
     def sample(self, rng_key, num_samples: int):
-        z = jax.random.normal(rng_key, (num_samples, self.dim), self.mean.dtype)
+        z = standard_normal(rng_key, (num_samples, self.dim), self.mean.dtype)
         return self.mean + self.unwhiten(z.T).T
 
     def log_prob(self, theta):
@@ -336,18 +340,66 @@ def draws(posterior, num_samples: int, rng_key=None, antithetic: bool = True) ->
     ((4, 2), True)
     """
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
-    return _draws(posterior, rng_key, int(num_samples), bool(antithetic))
+    num_samples, dtype = int(num_samples), posterior.mean.dtype
+    z = (antithetic_normal(rng_key, num_samples, posterior.dim, dtype) if antithetic else
+         standard_normal(rng_key, (num_samples, posterior.dim), dtype))
+    return _unwhitened(posterior, z)
 
 
-@partial(jax.jit, static_argnums=(2, 3))
-def _draws(posterior, rng_key, num_samples: int, antithetic: bool) -> jax.Array:
-    if antithetic:
-        half = (num_samples + 1) // 2
-        z = jax.random.normal(rng_key, (half, posterior.dim), posterior.mean.dtype)
-        z = jnp.concatenate([z, -z])[:num_samples]
-    else:
-        z = jax.random.normal(rng_key, (num_samples, posterior.dim), posterior.mean.dtype)
+@jax.jit
+def _unwhitened(posterior, z) -> jax.Array:
+    """θ_s = m + L⁻ᵀ z_s for the rows of z."""
     return posterior.mean + posterior.unwhiten(z.T).T
+
+
+def host_generator(rng_key, stream: int = 0) -> np.random.Generator:
+    """NumPy's default generator seeded with the words of a concrete JAX key and ``stream`` (another
+    ``stream``, another sequence): the same key and stream give the same numbers, on any backend.
+
+    Examples
+    --------
+    >>> import jax
+    >>> a = host_generator(jax.random.PRNGKey(1)).standard_normal(2)
+    >>> bool((a == host_generator(jax.random.PRNGKey(1)).standard_normal(2)).all())
+    True
+    >>> bool((a == host_generator(jax.random.PRNGKey(1), stream=1).standard_normal(2)).any())
+    False
+    """
+    if jnp.issubdtype(rng_key.dtype, jax.dtypes.prng_key):
+        rng_key = jax.random.key_data(rng_key)
+    words = np.asarray(rng_key).astype(np.uint32).ravel().tolist()
+    return np.random.default_rng([*words, int(stream)])
+
+
+def standard_normal(rng_key, shape: tuple, dtype=jnp.float64) -> jax.Array:
+    """Standard-normal draws of ``shape`` from ``rng_key``: made on the host (:func:`host_generator`), no
+    program compiled, for a concrete key; by ``jax.random.normal`` for a key traced inside ``jax.jit`` (other
+    numbers, the same distribution).
+
+    Examples
+    --------
+    >>> import jax
+    >>> standard_normal(jax.random.PRNGKey(0), (3, 2)).shape
+    (3, 2)
+    """
+    if isinstance(rng_key, jax.core.Tracer):
+        return jax.random.normal(rng_key, shape, dtype)
+    return jnp.asarray(host_generator(rng_key).standard_normal(shape, dtype=np.dtype(dtype)))
+
+
+def antithetic_normal(rng_key, num_samples: int, dim: int, dtype=jnp.float64) -> jax.Array:
+    """``num_samples`` standard-normal draws in ``dim`` dimensions as antithetic pairs z, −z (the first
+    ⌈S/2⌉ from :func:`standard_normal`): odd functions of z average to exactly 0.
+
+    Examples
+    --------
+    >>> import jax
+    >>> z = antithetic_normal(jax.random.PRNGKey(0), 4, 2)
+    >>> z.shape, bool((z[:2] == -z[2:]).all())
+    ((4, 2), True)
+    """
+    z = standard_normal(rng_key, ((int(num_samples) + 1) // 2, int(dim)), dtype)
+    return jnp.concatenate([z, -z])[: int(num_samples)]
 
 
 def base_logpdf(z, df):
@@ -367,25 +419,21 @@ def base_logpdf(z, df):
             - 0.5 * (df + p) * jnp.log1p(r2 / df))
 
 
-#: Largest integer degrees of freedom whose χ² :func:`base_draws` sums from squared normals.
-CHI2_SUM_MAX_DF = 30
-
-
-@partial(jax.jit, static_argnames=("num_samples", "p", "df", "dtype"))
-def base_draws(rng_key, num_samples: int, p: int, df, dtype=jnp.float64):
+def base_draws(rng_key, num_samples: int, p: int, df, dtype=jnp.float64) -> jax.Array:
     """``num_samples`` whitened offsets from N(0, I), or from the multivariate t_df(0, I) (a Gaussian draw
-    scaled by √(df/χ²_df)); one compiled program.  For an integer df ≤ :data:`CHI2_SUM_MAX_DF`, χ²_df is
-    drawn as the sum of df squared standard normals: exact, and without the gamma sampler's rejection loop,
-    which takes most of the program's compile time (1.5 s of 1.6 s on two cores)."""
-    z = jax.random.normal(rng_key, (num_samples, p), dtype)
-    if df is None:
-        return z
-    key = jax.random.fold_in(rng_key, 1)
-    if float(df).is_integer() and 1 <= df <= CHI2_SUM_MAX_DF:
-        chi2 = jnp.sum(jnp.square(jax.random.normal(key, (num_samples, int(df)), dtype)), axis=1)
-    else:
-        chi2 = jax.random.chisquare(key, df, (num_samples,), dtype)
-    return z * jnp.sqrt(df / chi2)[:, None]
+    scaled by √(df/χ²_df)), made on the host from the concrete key ``rng_key`` (:func:`host_generator`).
+
+    Examples
+    --------
+    >>> import jax
+    >>> base_draws(jax.random.PRNGKey(0), 4, 3, df=5.0).shape
+    (4, 3)
+    """
+    gen = host_generator(rng_key)
+    z = gen.standard_normal((int(num_samples), int(p)))
+    if df is not None:
+        z = z * np.sqrt(df / gen.chisquare(df, int(num_samples)))[:, None]
+    return jnp.asarray(z.astype(np.dtype(dtype)))
 
 
 def from_state(mean, precision) -> GaussianPosterior:

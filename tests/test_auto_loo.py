@@ -167,8 +167,8 @@ def test_global_check_warns_where_laplace_is_poor():
 @pytest.mark.parametrize("df", [5, 4.5])
 def test_base_draws_are_student_t(df):
     """The whitened t draws of the global check and the defensive mixtures: each coordinate is t_df (KS
-    test against scipy), the coordinates share one χ² (the radius r²/p is F(p, df)); integer df sums squared
-    normals, other df take the gamma sampler."""
+    test against scipy), the coordinates share one χ² (the radius r²/p is F(p, df)), for an integer and a
+    non-integer df."""
     from scipy import stats
 
     z = np.asarray(base_draws(jax.random.PRNGKey(3), 20000, 3, df))

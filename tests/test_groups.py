@@ -29,7 +29,6 @@ from scipy.stats import spearmanr
 import numpyro_mpe as mpe
 from numpyro_mpe.loo.arviz_compat import pointwise_elpd
 
-
 numpyro.enable_x64()
 KEY = jax.random.PRNGKey(0)
 

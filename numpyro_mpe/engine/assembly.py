@@ -47,10 +47,12 @@ class HostPool:
     Examples
     --------
     >>> pool = HostPool()
-    >>> pool.reserve(8000)
+    >>> pool.reserve(16_000)                      # 8000 bytes of data + ALIGN fit
     >>> a = pool.take((1000,), np.float64)
     >>> ptr = a.ctypes.data
     >>> del a                                     # the memory returns to the pool
+    >>> pool.nbytes
+    8064
     >>> pool.take((1000,), np.float64).ctypes.data == ptr
     True
     """

@@ -31,6 +31,7 @@ import numpy as np
 from jax.scipy.special import logsumexp
 
 from numpyro_mpe.engine import rowlinalg
+from numpyro_mpe.gaussian import antithetic_normal
 
 try:  # experimental: where it is gone, log_lik_series uses nested forward mode
     from jax.experimental.jet import jet
@@ -79,9 +80,7 @@ def gauss_hermite(dim: int, points: int, dtype=jnp.float64) -> Rule:
 
 def monte_carlo(dim: int, num_samples: int, rng_key, dtype=jnp.float64) -> Rule:
     """``num_samples`` standard-normal draws (antithetic pairs), equal weights."""
-    half = (num_samples + 1) // 2
-    z = jax.random.normal(rng_key, (half, dim), dtype)
-    nodes = jnp.concatenate([z, -z])[:num_samples]
+    nodes = antithetic_normal(rng_key, num_samples, dim, dtype)
     return Rule(nodes, jnp.full((num_samples,), -np.log(num_samples), dtype), "monte-carlo")
 
 

@@ -52,6 +52,7 @@ from numpyro_mpe.engine.quadrature import (
     monte_carlo,
 )
 from numpyro_mpe.engine.terms import SiteData, SiteRows, active_index, chunk_terms, predictor_nll
+from numpyro_mpe.gaussian import standard_normal
 from numpyro_mpe.model.adapter import ModelAdapter
 
 #: Outputs of the LOO predictive functionals (in ``SiteMPE.extra``).
@@ -444,7 +445,7 @@ def theta_space_elpd(adapter: ModelAdapter, post, name: str, a_w, u, logdet, *, 
     """
     n, p = u.shape
     batch = max(1, min(num_samples, 64))
-    z_all = jax.random.normal(rng_key, (num_samples, p), post.mean.dtype)
+    z_all = standard_normal(rng_key, (num_samples, p), post.mean.dtype)
     acc_lpd = jnp.full((n,), -jnp.inf, post.mean.dtype)
     acc_elpd = jnp.full((n,), -jnp.inf, post.mean.dtype)
     for s in range(0, num_samples - num_samples % batch, batch):

@@ -27,7 +27,7 @@ import numpy as np
 from scipy.special import logsumexp  # host-side: the weights are NumPy arrays
 from tqdm.auto import tqdm
 
-from numpyro_mpe.gaussian import base_draws, base_logpdf
+from numpyro_mpe.gaussian import base_draws, base_logpdf, host_generator
 
 
 class SMCResult(NamedTuple):
@@ -158,7 +158,7 @@ def tempered_smc(adapter, posterior, rng_key, *, num_particles: int = 4000, num_
         key, k_res, k_move = jax.random.split(key, 3)
         cum = np.cumsum(weights)
         cum[-1] = 1.0
-        u0 = float(jax.random.uniform(k_res))
+        u0 = float(host_generator(k_res).random())
         idx = np.searchsorted(cum, (u0 + np.arange(num_particles)) / num_particles)
         w = np.asarray(w)[idx]
         bar.update(nb - b)

@@ -26,7 +26,12 @@ from numpyro_mpe.derivatives import value_grad_hessian
 from numpyro_mpe.engine.sums import site_sums, total_loss_fn
 from numpyro_mpe.engine.terms import SiteData
 from numpyro_mpe.errors import PosteriorError
-from numpyro_mpe.gaussian import DiagGaussianPosterior, LowRankGaussianPosterior, from_precision
+from numpyro_mpe.gaussian import (
+    DiagGaussianPosterior,
+    LowRankGaussianPosterior,
+    from_precision,
+    standard_normal,
+)
 from numpyro_mpe.inference.newton import minimize_host
 from numpyro_mpe.model.adapter import ModelAdapter
 from numpyro_mpe.model.rows import RowPlan, prior_potential
@@ -143,7 +148,7 @@ def structured_precision(site: SiteData, theta, structure: str, rank: int = 10, 
         lam, vec = lam[::-1][:rank], vec[:, ::-1][:, :rank]
     else:  # randomized range finder with one power step, on Σ JᵀΛJ products streamed over chunks
         key = jax.random.PRNGKey(5) if rng_key is None else rng_key
-        omega = jax.random.normal(key, (p, min(p, rank + 10)), theta.dtype)
+        omega = standard_normal(key, (p, min(p, rank + 10)), theta.dtype)
         y = site_sums(site, theta, "all", "matvec", omega)[2]
         q, _ = jnp.linalg.qr(site_sums(site, theta, "all", "matvec", jnp.linalg.qr(y)[0])[2])
         b = q.T @ site_sums(site, theta, "all", "matvec", q)[2]

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from numpyro_mpe.engine.memories import MEMORY_KINDS, MemorySpec
 from numpyro_mpe.errors import ModelError, MPEError
 from numpyro_mpe.fit import Fit
-from numpyro_mpe.gaussian import from_state
+from numpyro_mpe.gaussian import antithetic_normal, from_state
 from numpyro_mpe.model.adapter import ModelAdapter
 from numpyro_mpe.options import MPEOptions, check_options
 
@@ -274,9 +274,7 @@ class CheckpointMPE:
         if self.num_samples < 1:
             raise MPEError(f"checkpoint num_samples must be at least 1, got {num_samples}")
         key = jax.random.split(jax.random.PRNGKey(0) if rng_key is None else rng_key, 3)[0]
-        half = (self.num_samples + 1) // 2
-        z = jax.random.normal(key, (half, adapter.num_params), adapter.structure.dtype)
-        self._z = jnp.concatenate([z, -z])[: self.num_samples]
+        self._z = antithetic_normal(key, self.num_samples, adapter.num_params, adapter.structure.dtype)
         self._site_data = None
 
     def fit(self, mean, precision, *, memories: str = "ggn", info: dict | None = None) -> Fit:

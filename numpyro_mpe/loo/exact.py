@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from numpyro_mpe.derivatives import value_grad_hessian
 from numpyro_mpe.errors import MPEError
+from numpyro_mpe.gaussian import antithetic_normal, standard_normal
 from numpyro_mpe.inference.laplace import LaplaceRefit, newton_refit
 from numpyro_mpe.inference.newton import converged, minimize
 from numpyro_mpe.loo.common import flat_indices, label_list
@@ -99,9 +100,7 @@ def _draws(num_samples: int, p: int, dtype, rng_key):
     num_samples = int(num_samples)
     if num_samples == 1 or num_samples < 0:
         raise MPEError(f"num_samples must be 0 (no elpd_loo) or at least 2, got {num_samples}")
-    half = (num_samples + 1) // 2
-    z = jax.random.normal(rng_key, (max(half, 1), p), dtype)
-    return jnp.concatenate([z, -z])[:num_samples]
+    return antithetic_normal(rng_key, num_samples, p, dtype)
 
 
 def exact_loo(fit, indices: int | Sequence[int] | np.ndarray | None, var_name: str | None = None, *,
@@ -350,7 +349,7 @@ def exact_group_loo(fit, groups, var_name: str | None = None, *, max_steps: int 
     max_steps = int(max_steps)
     num_samples = int(num_samples)
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
-    z = jax.random.normal(rng_key, (max(num_samples, 2), p), m.dtype)
+    z = standard_normal(rng_key, (max(num_samples, 2), p), m.dtype)
     _draws(num_samples, p, m.dtype, rng_key)  # checks num_samples
     keys = ("shift", "sensitivity", "leverage", "converged", "steps", "elpd_loo", "elpd_loo_mcse")
     out: dict[str, list] = {k: [] for k in keys}

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from numpyro_mpe.engine.cavity import whitened_memory
 from numpyro_mpe.errors import MPEError
+from numpyro_mpe.gaussian import standard_normal
 from numpyro_mpe.loo.common import label_list, log_mean_exp
 
 #: Model log-likelihood values (draws × observations) evaluated per batch.
@@ -222,7 +223,7 @@ def group_mpe(fit, groups, var_name=None, *, num_samples: int = 2000, rng_key=No
     n_a = num_samples - num_samples // 2  # draws from the group's own component (q₋G or q₊G)
     n_b = num_samples // 2  # draws from q, shared by all groups
     alpha = n_a / num_samples
-    z = jax.random.normal(rng_key, (num_samples, p), dtype)
+    z = standard_normal(rng_key, (num_samples, p), dtype)
     z_a, z_b = z[:n_a], z[n_a:]
 
     def theta_of(w):

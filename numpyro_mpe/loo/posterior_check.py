@@ -70,11 +70,10 @@ class PosteriorCheck(NamedTuple):
                 f"draws; Gaussian q's own k̂ {self.khat_gaussian:.2f})")
 
 
-@partial(jax.jit, static_argnames=("num_samples", "df", "name", "batch"))
-def _draw_terms(adapter, post, rng_key, *, num_samples, df, name, batch):
-    """Draws from t_df(m, S⁻¹) (Gaussian for ``df=None``), log g up to a constant, U and — with a site
-    ``name`` — its ℓ at each draw: one compiled program."""
-    z = base_draws(rng_key, num_samples, post.mean.shape[0], df, post.mean.dtype)
+@partial(jax.jit, static_argnames=("df", "name", "batch"))
+def _draw_terms(adapter, post, z, *, df, name, batch):
+    """Draws θ = m + L⁻ᵀz from t_df(m, S⁻¹) (Gaussian for ``df=None``) at the base draws z, log g up to a
+    constant, U and — with a site ``name`` — its ℓ at each draw: one compiled program."""
     theta = post.mean + post.unwhiten(z.T).T
     log_g = base_logpdf(z, df)  # the Jacobian of θ(z) is constant: cancels in normalized weights
     if name is None:  # the potential alone (Yao et al.'s check needs no log-likelihoods)
@@ -95,8 +94,9 @@ def draw_terms(fit: Fit, var_name: str | None, num_samples: int, rng_key, df: fl
     """``num_samples`` draws from t_df(m, S⁻¹) (Gaussian for ``df=None``) with their log density, potential
     and log-likelihoods of ``var_name`` (``None``: no log-likelihoods)."""
     n = sum(site.num_obs for site in fit.adapter.observed.values())  # rows the potential runs over
-    out = _draw_terms(fit.adapter, fit.posterior, rng_key, num_samples=int(num_samples), df=df, name=var_name,
-                      batch=draw_chunk(n, num_samples))
+    post = fit.posterior
+    z = base_draws(rng_key, int(num_samples), post.mean.shape[0], df, post.mean.dtype)
+    out = _draw_terms(fit.adapter, post, z, df=df, name=var_name, batch=draw_chunk(n, num_samples))
     return DrawTerms(*(None if x is None else np.asarray(x) for x in out))
 
 

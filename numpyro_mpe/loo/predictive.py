@@ -22,12 +22,12 @@ from collections import namedtuple
 from typing import TYPE_CHECKING
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 
 from numpyro_mpe.engine.predictive import check_probs
 from numpyro_mpe.errors import MPEError
+from numpyro_mpe.gaussian import host_generator
 from numpyro_mpe.loo.calibration import pit_calibration
 from numpyro_mpe.loo.common import site_parameters
 from numpyro_mpe.loo.predictive_values import PredictiveValues, moment_values, predictive_values
@@ -76,7 +76,7 @@ def _pit_values(pv: PredictiveValues, rng_key):
     if not pv.spec.discrete:
         return lower, "none (continuous outcome)"
     key = jax.random.PRNGKey(DEFAULT_PIT_KEY) if rng_key is None else rng_key
-    u = np.asarray(jax.random.uniform(key, lower.shape, dtype=jnp.result_type(float)))
+    u = host_generator(key).random(lower.shape)
     what = f"PRNGKey({DEFAULT_PIT_KEY}) (default)" if rng_key is None else "the given rng_key"
     return np.clip(lower + u * mass, 0.0, 1.0), what
 

@@ -18,12 +18,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 from numpyro.infer import init_to_median
 
 from numpyro_mpe.fit import Fit
+from numpyro_mpe.gaussian import antithetic_normal
 from numpyro_mpe.inference.training import heldout_adapter, mc_nll_jit
 from numpyro_mpe.options import check_options
 
@@ -65,8 +65,7 @@ def _heldout_nll(fit: Fit, model: Callable, heldout, kwargs_value: dict, var_nam
     args, kwargs = heldout
     held = heldout_adapter(model, (tuple(args), {**dict(kwargs), **kwargs_value}), rng_key, init_to_median,
                            fit.adapter, var_name)
-    z = jax.random.normal(rng_key, ((num_samples + 1) // 2, fit.adapter.num_params), fit.posterior.mean.dtype)
-    z = jnp.concatenate([z, -z])[:num_samples]
+    z = antithetic_normal(rng_key, num_samples, fit.adapter.num_params, fit.posterior.mean.dtype)
     draws = fit.posterior.mean + fit.posterior.unwhiten(z.T).T
     return float(mc_nll_jit(held, var_name, draws))
 
