@@ -43,7 +43,8 @@ def spectrum(adapter: ModelAdapter, theta, precision) -> Spectrum:
     lam = vals[0]
     sd = FLAT_SD / jnp.sqrt(jnp.where(lam > 0, lam, jnp.inf))  # not positive definite: no walk (rise 0 − 0)
     step = sd * vecs[:, 0]
-    u = jax.vmap(adapter.potential)(jnp.stack([theta, theta + step, theta - step]))  # one trace of U
+    # one trace of U for the three points (lax.map: a model need not be batchable)
+    u = jax.lax.map(adapter.potential, jnp.stack([theta, theta + step, theta - step]))
     rise = u[1:] - u[0]
     return Spectrum(vals, vecs, rise)
 
