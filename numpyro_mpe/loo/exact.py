@@ -96,11 +96,15 @@ def refit_dataset(adapter: ModelAdapter, site, idx, arrays: dict) -> xr.Dataset:
     )
 
 
-def _draws(num_samples: int, p: int, dtype, rng_key):
+def _checked_num_samples(num_samples) -> int:
     num_samples = int(num_samples)
     if num_samples == 1 or num_samples < 0:
         raise MPEError(f"num_samples must be 0 (no elpd_loo) or at least 2, got {num_samples}")
-    return antithetic_normal(rng_key, num_samples, p, dtype)
+    return num_samples
+
+
+def _draws(num_samples: int, p: int, dtype, rng_key):
+    return antithetic_normal(rng_key, _checked_num_samples(num_samples), p, dtype)
 
 
 def exact_loo(fit, indices: int | Sequence[int] | np.ndarray | None, var_name: str | None = None, *,
@@ -347,10 +351,9 @@ def exact_group_loo(fit, groups, var_name: str | None = None, *, max_steps: int 
     if not bool(jnp.all(jnp.isfinite(jnp.asarray(post.chol)))):
         raise MPEError("the fit's precision has no Cholesky factor (not positive definite)")
     max_steps = int(max_steps)
-    num_samples = int(num_samples)
+    num_samples = _checked_num_samples(num_samples)
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
     z = standard_normal(rng_key, (max(num_samples, 2), p), m.dtype)
-    _draws(num_samples, p, m.dtype, rng_key)  # checks num_samples
     keys = ("shift", "sensitivity", "leverage", "converged", "steps", "elpd_loo", "elpd_loo_mcse")
     out: dict[str, list] = {k: [] for k in keys}
     ones = jnp.ones(site.num_obs, m.dtype)
