@@ -21,6 +21,7 @@ from jax.scipy.special import gammaln
 
 from numpyro_mpe.model.rankone import RankOneBlock, block_project, join
 from numpyro_mpe.model.rankone import dense as dense_block
+from numpyro_mpe.programs import jit
 
 
 def block_quadratic_form(blocks: list, weights: list) -> jax.Array:
@@ -346,7 +347,7 @@ def draws(posterior, num_samples: int, rng_key=None, antithetic: bool = True) ->
     return _unwhitened(posterior, z)
 
 
-@jax.jit
+@jit
 def _unwhitened(posterior, z) -> jax.Array:
     """θ_s = m + L⁻ᵀ z_s for the rows of z."""
     return posterior.mean + posterior.unwhiten(z.T).T

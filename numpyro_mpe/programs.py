@@ -16,6 +16,12 @@ level).
 :func:`track` counts, during a call, the programs compiled, those loaded from the persistent cache instead,
 and the seconds spent tracing, lowering and compiling them; fits record them in ``fit.info["compile"]`` and
 the ``numpyro_mpe`` logger reports them at DEBUG level.
+
+:func:`jit` is the package's ``jax.jit``: a program whose array arguments are small (at most
+:data:`QUICK_MAX_ELEMENTS` elements in all, an everyday model's data) is compiled with XLA's quick settings
+(:data:`QUICK_OPTIONS`: no LLVM optimisation, no expensive passes), about a third faster to compile; it runs
+slower, which a program on so little data does not notice.  Larger arguments get XLA's optimised programs.
+``NUMPYRO_MPE_QUICK_COMPILE`` moves the bound (``0``: always optimise).
 """
 
 from __future__ import annotations
@@ -25,12 +31,19 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger("numpyro_mpe")
 
+#: Programs whose array arguments hold at most this many elements in all are compiled quickly (:func:`jit`).
+QUICK_MAX_ELEMENTS = 1 << 16
+#: Environment variable overriding :data:`QUICK_MAX_ELEMENTS` (``0``: always compile optimised programs).
+QUICK_ENV = "NUMPYRO_MPE_QUICK_COMPILE"
+#: XLA's settings for a quick compilation (those of ``jax_disable_most_optimizations``, for one program).
+QUICK_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 #: Environment variable naming the persistent cache folder (``off`` disables it).
 CACHE_ENV = "NUMPYRO_MPE_CACHE_DIR"
 #: Programs that take less than this to compile are not written to the persistent cache.
@@ -146,6 +159,107 @@ def track(what: str, into: dict | None = None) -> Iterator[CompileStats]:
         logger.debug("%s: %d program(s) compiled in %.2f s, %d loaded from the persistent cache in %.2f s, "
                      "tracing %.2f s, lowering %.2f s (%.2f s wall)", what, stats.programs, stats.seconds,
                      stats.loaded, stats.load_seconds, stats.trace_seconds, stats.lower_seconds, wall)
+
+
+def _quick_bound() -> int:
+    env = os.environ.get(QUICK_ENV, "").strip()
+    if not env:
+        return QUICK_MAX_ELEMENTS
+    try:
+        return int(float(env))
+    except ValueError:
+        from numpyro_mpe.errors import MPEError
+
+        raise MPEError(f"{QUICK_ENV}={env!r}: expected a number of array elements (0: always optimise)")\
+            from None
+
+
+def array_elements(tree) -> int | None:
+    """Elements of the arrays among the leaves of ``tree`` (other leaves count nothing); ``None`` where one
+    is a tracer: the call is part of a larger program, whose options apply."""
+    import jax
+    import numpy as np
+
+    total = 0
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if isinstance(leaf, jax.core.Tracer):
+            return None
+        if isinstance(leaf, (jax.Array, np.ndarray)):
+            total += int(leaf.size)
+    return total
+
+
+class SizedJit:
+    """``jax.jit(fn, **jit_kwargs)`` twice, optimised and quick (:data:`QUICK_OPTIONS`); a call takes the
+    quick program when its arguments hold at most :data:`QUICK_MAX_ELEMENTS` array elements in all.
+
+    The choice follows the shapes, as JAX's own cache does: a program is built once per (shapes, choice).
+    """
+
+    def __init__(self, fn: Callable, *, quick: bool | Callable[..., bool] = True, **jit_kwargs: Any) -> None:
+        import functools
+
+        import jax
+
+        if "compiler_options" in jit_kwargs:
+            raise TypeError("numpyro_mpe.programs.jit sets compiler_options itself; use jax.jit")
+        self.optimized = jax.jit(fn, **jit_kwargs)
+        self.quick = jax.jit(fn, compiler_options=QUICK_OPTIONS, **jit_kwargs) if quick else self.optimized
+        self._allows_quick = quick if callable(quick) else (lambda *args, **kwargs: True)
+        functools.update_wrapper(self, fn)
+
+    def program(self, *args, **kwargs):
+        """The jitted function a call with these arguments runs (``quick`` or ``optimized``)."""
+        bound = _quick_bound()
+        if bound <= 0 or self.quick is self.optimized or not self._allows_quick(*args, **kwargs):
+            return self.optimized
+        size = array_elements((args, kwargs))
+        return self.quick if size is not None and size <= bound else self.optimized
+
+    def __call__(self, *args, **kwargs):
+        return self.program(*args, **kwargs)(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        """``jax.jit(...).lower`` of the program these arguments choose."""
+        return self.program(*args, **kwargs).lower(*args, **kwargs)
+
+    def __get__(self, obj, objtype=None):  # a method: bind like a function
+        import functools
+
+        return self if obj is None else functools.partial(self, obj)
+
+
+def jit(fn: Callable | None = None, *, quick: bool | Callable[..., bool] = True, **jit_kwargs: Any):
+    """The package's ``jax.jit``: a quick compilation for small arguments, an optimised one otherwise.
+
+    Parameters
+    ----------
+    fn : callable, optional
+        The function; omitted, ``jit(**jit_kwargs)`` is a decorator.
+    quick : bool or callable, default True
+        ``False`` for a program whose run time grows faster than its arguments (many draws per row, sums
+        over a discrete support, root finding): always optimised; a callable of the call's arguments says
+        so per call.
+    **jit_kwargs
+        Passed to ``jax.jit`` (``static_argnames``, ``static_argnums``, ...).
+
+    Returns
+    -------
+    SizedJit
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> from numpyro_mpe.programs import jit
+    >>> double = jit(lambda x: 2.0 * x)
+    >>> double.program(jnp.ones(3)) is double.quick, double.program(jnp.ones(1 << 20)) is double.optimized
+    (True, True)
+    >>> float(double(jnp.ones(3)).sum())
+    6.0
+    """
+    if fn is None:
+        return lambda f: SizedJit(f, quick=quick, **jit_kwargs)
+    return SizedJit(fn, quick=quick, **jit_kwargs)
 
 
 def default_cache_dir() -> Path:

@@ -5,7 +5,8 @@ Counts come from :func:`numpyro_mpe.programs.track` (programs compiled, or loade
 while the block runs).  Truths: a count of zero for a second fit of the same model on new data of the same
 shapes; for a model written as a Python loop over 30 scalar sites, the same model written with one vectorized
 site in a plate (the outputs must agree to round-off) and the number of sites (the programs must be far
-fewer); and a budget of programs for a first fit in a fresh interpreter with no cache at all.
+fewer); a budget of programs for a first fit in a fresh interpreter with no cache at all; and, for the quick
+programs of small arguments, the same outputs as XLA's optimised programs (to round-off).
 """
 
 import json
@@ -226,3 +227,44 @@ def test_persistent_cache_is_bounded_and_locked_for_processes_that_share_it(tmp_
     assert (folder / ".lockfile").exists(), sorted(p.name for p in folder.iterdir())
     assert (folder / BOUNDED_MARKER).exists()  # stamped once: later starts skip the scan
     assert any(p.name.endswith("-cache") for p in folder.iterdir()), sorted(p.name for p in folder.iterdir())
+
+
+# ===================================================================== (v) quick programs for small arguments
+def test_quick_programs_for_small_arguments_optimised_ones_otherwise(monkeypatch):
+    from numpyro_mpe.errors import MPEError
+    from numpyro_mpe.programs import QUICK_ENV, QUICK_MAX_ELEMENTS, jit
+
+    double = jit(lambda x, *, scale: scale * x, static_argnames=("scale",))
+    small, large = jnp.ones(3), jnp.ones(QUICK_MAX_ELEMENTS + 1)
+    assert double.program(small, scale=2.0) is double.quick
+    assert double.program(large, scale=2.0) is double.optimized
+    # called inside another program it is part of that program (whose options apply): no options of its own
+    assert float(jax.jit(lambda x: double(x, scale=2.0).sum())(small)) == 6.0
+    # opted out, per program or per call
+    never = jit(lambda x: x, quick=False)
+    assert never.program(small) is never.optimized
+    by_call = jit(lambda x, *, heavy: x, static_argnames=("heavy",), quick=lambda *a, heavy: not heavy)
+    assert by_call.program(small, heavy=True) is by_call.optimized
+    assert by_call.program(small, heavy=False) is by_call.quick
+    monkeypatch.setenv(QUICK_ENV, "0")
+    assert double.program(small, scale=2.0) is double.optimized
+    monkeypatch.setenv(QUICK_ENV, "lots")
+    with pytest.raises(MPEError, match=f"{QUICK_ENV}='lots': expected a number of array elements"):
+        double(small, scale=2.0)
+
+
+def test_quick_and_optimised_programs_give_the_same_outputs(monkeypatch):
+    # the same fit and sensitivities from the quick programs (the default at this size) and from XLA's
+    # optimised ones: equal to round-off (a wrong option, a program built for the wrong inputs, would not be)
+    X, y = regression_data("logistic", 3)
+    quick = mpe.Laplace(logistic, progress=False).run(KEY, X, y=y)
+    monkeypatch.setenv("NUMPYRO_MPE_QUICK_COMPILE", "0")
+    with track("optimised") as stats:
+        optimised = mpe.Laplace(logistic, progress=False).run(KEY, X, y=y)
+        ds_opt = optimised.sensitivities()
+    assert built(stats) >= 2  # new programs: the optimised ones were not built before
+    monkeypatch.delenv("NUMPYRO_MPE_QUICK_COMPILE")
+    ds_quick = quick.sensitivities()
+    np.testing.assert_allclose(quick.posterior.mean, optimised.posterior.mean, rtol=1e-10, atol=1e-12)
+    for name in ("elpd_loo", "leverage", "sensitivity", "lpd"):
+        np.testing.assert_allclose(ds_quick[name].values, ds_opt[name].values, rtol=1e-8, atol=1e-10)

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from numpyro_mpe.programs import jit
+
 #: Alignment of host buffers handed to XLA (its CPU client aliases 64-byte-aligned memory without a copy).
 ALIGN = 64
 
@@ -141,7 +143,7 @@ def _wrap(buf: np.ndarray, device) -> jax.Array:
         return jax.device_put(buf, device)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
+@functools.partial(jit, static_argnums=(1, 2))
 def _assemble(parts: list, num: int, chunk: int):
     """Each leaf's chunks written in place into one ``(num, ...)`` buffer (the padding of the last chunk
     left out): XLA's concatenate of many operands copies about 3× slower on CPU."""

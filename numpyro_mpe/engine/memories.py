@@ -25,6 +25,7 @@ from numpyro_mpe.engine.terms import predictor_derivs
 from numpyro_mpe.errors import MPEError
 from numpyro_mpe.gaussian import draws
 from numpyro_mpe.model.adapter import ModelAdapter
+from numpyro_mpe.programs import jit
 
 #: Kinds of memories: at the mean (exact curvature), through the predictor at the mean, Monte Carlo under q.
 MEMORY_KINDS = ("delta", "ggn", "mc")
@@ -142,7 +143,7 @@ def _dense_at(adapter: ModelAdapter, name: str, theta, diagonal: bool):
     return g, (jnp.diagonal(h, axis1=-2, axis2=-1) if diagonal else h)
 
 
-@partial(jax.jit, static_argnames=("name", "active"))
+@partial(jit, static_argnames=("name", "active"))
 def _predictor_state(adapter: ModelAdapter, theta, name: str, active: tuple):
     site = adapter.observed[name]
     act = np.asarray(active)
@@ -162,7 +163,7 @@ def predictor_state(adapter: ModelAdapter, theta, name: str, active: tuple) -> P
     return PredictorState(eta, jac, tuple(active), aux, y, w)
 
 
-@partial(jax.jit, static_argnames=("name", "active", "curvature"))
+@partial(jit, static_argnames=("name", "active", "curvature"))
 def _predictor_derivs_at(adapter: ModelAdapter, eta, y, aux, w, name: str, active: tuple, curvature: str):
     from numpyro_mpe.engine.terms import psd_project
 
@@ -184,7 +185,7 @@ def factored_memories(adapter: ModelAdapter, name: str, pred: PredictorState,
     return Memories(jnp.einsum("nkp,nk->np", pred.jac, e), jac=pred.jac, lam=lam, resid=e)
 
 
-@partial(jax.jit, static_argnames=("name", "diagonal"))
+@partial(jit, static_argnames=("name", "diagonal"))
 def _dense_memories(adapter: ModelAdapter, theta, name: str, diagonal: bool):
     return _dense_at(adapter, name, theta, diagonal)
 
@@ -196,7 +197,7 @@ def exact_memories(adapter: ModelAdapter, theta, name: str) -> Memories:
 
 
 # ---------------------------------------------------------------- expectations under q
-@partial(jax.jit, static_argnames=("name", "active"))
+@partial(jit, static_argnames=("name", "active"))
 def _factored_mc(adapter: ModelAdapter, thetas, y, aux, w, name: str, active: tuple):
     derivs3 = predictor_derivs(adapter.observed[name].predictor.log_lik, active)
 
@@ -207,7 +208,7 @@ def _factored_mc(adapter: ModelAdapter, thetas, y, aux, w, name: str, active: tu
     return stream_mean(at, thetas)
 
 
-@partial(jax.jit, static_argnames=("name", "diagonal"))
+@partial(jit, static_argnames=("name", "diagonal"))
 def _dense_mc(adapter: ModelAdapter, thetas, name: str, diagonal: bool):
     return stream_mean(lambda t: _dense_at(adapter, name, t, diagonal), thetas)
 

@@ -38,6 +38,7 @@ from jax.scipy.stats import norm
 
 from numpyro_mpe.engine.quadrature import psd_sqrt
 from numpyro_mpe.errors import MPEError
+from numpyro_mpe.programs import jit
 
 #: The functionals, each a set of per-row outputs.
 FUNCTIONALS = {"pit": ("pit_lower", "pit_mass"), "moments": ("mean", "var"), "quantiles": ("quantiles",),
@@ -173,7 +174,7 @@ def _probe(predictor, eta, aux, value) -> dict:
     return info
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
+@functools.partial(jit, static_argnums=(0, 3))
 def _support_bounds(predictor, eta, aux, enumerate_support: bool):
     """The support's smallest lower and largest upper bound over the rows (±inf where it has none), and the
     smallest and largest value of an enumerable support (±inf where it is not)."""

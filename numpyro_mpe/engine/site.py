@@ -54,6 +54,7 @@ from numpyro_mpe.engine.quadrature import (
 from numpyro_mpe.engine.terms import SiteData, SiteRows, active_index, chunk_terms, predictor_nll
 from numpyro_mpe.gaussian import standard_normal
 from numpyro_mpe.model.adapter import ModelAdapter
+from numpyro_mpe.programs import jit
 
 #: Outputs of the LOO predictive functionals (in ``SiteMPE.extra``).
 FUNCTIONAL_OUTPUTS = tuple(o for outs in FUNCTIONALS.values() for o in outs)
@@ -258,7 +259,13 @@ def _outputs(predictor, opts, rules, mesh, out, eta, active, y, aux, w, e, lam, 
     return res, pts
 
 
-@partial(jax.jit, static_argnames=("rows", "opts", "mesh"))
+def _quick_pass(*args, opts: PassOptions, **kwargs) -> bool:
+    """A pass compiles quickly unless it computes LOO predictive functionals (quadrature, quantile search,
+    sums over a discrete support: compute-bound even on few rows)."""
+    return opts.predictive is None
+
+
+@partial(jit, static_argnames=("rows", "opts", "mesh"), quick=_quick_pass)
 def predictor_chunk(adapter: ModelAdapter, rows: SiteRows, data: dict, post, mc_key, *, opts: PassOptions,
                     mesh):
     """Every output of one chunk of a site with a predictor under ``post`` (terms at the mean)."""
@@ -278,7 +285,7 @@ def predictor_chunk(adapter: ModelAdapter, rows: SiteRows, data: dict, post, mc_
     return res, pts
 
 
-@partial(jax.jit, static_argnames=("name", "active", "dense", "opts", "mesh"))
+@partial(jit, static_argnames=("name", "active", "dense", "opts", "mesh"))
 def memory_chunk(adapter: ModelAdapter, data: dict, post, mc_key, *, name: str, active: tuple | None,
                  dense: bool, opts: PassOptions, mesh):
     """Every output of one chunk of rows with held memories: ``data`` holds ``g`` ``(c, P)`` and ``h``
@@ -388,7 +395,7 @@ def memory_pass(adapter: ModelAdapter, post, name: str, memories, pred, opts: Pa
     return assemble(name, res, labels, _integration(opts, len(pred.active), np.concatenate(tiers)), n)
 
 
-@jax.jit
+@jit
 def _whitened_hessians(post, hess):
     p = post.mean.shape[0]
     linv = post.whiten(jnp.eye(p, dtype=post.mean.dtype))
@@ -425,7 +432,7 @@ def assemble(name: str, res: dict, labels: tuple, integration: Integration, n: i
 
 
 # ---------------------------------------------------------------- θ-space Monte Carlo (no predictor)
-@partial(jax.jit, static_argnames=("name",))
+@partial(jit, static_argnames=("name",))
 def _theta_space_step(adapter: ModelAdapter, post, name: str, z, a_w, u, logdet):
     theta = post.mean + post.unwhiten(z.T).T  # (b, P)
     ll = jax.vmap(lambda t: adapter.log_lik(t, name))(theta)  # (b, N)
@@ -459,7 +466,7 @@ __all__ = ["Integration", "PassOptions", "SiteMPE", "assemble", "log_lik_at_node
            "memory_pass", "predictor_pass", "theta_space_elpd"]
 
 
-@partial(jax.jit, static_argnames=("rows", "project", "mesh"))
+@partial(jit, static_argnames=("rows", "project", "mesh"))
 def _shift_chunk(adapter: ModelAdapter, rows: SiteRows, data: dict, post, args, *, project, mesh):
     tm, _ = chunk_terms(adapter, rows, data, post.mean, post)
     out = jax.vmap(lambda e_, l_, v_: cavity_k(e_, l_, v=v_))(tm.e, tm.lam, tm.cov)

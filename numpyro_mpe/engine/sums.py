@@ -20,6 +20,7 @@ from numpyro_mpe.engine.terms import SiteData, SiteRows, chunk_terms, eta_rows
 from numpyro_mpe.errors import MPEError
 from numpyro_mpe.model import rankone
 from numpyro_mpe.model.adapter import ModelAdapter
+from numpyro_mpe.programs import jit
 
 
 def _per_device(x, mesh):
@@ -29,7 +30,7 @@ def _per_device(x, mesh):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PS("obs")))
 
 
-@partial(jax.jit, static_argnames=("rows", "kind", "structure", "mesh"))
+@partial(jit, static_argnames=("rows", "kind", "structure", "mesh"))
 def chunk_sums(adapter: ModelAdapter, rows: SiteRows, data: dict, theta, probe, *, kind: str,
                structure: str, mesh):
     """Per-device sums over one chunk at ``theta``: the value Σ w ℓ, and unless ``kind == "value"`` the

@@ -33,6 +33,7 @@ from numpyro_mpe.gaussian import row_gram
 from numpyro_mpe.model import rankone
 from numpyro_mpe.model.adapter import ModelAdapter
 from numpyro_mpe.model.rows import RowPlan, rows_site
+from numpyro_mpe.programs import jit
 
 #: Above this many parameters, Jacobians of rows are formed by reverse mode per latent site.
 FORWARD_MODE_LIMIT = 256
@@ -309,7 +310,7 @@ def chunk_observed(adapter: ModelAdapter, rows: SiteRows, data: dict):
 
 
 # ---------------------------------------------------------------- the site's rows, laid out in chunks
-@partial(jax.jit, static_argnames=("rows",))
+@partial(jit, static_argnames=("rows",))
 def _predictor_probe(adapter: ModelAdapter, rows: SiteRows, data: dict, theta, dirs, c, v):
     """On the chunk's rows (or all rows): Σ_rows |∂η/∂θ · d| for the directions ``dirs`` (which components
     move with θ), and the gradient and Hessian-vector products ∇²(Σ_ik c_ik η_ik)·v_j (whether η is
@@ -328,7 +329,7 @@ def _predictor_probe(adapter: ModelAdapter, rows: SiteRows, data: dict, theta, d
     return moved, g, jax.vmap(lambda d: jax.jvp(jax.grad(weighted), (theta,), (d,))[1])(v)
 
 
-_held_terms = jax.jit(whole_eta_jac, static_argnames=("names",))
+_held_terms = jit(whole_eta_jac, static_argnames=("names",))
 
 
 class SiteData:

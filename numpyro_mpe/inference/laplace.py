@@ -37,12 +37,12 @@ from numpyro_mpe.inference.streamed import (
 from numpyro_mpe.model.adapter import ModelAdapter
 from numpyro_mpe.model.rows import row_plan
 from numpyro_mpe.options import STRUCTURES, MPEOptions, check_choice, check_positive_int, keyword_options
-from numpyro_mpe.programs import track
+from numpyro_mpe.programs import jit, track
 
 OPTIMIZERS = ("auto", "newton", "lbfgs")
 
 
-@jax.jit
+@jit
 def laplace_map(adapter: ModelAdapter, theta0, max_steps, gtol):
     """The MAP of U by damped Newton from ``theta0``, with U, ∇U and the exact ∇²U there, and the
     :class:`~numpyro_mpe.inference.optimum.Spectrum` of ∇²U for its checks: one program."""
@@ -226,7 +226,7 @@ def _check_finite(theta, value) -> None:
             "data, or pass init_strategy=numpyro.infer.init_to_value(values=...)")
 
 
-@partial(jax.jit, static_argnames=("name",))
+@partial(jit, static_argnames=("name",))
 def _likelihood_hessian(adapter: ModelAdapter, theta, name: str):
     return jax.hessian(lambda t: -jnp.sum(adapter.log_lik(t, name)))(theta)
 
@@ -263,7 +263,7 @@ def dense_structured(adapter: ModelAdapter, theta, precision, structure: str, ra
 
 
 # ---------------------------------------------------------------- refits
-@partial(jax.jit, static_argnames=("name", "polish"))
+@partial(jit, static_argnames=("name", "polish"))
 def newton_refit(adapter: ModelAdapter, theta0, weights, max_steps, gtol, name: str, polish: int = 0):
     """Minimize U_w(θ) = U(θ) + Σ_i (1 − w_i) log p(y_i | θ) (the potential with observation weights w on
     ``name``) by Newton from ``theta0``, undamped at first; returns the state (the Laplace approximation of

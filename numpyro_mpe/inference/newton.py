@@ -25,6 +25,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from numpyro_mpe.programs import jit
+
 
 class NewtonState(NamedTuple):
     """State of the iteration: the accepted point with f, ∇f, ∇²f there; the next candidate; the damping μ;
@@ -113,12 +115,12 @@ def minimize(vgh: Callable, theta0, *, gtol: float, max_steps: int = 200, dampin
     return jax.lax.while_loop(lambda s: ~s.done, body, state)
 
 
-@partial(jax.jit, static_argnames=("gtol", "polish"))
+@partial(jit, static_argnames=("gtol", "polish"))
 def _update(state, value, grad, hess, max_steps, *, gtol, polish):
     return newton_update(state, value, grad, hess, gtol=gtol, max_steps=max_steps, polish=polish)
 
 
-@partial(jax.jit, static_argnames=("gtol", "polish"))
+@partial(jit, static_argnames=("gtol", "polish"))
 def _init(theta, value, grad, hess, damping, max_steps, *, gtol, polish):
     return newton_init(theta, value, grad, hess, damping=damping, gtol=gtol, max_steps=max_steps,
                        polish=polish)

@@ -22,6 +22,7 @@ import numpy as np
 from numpyro_mpe.errors import PosteriorError
 from numpyro_mpe.model.adapter import ModelAdapter
 from numpyro_mpe.model.predictor import unwrap
+from numpyro_mpe.programs import jit
 
 #: Posterior standard deviations walked from the optimum along the weakest direction.
 FLAT_SD = 3.0
@@ -49,7 +50,7 @@ def spectrum(adapter: ModelAdapter, theta, precision) -> Spectrum:
     return Spectrum(vals, vecs, rise)
 
 
-spectrum_program = jax.jit(spectrum)
+spectrum_program = jit(spectrum)
 
 
 def check_precision(adapter: ModelAdapter, precision, theta=None, spec: Spectrum | None = None) -> None:

@@ -28,6 +28,7 @@ from scipy.special import logsumexp  # host-side: the weights are NumPy arrays
 from tqdm.auto import tqdm
 
 from numpyro_mpe.gaussian import base_draws, base_logpdf, host_generator
+from numpyro_mpe.programs import jit
 
 
 class SMCResult(NamedTuple):
@@ -40,7 +41,7 @@ class SMCResult(NamedTuple):
     acceptance: list
 
 
-@partial(jax.jit, static_argnames=("inflate",))
+@partial(jit, static_argnames=("inflate",))
 def _to_theta(post, w, *, inflate):
     return post.mean + post.unwhiten(inflate * w.T).T
 
@@ -50,13 +51,13 @@ def _potential_w(adapter, post, w, inflate):
     return jnp.where(jnp.isfinite(u), u, jnp.inf)
 
 
-@partial(jax.jit, static_argnames=("df", "inflate"))
+@partial(jit, static_argnames=("df", "inflate"))
 def _increments(adapter, post, w, *, df, inflate):
     """−U(θ(w)) − log g₀(w) per particle: the log incremental weight of a unit rise in temperature."""
     return jax.vmap(lambda x: -_potential_w(adapter, post, x, inflate) - base_logpdf(x, df))(w)
 
 
-@partial(jax.jit, static_argnames=("steps", "df", "inflate"))
+@partial(jit, static_argnames=("steps", "df", "inflate"))
 def _mala(adapter, post, key, w, b, chol, eps, *, steps, df, inflate):
     """``steps`` preconditioned MALA moves of every particle under π_b; returns particles and acceptance."""
     def log_pi(x):

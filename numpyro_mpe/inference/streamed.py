@@ -35,6 +35,7 @@ from numpyro_mpe.gaussian import (
 from numpyro_mpe.inference.newton import minimize_host
 from numpyro_mpe.model.adapter import ModelAdapter
 from numpyro_mpe.model.rows import RowPlan, prior_potential
+from numpyro_mpe.programs import jit
 
 
 class MapResult(NamedTuple):
@@ -44,7 +45,7 @@ class MapResult(NamedTuple):
     steps: int
 
 
-@partial(jax.jit, static_argnames=("plan", "hessian"))
+@partial(jit, static_argnames=("plan", "hessian"))
 def prior_derivatives(adapter: ModelAdapter, theta, plan: RowPlan | None, hessian: bool = True):
     """R(θ), ∇R(θ) and (``hessian``) ∇²R(θ) of the prior part of the potential."""
     def fn(t):
@@ -56,7 +57,7 @@ def prior_derivatives(adapter: ModelAdapter, theta, plan: RowPlan | None, hessia
     return value, grad, None
 
 
-@partial(jax.jit, static_argnames=("plan",))
+@partial(jit, static_argnames=("plan",))
 def _prior_hvp(adapter: ModelAdapter, theta, v, plan: RowPlan | None):
     return jax.jvp(jax.grad(lambda s: prior_potential(adapter, s, plan)), (theta,), (v,))[1]
 
@@ -118,7 +119,7 @@ def streamed_lbfgs(site: SiteData, theta0, *, max_steps: int = 500, gtol: float 
         updates, state = opt.update(g, state, t, value=v, grad=g, value_fn=fun)
         return optax.apply_updates(t, updates), state, k + 1, v, g
 
-    @jax.jit
+    @jit
     def run(t0):
         state = opt.init(t0)
         v0, g0 = jax.value_and_grad(fun)(t0)

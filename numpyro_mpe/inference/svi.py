@@ -49,6 +49,7 @@ from numpyro_mpe.inference.training import (
 from numpyro_mpe.inference.variational import DEFAULT_SAMPLES, check_method, variational_posterior
 from numpyro_mpe.model.adapter import ModelAdapter
 from numpyro_mpe.options import MPEOptions, check_choice, check_options, check_positive_int, keyword_options
+from numpyro_mpe.programs import jit
 
 #: Largest movement of the averaged mean, in posterior sd, between the halves of the averaging window, and
 #: largest final natural-gradient step, for a run to count as converged.
@@ -60,7 +61,7 @@ MAX_CORRECTION = 0.25
 def _fit_from_guide(adapter: ModelAdapter, guide, params: dict, *, memories: str, memory_samples: int,
                     rng_key, info: dict, options: MPEOptions, refit: SVIRefit | None,
                     diagonal_memories: bool = True, polish: bool = False) -> Fit:
-    gauss = jax.jit(guide_extractor(guide, adapter))(params)
+    gauss = jit(guide_extractor(guide, adapter))(params)
     if not (np.all(np.isfinite(np.asarray(gauss.mean))) and np.all(np.isfinite(np.asarray(gauss.cov)))):
         raise PosteriorError(f"the guide {guide_name(guide)} has non-finite parameters (did the SVI run "
                              "diverge?); lower lr or check the model")
@@ -270,7 +271,7 @@ class SVI:
                               polish=self.polish)
         drift = float("nan")
         if halves is not None:  # the guide's mean over the two halves of the averaging window, in sd units
-            extract = jax.jit(guide_extractor(guide, adapter))
+            extract = jit(guide_extractor(guide, adapter))
             d = extract(halves[1]).mean - extract(halves[0]).mean
             drift = float(np.sqrt(max(float(d @ fit.posterior.precision_matvec(d)), 0.0)))
         correction = fit.info.get("mean_correction", 0.0)
@@ -307,7 +308,7 @@ class SVI:
         start, middle = self.num_steps - window, self.num_steps - window // 2
         zeros = jax.tree_util.tree_map(jnp.zeros_like, svi.get_params(state))
 
-        @partial(jax.jit, static_argnums=1)
+        @partial(jit, static_argnums=1)
         def block(carry, length, step0):
             def body(c, i):
                 s, sums, counts = c
@@ -343,7 +344,7 @@ class SVI:
                                         rng_key=k_ck, options=self.options, memories=self.checkpoint_memories)
             extract = guide_extractor(guide, adapter)
 
-            @jax.jit
+            @jit
             def gaussian(carry):
                 g = extract(svi.get_params(carry[0]))
                 if g.diagonal:

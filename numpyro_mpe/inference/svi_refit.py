@@ -29,6 +29,7 @@ from numpyro_mpe.inference.guides import (
     weighted_model,
 )
 from numpyro_mpe.model.adapter import ModelAdapter
+from numpyro_mpe.programs import jit
 
 if TYPE_CHECKING:
     from numpyro_mpe.fit import Fit
@@ -76,7 +77,7 @@ class SVIRefit:
         update = svi.stable_update if self.stable_update else svi.update
         num_steps = self.num_steps
 
-        @jax.jit
+        @jit
         def run(weights, rng_key):
             state = state0._replace(rng_key=rng_key)
             state, losses = jax.lax.scan(lambda s, _: update(s, *args, **{WEIGHTS_KW: weights}, **kwargs),

@@ -44,6 +44,7 @@ from numpyro_mpe.fit import Fit
 from numpyro_mpe.gaussian import antithetic_normal, from_state
 from numpyro_mpe.model.adapter import ModelAdapter
 from numpyro_mpe.options import MPEOptions, check_options
+from numpyro_mpe.programs import jit
 
 #: Columns of a training history (``fit.info["history"]``), in order.
 HISTORY_COLUMNS = ("step", "elpd_loo_mpe", "elpd_loo_mpe_se", "loo_nll", "loo_nll_first_order", "train_nll",
@@ -162,10 +163,10 @@ def mc_nll(adapter: ModelAdapter, name: str, draws):
     return -jnp.mean(acc - jnp.log(draws.shape[0]))
 
 
-mc_nll_jit = jax.jit(mc_nll, static_argnames=("name",))
+mc_nll_jit = jit(mc_nll, static_argnames=("name",))
 
 
-@partial(jax.jit, static_argnames=("name", "diagonal"))
+@partial(jit, static_argnames=("name", "diagonal"))
 def _checkpoint_nlls(adapter: ModelAdapter, held: ModelAdapter | None, mean, prec, z, name: str,
                      diagonal: bool):
     if diagonal:

@@ -27,6 +27,7 @@ from numpyro_mpe.engine.memories import DEFAULT_MEMORY_SAMPLES, MemorySpec, stre
 from numpyro_mpe.errors import MPEError, PosteriorError
 from numpyro_mpe.gaussian import GaussianPosterior, draws, from_precision
 from numpyro_mpe.model.adapter import ModelAdapter
+from numpyro_mpe.programs import jit
 
 METHODS = ("mc", "delta")
 #: Default number of draws from q for the Monte Carlo memories and precision.
@@ -51,7 +52,7 @@ def check_method(method: str, num_samples: int, names: tuple = ("method", "num_s
         raise MPEError(f"{names[1]} must be a positive integer, got {num_samples}")
 
 
-@partial(jax.jit, static_argnames=("diagonal",))
+@partial(jit, static_argnames=("diagonal",))
 def _expected_curvature(adapter: ModelAdapter, thetas, diagonal: bool):
     def at(theta):
         g = jax.grad(adapter.potential)(theta)

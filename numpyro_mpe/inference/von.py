@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from jax.scipy.linalg import cho_solve, solve_triangular
 
 from numpyro_mpe.model.adapter import ModelAdapter
+from numpyro_mpe.programs import jit
 
 
 class NGVIState(NamedTuple):
@@ -152,7 +153,7 @@ def von_step(adapter: ModelAdapter, config: VONConfig, state: NGVIState, w, lr_c
     return new, ok
 
 
-@partial(jax.jit, static_argnames=("config", "weighted"))
+@partial(jit, static_argnames=("config", "weighted"))
 def von_block(adapter: ModelAdapter, state: NGVIState, n, w, lr_const, diverged_at, *, config: VONConfig,
               weighted: bool):
     """``n`` steps (traced) from ``state``; a step whose result is not finite is not taken: the state stays
@@ -171,7 +172,7 @@ def von_block(adapter: ModelAdapter, state: NGVIState, n, w, lr_const, diverged_
     return jax.lax.fori_loop(0, n, body, (state, diverged_at))
 
 
-@partial(jax.jit, static_argnames=("config",))
+@partial(jit, static_argnames=("config",))
 def von_paired_block(adapter: ModelAdapter, state: NGVIState, n, ws, lr_const, diverged_at, *,
                      config: VONConfig):
     """:func:`von_block` (weighted) for each row of ``ws`` from the same state, with common random numbers."""

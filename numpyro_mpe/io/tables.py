@@ -11,12 +11,13 @@ import pandas as pd
 
 from numpyro_mpe.gaussian import draws as posterior_draws
 from numpyro_mpe.io.format import value_formatter
+from numpyro_mpe.programs import jit
 
 if TYPE_CHECKING:
     from numpyro_mpe.fit import Fit
 
 
-@jax.jit
+@jit
 def _constrained(adapter, theta):
     """The latent sites in constrained space at each draw θ (S, P): one compiled program."""
     return jax.vmap(lambda t: adapter.constrain(t, deterministic=False))(theta)

@@ -23,6 +23,7 @@ from scipy.special import logsumexp
 from numpyro_mpe.engine.layout import map_rows
 from numpyro_mpe.gaussian import draws as posterior_draws
 from numpyro_mpe.loo.common import GOOD_K  # noqa: F401  (re-exported: leverage and k̂ threshold)
+from numpyro_mpe.programs import jit
 
 if TYPE_CHECKING:
     from numpyro_mpe.fit import Fit
@@ -139,7 +140,7 @@ def draw_chunk(per_draw: int, num_samples: int) -> int:
     return int(max(1, min(num_samples, DRAW_CHUNK_ELEMENTS // max(1, per_draw))))
 
 
-@partial(jax.jit, static_argnames=("name", "idx"))
+@partial(jit, static_argnames=("name", "idx"))
 def _log_lik_rows(adapter, draws, name: str, idx: tuple | None):
     def one(theta):
         ll = adapter.log_lik(theta, name)
@@ -158,7 +159,7 @@ def log_lik_on_draws(fit: Fit, draws, var_name: str, idx=None) -> np.ndarray:
     return np.asarray(out).reshape(draws.shape[0], site.num_obs if idx is None else len(idx))
 
 
-@partial(jax.jit, static_argnames=("names", "log_density"))
+@partial(jit, static_argnames=("names", "log_density"))
 def _draw_values(adapter, post, draws, names: tuple, log_density: bool):
     def one(theta):
         lls = adapter.log_lik_all(theta)

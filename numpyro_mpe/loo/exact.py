@@ -39,9 +39,10 @@ from numpyro_mpe.inference.laplace import LaplaceRefit, newton_refit
 from numpyro_mpe.inference.newton import converged, minimize
 from numpyro_mpe.loo.common import flat_indices, label_list
 from numpyro_mpe.model.adapter import ModelAdapter
+from numpyro_mpe.programs import jit
 
 
-@partial(jax.jit, static_argnames=("name",))
+@partial(jit, static_argnames=("name",))
 def _summary(adapter: ModelAdapter, post, weights, m_ref, mean_i, chol_i, z, name: str):
     """Shift, sensitivity, leverage and the Monte Carlo ``elpd_loo`` of one refit without the observations
     whose weight is 0 (``z``: standard-normal draws, none for no ``elpd_loo``)."""
@@ -238,7 +239,7 @@ def exact_loo(fit, indices: int | Sequence[int] | np.ndarray | None, var_name: s
 
 
 # ------------------------------------------------------------------ leave-group-out
-@partial(jax.jit, static_argnames=("name",))
+@partial(jit, static_argnames=("name",))
 def _group_refit(adapter: ModelAdapter, m, mask, max_steps, gtol, name: str):
     """The refit without the group ``mask`` and the Laplace approximation of q₋G(θ) p(y_G | θ) (a second
     Newton solve from m: the second component of the importance proposal for ``elpd_loo``)."""
@@ -254,7 +255,7 @@ def _group_refit(adapter: ModelAdapter, m, mask, max_steps, gtol, name: str):
             & jnp.isfinite(state.value), state.steps, tilt.theta, jnp.linalg.cholesky(tilt.hess))
 
 
-@partial(jax.jit, static_argnames=("name",))
+@partial(jit, static_argnames=("name",))
 def _group_elpd(adapter: ModelAdapter, mask, theta_c, l_c, theta_t, l_t, z, name: str):
     """Defensive importance sampling of log E_{q₋G}[p(y_G | θ)]: half the draws from q₋G, half from the
     tilted Laplace approximation; and its Monte Carlo standard error."""

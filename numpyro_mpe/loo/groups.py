@@ -35,6 +35,7 @@ from numpyro_mpe.engine.cavity import whitened_memory
 from numpyro_mpe.errors import MPEError
 from numpyro_mpe.gaussian import standard_normal
 from numpyro_mpe.loo.common import label_list, log_mean_exp
+from numpyro_mpe.programs import jit
 
 #: Model log-likelihood values (draws × observations) evaluated per batch.
 _BATCH_ELEMENTS = 2**22
@@ -209,7 +210,7 @@ def group_mpe(fit, groups, var_name=None, *, num_samples: int = 2000, rng_key=No
     h_sum = jax.ops.segment_sum(mem.hess, codes_j, n_groups)
     linv = jax.scipy.linalg.solve_triangular(post.chol, jnp.eye(p, dtype=dtype), lower=True)
 
-    @jax.jit
+    @jit
     def whitened(g, h):
         g_w, lam, q = whitened_memory(linv, g, h)
         valid = lam[-1] < 1.0
@@ -232,7 +233,7 @@ def group_mpe(fit, groups, var_name=None, *, num_samples: int = 2000, rng_key=No
     def loglik_all(w):
         return adapter.log_lik(theta_of(w), name)
 
-    @jax.jit
+    @jit
     def loglik_groups(ws):  # (S, P) whitened -> (S, G)
         return _draw_batches(lambda w: jax.ops.segment_sum(loglik_all(w), codes_j, n_groups), ws, n_obs)
 
@@ -242,7 +243,7 @@ def group_mpe(fit, groups, var_name=None, *, num_samples: int = 2000, rng_key=No
         prec = 1.0 + sign * lam_k
         return -0.5 * jnp.sum(prec * d * d, -1) + 0.5 * jnp.sum(jnp.log(prec))
 
-    @jax.jit
+    @jit
     def one_group(g_k, lam_k, q_k, mask, ll_b):
         """Log-weights of elpd_loo and lpd for one group; ``ll_b`` its log-lik at the shared q draws."""
         def group_ll(ws):

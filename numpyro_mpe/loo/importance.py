@@ -39,6 +39,7 @@ from numpyro_mpe.loo.common import (
     smooth_log_weights,
     weighted_estimate,
 )
+from numpyro_mpe.programs import jit
 
 
 def _whitened(post, g, h):
@@ -62,7 +63,7 @@ def _proposal_one(post, g, h, clip):
     return u, c, logdet
 
 
-_jit_proposal = jax.jit(_proposal_one)
+_jit_proposal = jit(_proposal_one)
 
 
 def importance_loo(fit, indices=None, num_samples: int = 1000, rng_key=None, var_name=None, *,
@@ -172,14 +173,14 @@ def one_hot_row(i: int, n: int) -> np.ndarray:
     return a
 
 
-@partial(jax.jit, static_argnames=("name", "df", "num_defensive", "batch"))
+@partial(jit, static_argnames=("name", "df", "num_defensive", "batch"))
 def _cavity_draws(post, adapter, z, g, h, a, clip, *, name, df, num_defensive, batch):
     """:func:`_unit_draws` from the unit's clipped cavity (memory ĝ, Ĥ), in one program."""
     u, c, _ = _proposal_one(post, g, h, clip)
     return _unit_draws(post, adapter, z, u, c, a, name=name, df=df, num_defensive=num_defensive, batch=batch)
 
 
-@partial(jax.jit, static_argnames=("name", "df", "num_defensive", "batch"))
+@partial(jit, static_argnames=("name", "df", "num_defensive", "batch"))
 def _unit_draws(post, adapter, z, u, c, a, *, name, df, num_defensive, batch):
     """Importance log-ratios toward the posterior without one unit, with a (defensive) mixture proposal.
 
@@ -324,7 +325,7 @@ def predictor_samples(fit, name: str, indices, num_samples: int = 2000, rng_key=
     return out
 
 
-@partial(jax.jit, static_argnames=("name",))
+@partial(jit, static_argnames=("name",))
 def _eta_at(adapter, post, w, i, *, name):
     """The predictor of observation i at the whitened draws w (S, P)."""
     return jax.vmap(lambda t: adapter.eta(t, name)[i])(post.mean + post.unwhiten(w.T).T)

@@ -30,6 +30,7 @@ from numpyro_mpe.engine.layout import map_rows
 from numpyro_mpe.engine.site import map_shifts
 from numpyro_mpe.errors import ModelError
 from numpyro_mpe.loo.arviz_compat import latent_dims, named_dims
+from numpyro_mpe.programs import jit
 
 if TYPE_CHECKING:
     from numpyro_mpe.fit import Fit
@@ -62,7 +63,7 @@ def _resolve_names(fit: Fit, var_names) -> tuple[list[str], bool]:
     return seen, any(n in det for n in seen)
 
 
-@partial(jax.jit, static_argnames=("names", "deterministic"))
+@partial(jit, static_argnames=("names", "deterministic"))
 def _jvp_rows(adapter, m, k, names: tuple, deterministic: bool):
     """Rows ``k`` of Jᵀ: the unit directions e_k pushed through the constrain map at m (forward mode)."""
     def flat(theta):
@@ -77,7 +78,7 @@ def _standardized(d, jac_t, inv_sd):
     return (d @ jac_t) * inv_sd
 
 
-_standardized_rows = jax.jit(_standardized)
+_standardized_rows = jit(_standardized)
 
 
 def constrained_jacobian(fit: Fit, names: Sequence[str], deterministic: bool = False):

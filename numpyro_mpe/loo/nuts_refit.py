@@ -26,12 +26,13 @@ from tqdm.auto import tqdm
 
 from numpyro_mpe.errors import MPEError
 from numpyro_mpe.loo.common import flat_indices, log_mean_exp, obs_coords
+from numpyro_mpe.programs import jit
 
 if TYPE_CHECKING:
     from numpyro_mpe.fit import Fit
 
 
-@partial(jax.jit, static_argnames=("name", "num_warmup", "num_samples", "num_chains"))
+@partial(jit, static_argnames=("name", "num_warmup", "num_samples", "num_chains"))
 def _refit(adapter, init, key, i, *, name, num_warmup, num_samples, num_chains):
     """NUTS chains on p(θ | y₋i); returns ℓ_i at the draws (chains, draws) and the divergences."""
     def potential_gen(i):

@@ -31,6 +31,7 @@ from numpyro_mpe.errors import user_stacklevel
 from numpyro_mpe.gaussian import base_draws, base_logpdf
 from numpyro_mpe.loo.arviz_compat import draw_chunk
 from numpyro_mpe.loo.common import GOOD_K, smooth_log_weights
+from numpyro_mpe.programs import jit
 
 if TYPE_CHECKING:
     from numpyro_mpe.fit import Fit
@@ -70,7 +71,7 @@ class PosteriorCheck(NamedTuple):
                 f"draws; Gaussian q's own k̂ {self.khat_gaussian:.2f})")
 
 
-@partial(jax.jit, static_argnames=("df", "name", "batch"))
+@partial(jit, static_argnames=("df", "name", "batch"))
 def _draw_terms(adapter, post, z, *, df, name, batch):
     """Draws θ = m + L⁻ᵀz from t_df(m, S⁻¹) (Gaussian for ``df=None``) at the base draws z, log g up to a
     constant, U and — with a site ``name`` — its ℓ at each draw: one compiled program."""

@@ -29,6 +29,7 @@ from numpyro_mpe.engine.quadrature import Rule, default_rule
 from numpyro_mpe.errors import MPEError
 from numpyro_mpe.loo.common import MAX_LEVERAGE, site_parameters
 from numpyro_mpe.options import check_choice
+from numpyro_mpe.programs import jit
 
 if TYPE_CHECKING:
     from numpyro_mpe.fit import Fit
@@ -50,7 +51,7 @@ class PredictiveValues(NamedTuple):
     valid: np.ndarray
 
 
-@partial(jax.jit, static_argnames=("names",))
+@partial(jit, static_argnames=("names",))
 def _site_params(adapter, theta, names: tuple):
     """η, the fixed parameters and the observed values of the sites ``names`` at ``theta``, stacked."""
     tr = adapter.trace(theta)
@@ -67,7 +68,7 @@ def _spec(fit: Fit, site, functionals, probs) -> PredictiveSpec:
     return predictive_spec(site.predictor, site.name, functionals, probs, eta=eta, aux=aux, value=value)
 
 
-@partial(jax.jit, static_argnames=("predictor", "spec", "active"))
+@partial(jit, static_argnames=("predictor", "spec", "active"))
 def _group_rows(predictor, spec, active, nodes, log_weights, linv, g_sum, h_sum, codes, eta, jac, y, aux):
     """Functionals of each observation under its group's cavity (cavity in P dimensions per row)."""
     cav = jax.vmap(lambda c, j: cavity_one(linv @ g_sum[c], linv @ h_sum[c] @ linv.T, j @ linv.T))(codes, jac)
@@ -97,7 +98,7 @@ def _group_values(fit: Fit, site, spec: PredictiveSpec, groups):
     return values, np.asarray(lev), valid
 
 
-_weighted = jax.jit(weighted_functionals, static_argnums=(0, 1))
+_weighted = jit(weighted_functionals, static_argnums=(0, 1), quick=False)  # pairwise sums over the draws
 
 
 @site_parameters
@@ -178,7 +179,7 @@ def predictive_values(fit: Fit, var_name: str | None = None, functionals=("pit",
     return pv
 
 
-@partial(jax.jit, static_argnames=("name",))
+@partial(jit, static_argnames=("name",))
 def _predictor_aux(adapter, theta, *, name):
     """The predictor's auxiliary values at θ (one program; eagerly, the model trace is dozens)."""
     return adapter.predictor_aux(theta, name)

@@ -28,6 +28,7 @@ from numpyro import handlers
 from numpyro.infer import init_to_median
 from numpyro.infer.util import constrain_fn, potential_energy
 
+from numpyro_mpe import programs
 from numpyro_mpe.errors import ModelError, PosteriorError
 from numpyro_mpe.model.checks import initial_point, non_finite_sites, observed_values, validated_predictors
 from numpyro_mpe.model.inputs import DataBinding, Opaque, convert_inputs, is_array, static_leaf
@@ -241,7 +242,7 @@ class ModelAdapter:
 
         Prefer a module-level jitted function of the adapter: a new ``fn`` is a new program.
         """
-        compiled = jax.jit(fn)
+        compiled = programs.jit(fn)
         return lambda *rest: compiled(self, *rest)
 
     def trace(self, theta):

@@ -16,6 +16,7 @@ from numpyro.distributions.transforms import biject_to
 from numpyro.infer import init_to_sample
 
 from numpyro_mpe.model.predictor import unwrap
+from numpyro_mpe.programs import jit
 
 if TYPE_CHECKING:
     from numpyro_mpe.model.adapter import ModelAdapter
@@ -34,7 +35,7 @@ def _site_weights(site: dict, obs_shape: tuple, dtype):
     return w
 
 
-@jax.jit
+@jit
 def observed_values(adapter: ModelAdapter):
     """Observed values and weights of every site, from one trace of the model (its prior draws are unused)."""
     seeded = handlers.substitute(handlers.seed(adapter.model, 0), substitute_fn=init_to_sample)
@@ -47,7 +48,7 @@ def observed_values(adapter: ModelAdapter):
     return tuple(values), tuple(weights)
 
 
-@jax.jit
+@jit
 def _init_attempt(adapter: ModelAdapter, key, attempt, init_strategy_box):
     init_strategy = init_strategy_box.fn
     model = adapter.model
@@ -101,7 +102,7 @@ def non_finite_sites(adapter: ModelAdapter) -> list[str]:
     return bad
 
 
-@jax.jit
+@jit
 def _predictor_check(adapter: ModelAdapter, thetas):
     """Per site with a predictor: the largest relative difference between f(η_i(θ), y_i) and the model's
     log-likelihood at the rows of ``thetas`` (one model trace per θ for all sites)."""

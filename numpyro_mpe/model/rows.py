@@ -20,6 +20,7 @@ from numpyro import handlers
 from numpyro.infer.util import potential_energy
 
 from numpyro_mpe.model.adapter import ModelAdapter
+from numpyro_mpe.programs import jit
 
 
 class RowPlan(NamedTuple):
@@ -57,7 +58,7 @@ def prior_potential(adapter: ModelAdapter, theta, plan: RowPlan | None = None):
     return potential_energy(blocked, adapter.args, adapter.kwargs, adapter.unravel(theta))
 
 
-@partial(jax.jit, static_argnames=("plan", "var_name", "idx"))
+@partial(jit, static_argnames=("plan", "var_name", "idx"))
 def _row_check(adapter: ModelAdapter, theta, plan: RowPlan, var_name: str, idx: tuple):
     """The site's η and log-likelihood at rows ``idx`` from the full model, from the model on those rows,
     and η from the model on one row at a time (as the engine runs it)."""
@@ -77,7 +78,7 @@ def _row_check(adapter: ModelAdapter, theta, plan: RowPlan, var_name: str, idx: 
     return full_eta, eta, full_ll, ll, jax.vmap(single)(rows)
 
 
-@partial(jax.jit, static_argnames=("plan", "var_name"))
+@partial(jit, static_argnames=("plan", "var_name"))
 def _prior_check(adapter: ModelAdapter, theta, plan: RowPlan, var_name: str):
     """R(θ) on one row, and U(θ) + Σ_i log p(y_i | θ) on all rows."""
     return prior_potential(adapter, theta, plan), adapter.potential(theta) + jnp.sum(adapter.log_lik(theta,
