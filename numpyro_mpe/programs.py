@@ -161,7 +161,8 @@ def track(what: str, into: dict | None = None) -> Iterator[CompileStats]:
                      stats.loaded, stats.load_seconds, stats.trace_seconds, stats.lower_seconds, wall)
 
 
-def _quick_bound() -> int:
+def quick_bound() -> int:
+    """The bound in force: ``$NUMPYRO_MPE_QUICK_COMPILE``, else :data:`QUICK_MAX_ELEMENTS`."""
     env = os.environ.get(QUICK_ENV, "").strip()
     if not env:
         return QUICK_MAX_ELEMENTS
@@ -210,7 +211,7 @@ class SizedJit:
 
     def program(self, *args, **kwargs):
         """The jitted function a call with these arguments runs (``quick`` or ``optimized``)."""
-        bound = _quick_bound()
+        bound = quick_bound()
         if bound <= 0 or self.quick is self.optimized or not self._allows_quick(*args, **kwargs):
             return self.optimized
         size = array_elements((args, kwargs))

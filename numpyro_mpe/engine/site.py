@@ -54,7 +54,7 @@ from numpyro_mpe.engine.quadrature import (
 from numpyro_mpe.engine.terms import SiteData, SiteRows, active_index, chunk_terms, predictor_nll
 from numpyro_mpe.gaussian import standard_normal
 from numpyro_mpe.model.adapter import ModelAdapter
-from numpyro_mpe.programs import jit
+from numpyro_mpe.programs import jit, quick_bound
 
 #: Outputs of the LOO predictive functionals (in ``SiteMPE.extra``).
 FUNCTIONAL_OUTPUTS = tuple(o for outs in FUNCTIONALS.values() for o in outs)
@@ -259,10 +259,14 @@ def _outputs(predictor, opts, rules, mesh, out, eta, active, y, aux, w, e, lam, 
     return res, pts
 
 
-def _quick_pass(*args, opts: PassOptions, **kwargs) -> bool:
-    """A pass compiles quickly unless it computes LOO predictive functionals (quadrature, quantile search,
+def _quick_pass(adapter, rows, data: dict, post, *args, opts: PassOptions, **kwargs) -> bool:
+    """A pass compiles quickly (:func:`numpyro_mpe.programs.jit`) when its work, about rows × P² (a P × P
+    solve per row), is small, and it computes no LOO predictive functionals (quadrature, quantile search,
     sums over a discrete support: compute-bound even on few rows)."""
-    return opts.predictive is None
+    leaves = jax.tree_util.tree_leaves(data)
+    chunk = int(leaves[0].shape[0]) if leaves and getattr(leaves[0], "ndim", 0) else 1
+    p = int(post.mean.shape[0])
+    return opts.predictive is None and chunk * p * p <= quick_bound()
 
 
 @partial(jit, static_argnames=("rows", "opts", "mesh"), quick=_quick_pass)
