@@ -175,6 +175,13 @@ def quick_bound() -> int:
             from None
 
 
+def small_work(rows: int, p: int) -> bool:
+    """Whether a per-row P × P computation over ``rows`` rows (rows × P² elements) is within
+    :func:`quick_bound`: the test of programs whose small arguments hide a large output (a Hessian per
+    row)."""
+    return rows * p * p <= quick_bound()
+
+
 def array_elements(tree) -> int | None:
     """Elements of the arrays among the leaves of ``tree`` (other leaves count nothing); ``None`` where one
     is a tracer: the call is part of a larger program, whose options apply."""

@@ -25,7 +25,7 @@ from numpyro_mpe.engine.terms import predictor_derivs
 from numpyro_mpe.errors import MPEError
 from numpyro_mpe.gaussian import draws
 from numpyro_mpe.model.adapter import ModelAdapter
-from numpyro_mpe.programs import jit
+from numpyro_mpe.programs import jit, small_work
 
 #: Kinds of memories: at the mean (exact curvature), through the predictor at the mean, Monte Carlo under q.
 MEMORY_KINDS = ("delta", "ggn", "mc")
@@ -185,7 +185,12 @@ def factored_memories(adapter: ModelAdapter, name: str, pred: PredictorState,
     return Memories(jnp.einsum("nkp,nk->np", pred.jac, e), jac=pred.jac, lam=lam, resid=e)
 
 
-@partial(jit, static_argnames=("name", "diagonal"))
+def _quick_dense(adapter: ModelAdapter, theta, name: str, diagonal: bool) -> bool:
+    """A Hessian per row (N × P² outputs from small arguments): quick only when that is small."""
+    return small_work(adapter.observed[name].num_obs, int(theta.shape[-1]))
+
+
+@partial(jit, static_argnames=("name", "diagonal"), quick=_quick_dense)
 def _dense_memories(adapter: ModelAdapter, theta, name: str, diagonal: bool):
     return _dense_at(adapter, name, theta, diagonal)
 
@@ -208,7 +213,7 @@ def _factored_mc(adapter: ModelAdapter, thetas, y, aux, w, name: str, active: tu
     return stream_mean(at, thetas)
 
 
-@partial(jit, static_argnames=("name", "diagonal"))
+@partial(jit, static_argnames=("name", "diagonal"), quick=_quick_dense)
 def _dense_mc(adapter: ModelAdapter, thetas, name: str, diagonal: bool):
     return stream_mean(lambda t: _dense_at(adapter, name, t, diagonal), thetas)
 

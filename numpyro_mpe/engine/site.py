@@ -54,7 +54,7 @@ from numpyro_mpe.engine.quadrature import (
 from numpyro_mpe.engine.terms import SiteData, SiteRows, active_index, chunk_terms, predictor_nll
 from numpyro_mpe.gaussian import standard_normal
 from numpyro_mpe.model.adapter import ModelAdapter
-from numpyro_mpe.programs import jit, quick_bound
+from numpyro_mpe.programs import jit, small_work
 
 #: Outputs of the LOO predictive functionals (in ``SiteMPE.extra``).
 FUNCTIONAL_OUTPUTS = tuple(o for outs in FUNCTIONALS.values() for o in outs)
@@ -265,8 +265,7 @@ def _quick_pass(adapter, rows, data: dict, post, *args, opts: PassOptions, **kwa
     sums over a discrete support: compute-bound even on few rows)."""
     leaves = jax.tree_util.tree_leaves(data)
     chunk = int(leaves[0].shape[0]) if leaves and getattr(leaves[0], "ndim", 0) else 1
-    p = int(post.mean.shape[0])
-    return opts.predictive is None and chunk * p * p <= quick_bound()
+    return opts.predictive is None and small_work(chunk, int(post.mean.shape[0]))
 
 
 @partial(jit, static_argnames=("rows", "opts", "mesh"), quick=_quick_pass)
