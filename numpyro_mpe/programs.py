@@ -168,7 +168,7 @@ def quick_bound() -> int:
         return QUICK_MAX_ELEMENTS
     try:
         return int(float(env))
-    except ValueError:
+    except (ValueError, OverflowError):  # not a number, nan, inf
         from numpyro_mpe.errors import MPEError
 
         raise MPEError(f"{QUICK_ENV}={env!r}: expected a number of array elements (0: always optimise)")\
@@ -237,7 +237,8 @@ class SizedJit:
         return self if obj is None else functools.partial(self, obj)
 
 
-def jit(fn: Callable | None = None, *, quick: bool | Callable[..., bool] = True, **jit_kwargs: Any):
+def jit(fn: Callable | None = None, *, quick: bool | Callable[..., bool] = True,
+        **jit_kwargs: Any) -> SizedJit | Callable[[Callable], SizedJit]:
     """The package's ``jax.jit``: a quick compilation for small arguments, an optimised one otherwise.
 
     Parameters

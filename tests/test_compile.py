@@ -248,9 +248,10 @@ def test_quick_programs_for_small_arguments_optimised_ones_otherwise(monkeypatch
     assert by_call.program(small, heavy=False) is by_call.quick
     monkeypatch.setenv(QUICK_ENV, "0")
     assert double.program(small, scale=2.0) is double.optimized
-    monkeypatch.setenv(QUICK_ENV, "lots")
-    with pytest.raises(MPEError, match=f"{QUICK_ENV}='lots': expected a number of array elements"):
-        double(small, scale=2.0)
+    for bad in ("lots", "inf"):
+        monkeypatch.setenv(QUICK_ENV, bad)
+        with pytest.raises(MPEError, match=f"{QUICK_ENV}='{bad}': expected a number of array elements"):
+            double(small, scale=2.0)
 
 
 def test_quick_and_optimised_programs_give_the_same_outputs(monkeypatch):
