@@ -182,6 +182,35 @@ def small_work(rows: int, p: int) -> bool:
     return rows * p * p <= quick_bound()
 
 
+@contextlib.contextmanager
+def quick_block(on: bool = True) -> Iterator[None]:
+    """Compile every program of the block with XLA's quick settings when ``on``: for code whose ``jax.jit``
+    takes no compiler options from us (NumPyro's NUTS).
+
+    It sets JAX's process-wide ``jax_disable_most_optimizations`` for the block and restores it after, so
+    another thread compiling meanwhile gets the quick settings too.
+
+    Examples
+    --------
+    >>> import jax
+    >>> from numpyro_mpe.programs import quick_block
+    >>> with quick_block():
+    ...     jax.config._read("jax_disable_most_optimizations")
+    True
+    >>> jax.config._read("jax_disable_most_optimizations")
+    False
+    """
+    import jax
+
+    # a flag, not a config attribute: JAX reads it when it compiles (jax._src.compiler)
+    before = bool(jax.config._read("jax_disable_most_optimizations"))
+    jax.config.update("jax_disable_most_optimizations", before or on)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
+
+
 def array_elements(tree) -> int | None:
     """Elements of the arrays among the leaves of ``tree`` (other leaves count nothing); ``None`` where one
     is a tracer: the call is part of a larger program, whose options apply."""

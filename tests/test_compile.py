@@ -269,3 +269,19 @@ def test_quick_and_optimised_programs_give_the_same_outputs(monkeypatch):
     np.testing.assert_allclose(quick.posterior.mean, optimised.posterior.mean, rtol=1e-10, atol=1e-12)
     for name in ("elpd_loo", "leverage", "sensitivity", "lpd"):
         np.testing.assert_allclose(ds_quick[name].values, ds_opt[name].values, rtol=1e-8, atol=1e-10)
+
+
+def test_quick_block_sets_the_flag_for_the_block_only():
+    from numpyro_mpe.programs import quick_block
+
+    def flag():
+        return bool(jax.config._read("jax_disable_most_optimizations"))
+
+    assert not flag()
+    with quick_block():
+        assert flag()
+    with quick_block(False):
+        assert not flag()
+    with pytest.raises(RuntimeError, match="inside"), quick_block():
+        raise RuntimeError("inside")
+    assert not flag()  # restored after an error too

@@ -11,7 +11,7 @@ import pytest
 
 from numpyro_mpe.io.datasets import load_stackloss, stackloss_inputs, stackloss_model
 from numpyro_mpe.io.model_file import load_user_model
-from numpyro_mpe.io.nuts_reference import NutsJob, NutsSettings, sample_nuts
+from numpyro_mpe.io.nuts_reference import NutsJob, NutsProcess, NutsSettings, quick_nuts, sample_nuts
 
 pytestmark = [pytest.mark.slow, pytest.mark.arviz]  # processes that sample; ArviZ data of the installed arviz
 
@@ -104,3 +104,50 @@ def test_a_wrong_var_name_stops_the_nuts_process(monkeypatch, capsys):
     proc, folder = stopped[0]
     assert proc.wait(timeout=120) == 0 and not folder.exists()
     assert not (folder / "result.pkl").exists()
+
+
+def test_a_started_process_without_a_job_leaves_and_removes_its_folder():
+    process = NutsProcess()
+    assert process.folder.is_dir()
+    process.drop()
+    assert process.proc.wait(timeout=120) == 0 and not process.folder.exists()
+
+
+def test_a_command_that_fails_before_its_job_drops_the_started_process(monkeypatch, tmp_path, capsys):
+    """The commands start the NUTS process first thing; a mistake found before the job is sent (here a
+    missing data file) ends that process too, instead of leaving it waiting."""
+    from numpyro_mpe.io.cli import main
+
+    started = []
+    init = NutsProcess.__init__
+
+    def record(process):
+        init(process)
+        started.append(process)
+
+    monkeypatch.setattr(NutsProcess, "__init__", record)
+    rc = main(["run", str(ROOT / "examples" / "user_model.py") + ":model", "--data",
+               str(tmp_path / "missing.csv"), "--quiet", "--out", str(tmp_path / "out")])
+    assert rc == 1 and "missing.csv" in capsys.readouterr().err
+    assert len(started) == 1
+    assert started[0].proc.wait(timeout=120) == 0 and not started[0].folder.exists()
+
+
+def test_nuts_compiles_quickly_on_little_data(monkeypatch):
+    """NUTS on the stack loss data traces its model with JAX's quick-compilation flag on (and leaves it off
+    after); with the quick bound at 0 it does not."""
+    seen = []
+
+    def model(X, y=None):
+        seen.append(bool(jax.config._read("jax_disable_most_optimizations")))
+        return stackloss_model(X, y=y)
+
+    args, kwargs = stackloss_inputs(load_stackloss())
+    assert quick_nuts(args, kwargs, SETTINGS)
+    sample_nuts(model, args, kwargs, KEY, SETTINGS)
+    assert seen and all(seen) and not jax.config._read("jax_disable_most_optimizations")
+    monkeypatch.setenv("NUMPYRO_MPE_QUICK_COMPILE", "0")
+    assert not quick_nuts(args, kwargs, SETTINGS)
+    seen.clear()
+    sample_nuts(model, args, kwargs, KEY, SETTINGS)
+    assert seen and not any(seen)

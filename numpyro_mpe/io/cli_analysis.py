@@ -74,6 +74,9 @@ class Analysis:
         The command's arguments: ``draws``, ``chains``, ``warmup``, ``seed``, ``top`` and ``quiet``.
     nuts : bool
         Run NUTS for the reference posterior; else PSIS-LOO runs on draws from the Laplace q.
+    nuts_process : NutsProcess, optional
+        A second process started earlier, for NUTS to sample in
+        (:class:`~numpyro_mpe.io.nuts_reference.NutsJob`).
 
     Examples
     --------
@@ -91,11 +94,11 @@ class Analysis:
     """
 
     def __init__(self, model, model_args: tuple, model_kwargs: dict, args: argparse.Namespace, *,
-                 nuts: bool) -> None:
+                 nuts: bool, nuts_process=None) -> None:
         import jax
 
         self.model, self.model_args, self.model_kwargs = model, model_args, model_kwargs
-        self.args, self.nuts = args, nuts
+        self.args, self.nuts, self.nuts_process = args, nuts, nuts_process
         self.num_draws = args.draws * args.chains
         # the fit, its sensitivities, NUTS, PSIS-LOO and writing the report
         self.steps = Steps(5 if nuts else 4, args.quiet)
@@ -153,7 +156,9 @@ class Analysis:
         args = self.args
         settings = NutsSettings(args.warmup, args.draws, args.chains, bool(jax.config.jax_enable_x64))
         self.nuts_job = NutsJob(self.model, self.model_args, self.model_kwargs, self.k_nuts, settings,
-                                parallel=not getattr(args, "nuts_in_process", False))
+                                parallel=not getattr(args, "nuts_in_process", False),
+                                process=self.nuts_process)
+        self.nuts_process = None  # the job's now
 
     def checked_labels(self, inputs, var_name: str | None):
         """Start NUTS, then check ``--var-name`` and ``--id-column`` before any fit (stopping NUTS if either

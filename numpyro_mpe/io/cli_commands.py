@@ -7,7 +7,9 @@ Each ``run_<command>(args)`` returns the exit status; a user's mistake raises
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from numpyro_mpe import __version__
@@ -17,6 +19,31 @@ from numpyro_mpe.io.model_file import ModelInputs, user_inputs
 
 #: The title of the demo's report.
 DEMO_TITLE = "MPE sensitivity report: stack loss (demo)"
+
+
+def _nuts_process(args: argparse.Namespace, nuts: bool):
+    """The NUTS reference's second process (:class:`~numpyro_mpe.io.nuts_reference.NutsProcess`), started
+    before this one imports JAX and NumPyro so that it imports them meanwhile; ``None`` when NUTS is off, runs
+    in this process (``--nuts-in-process``) or cannot start."""
+    if not nuts or getattr(args, "nuts_in_process", False):
+        return None
+    from numpyro_mpe.io.nuts_reference import NutsProcess
+
+    try:
+        return NutsProcess()
+    except OSError:  # NutsJob tries again, and samples here if that fails too
+        return None
+
+
+@contextlib.contextmanager
+def _dropped_on_error(process) -> Iterator[None]:
+    """Tell the waiting NUTS process to leave when the command fails before it has its job."""
+    try:
+        yield
+    except BaseException:
+        if process is not None:
+            process.drop()
+        raise
 
 
 def _setup() -> None:
@@ -40,7 +67,7 @@ def _demo_inputs() -> ModelInputs:
 
 
 def run_folder(inputs: ModelInputs, args: argparse.Namespace, *, nuts: bool, var_name: str | None = None,
-               title: str | None = None, meta: dict | None = None) -> int:
+               title: str | None = None, meta: dict | None = None, nuts_process=None) -> int:
     """Fit, compare, write the report folder ``args.out`` and print the summary (``demo`` and ``run``).
 
     Parameters
@@ -55,6 +82,8 @@ def run_folder(inputs: ModelInputs, args: argparse.Namespace, *, nuts: bool, var
         The observed site (``--var-name``).
     title, meta : optional
         Of ``report.html``.
+    nuts_process : NutsProcess, optional
+        The NUTS reference's second process, started earlier (:func:`_nuts_process`).
 
     Returns
     -------
@@ -76,7 +105,7 @@ def run_folder(inputs: ModelInputs, args: argparse.Namespace, *, nuts: bool, var
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out '{out}' exists and is not a directory")
-    an = Analysis(inputs.model, inputs.args, inputs.kwargs, args, nuts=nuts)
+    an = Analysis(inputs.model, inputs.args, inputs.kwargs, args, nuts=nuts, nuts_process=nuts_process)
     labels = an.checked_labels(inputs, var_name)  # NUTS starts; --var-name and --id-column before any fit
     out.mkdir(parents=True, exist_ok=True)
     an.run(export=True)
@@ -111,16 +140,18 @@ def run_demo(args: argparse.Namespace) -> int:
     >>> run_demo(build_parser().parse_args(["demo", "--no-nuts", "--quiet"]))  # doctest: +SKIP
     0
     """
-    _setup()
-    from numpyro_mpe.io.datasets import STACKLOSS_PREDICTORS
+    process = _nuts_process(args, not args.no_nuts)
+    with _dropped_on_error(process):
+        _setup()
+        from numpyro_mpe.io.datasets import STACKLOSS_PREDICTORS
 
-    inputs = _demo_inputs()
-    if not args.quiet:
-        print(f"{PROG} {__version__} demo: stack loss data (N = {len(inputs.table)}), model "
-              f"stack.loss ~ Normal(alpha + z(X) beta, sigma), z = standardized "
-              f"{', '.join(STACKLOSS_PREDICTORS)}", flush=True)
-    return run_folder(inputs, args, nuts=not args.no_nuts, title=DEMO_TITLE,
-                      meta={"command": f"{PROG} demo", "data": inputs.data})
+        inputs = _demo_inputs()
+        if not args.quiet:
+            print(f"{PROG} {__version__} demo: stack loss data (N = {len(inputs.table)}), model "
+                  f"stack.loss ~ Normal(alpha + z(X) beta, sigma), z = standardized "
+                  f"{', '.join(STACKLOSS_PREDICTORS)}", flush=True)
+        return run_folder(inputs, args, nuts=not args.no_nuts, title=DEMO_TITLE,
+                          meta={"command": f"{PROG} demo", "data": inputs.data}, nuts_process=process)
 
 
 def _user_title(args: argparse.Namespace, inputs: ModelInputs) -> str:
@@ -149,14 +180,17 @@ def run_user(args: argparse.Namespace) -> int:
     >>> run_user(args)  # doctest: +SKIP
     0
     """
-    _setup()
-    inputs = user_inputs(args)
-    df = inputs.table
-    if not args.quiet:
-        print(f"{PROG} {__version__} run: {inputs.where} on {args.data} ({len(df)} rows, "
-              f"{df.shape[1]} columns)", flush=True)
-    return run_folder(inputs, args, nuts=args.nuts, var_name=args.var_name, title=_user_title(args, inputs),
-                      meta={"model": inputs.where, "data": inputs.data})
+    process = _nuts_process(args, args.nuts)
+    with _dropped_on_error(process):
+        _setup()
+        inputs = user_inputs(args)
+        df = inputs.table
+        if not args.quiet:
+            print(f"{PROG} {__version__} run: {inputs.where} on {args.data} ({len(df)} rows, "
+                  f"{df.shape[1]} columns)", flush=True)
+        return run_folder(inputs, args, nuts=args.nuts, var_name=args.var_name,
+                          title=_user_title(args, inputs), meta={"model": inputs.where, "data": inputs.data},
+                          nuts_process=process)
 
 
 def _report_inputs(args: argparse.Namespace) -> tuple[ModelInputs, str]:
@@ -192,16 +226,19 @@ def run_report(args: argparse.Namespace) -> int:
     >>> run_report(build_parser().parse_args(["report", "--out", "demo.html", "--no-nuts"]))  # doctest: +SKIP
     0
     """
-    _setup()
     t_start = time.perf_counter()
-    inputs, title = _report_inputs(args)
-    out = Path(args.out)
-    if out.is_dir():
-        out = out / "report.html"
-    if not args.quiet:
-        print(f"{PROG} {__version__} report: {inputs.where} ({len(inputs.table)} rows)", flush=True)
-    an = Analysis(inputs.model, inputs.args, inputs.kwargs, args, nuts=args.nuts)
-    labels = an.checked_labels(inputs, args.var_name)  # NUTS starts; --var-name, --id-column before any fit
+    process = _nuts_process(args, args.nuts)
+    with _dropped_on_error(process):
+        _setup()
+        inputs, title = _report_inputs(args)
+        out = Path(args.out)
+        if out.is_dir():
+            out = out / "report.html"
+        if not args.quiet:
+            print(f"{PROG} {__version__} report: {inputs.where} ({len(inputs.table)} rows)", flush=True)
+        an = Analysis(inputs.model, inputs.args, inputs.kwargs, args, nuts=args.nuts, nuts_process=process)
+        # NUTS starts; --var-name, --id-column before any fit
+        labels = an.checked_labels(inputs, args.var_name)
     an.run()
     with an.steps("writing the report"):
         path = an.write_html(out, labels=labels, title=title,

@@ -6,6 +6,11 @@ pass.  The two are independent, so :class:`NutsJob` starts NUTS in a second Pyth
 and collects its draws after the MPE steps: the commands wait for about the longer of the two instead of
 their sum.  A model that cannot be sent to another process (it does not pickle), or a process that fails to
 start or to sample, samples in this process instead, with the same key and the same draws.
+
+The commands start that process (:class:`NutsProcess`) first thing, before they import JAX and NumPyro
+themselves: it imports them, and ArviZ, while the command loads the data and the model, and then waits for
+its job.  On a model with little data (:func:`quick_nuts`) NUTS compiles its programs with XLA's quick
+settings, in either process alike.
 """
 
 from __future__ import annotations
@@ -31,6 +36,11 @@ logger = logging.getLogger("numpyro_mpe")
 
 #: A file in the job's folder that tells the other process to stop.
 STOP_FILE = "stop"
+#: What this process writes to the other one's standard input once the job is in its folder.
+GO = b"go\n"
+#: NUTS compiles quickly when its data elements × chains × iterations are at most this many times
+#: :func:`numpyro_mpe.programs.quick_bound` (:func:`quick_nuts`).
+QUICK_NUTS_ITERATIONS = 2000
 
 
 class NutsSettings(NamedTuple):
@@ -40,6 +50,30 @@ class NutsSettings(NamedTuple):
     draws: int
     chains: int
     x64: bool = True
+
+
+def quick_nuts(model_args: tuple, model_kwargs: dict, settings: NutsSettings) -> bool:
+    """Whether NUTS compiles its programs with XLA's quick settings
+    (:func:`numpyro_mpe.programs.quick_block`).
+
+    Yes when its data hold few elements for the iterations asked: elements × chains × (warmup + draws) ≤
+    :func:`~numpyro_mpe.programs.quick_bound` × :data:`QUICK_NUTS_ITERATIONS`.  A quick compilation saves
+    about a second on an everyday model, and each gradient then takes about twice as long, which matters only
+    when there are many rows or many iterations.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> quick_nuts((np.zeros((21, 3)),), {"y": np.zeros(21)}, NutsSettings(1000, 1000, 2))
+    True
+    >>> quick_nuts((np.zeros((10**5, 10)),), {}, NutsSettings(1000, 1000, 2))
+    False
+    """
+    from numpyro_mpe.programs import array_elements, quick_bound
+
+    elements = array_elements((model_args, model_kwargs)) or 0
+    work = elements * settings.chains * (settings.warmup + settings.draws)
+    return work <= quick_bound() * QUICK_NUTS_ITERATIONS
 
 
 def sample_nuts(model, model_args: tuple, model_kwargs: dict, rng_key, settings: NutsSettings, *,
@@ -62,7 +96,8 @@ def sample_nuts(model, model_args: tuple, model_kwargs: dict, rng_key, settings:
     Returns
     -------
     arviz.InferenceData
-        ``az.from_numpyro(mcmc, log_likelihood=True)``.
+        ``az.from_numpyro(mcmc, log_likelihood=True)``; its programs compiled quickly where
+        :func:`quick_nuts` says so.
 
     Examples
     --------
@@ -76,12 +111,15 @@ def sample_nuts(model, model_args: tuple, model_kwargs: dict, rng_key, settings:
     import jax.numpy as jnp
     from numpyro.infer import MCMC, NUTS
 
+    from numpyro_mpe.programs import quick_block
+
     mcmc = MCMC(NUTS(model), num_warmup=settings.warmup, num_samples=settings.draws,
                 num_chains=settings.chains, chain_method="vectorized", progress_bar=progress)
-    mcmc.run(jnp.asarray(rng_key), *model_args, **model_kwargs)
-    import arviz as az
+    with quick_block(quick_nuts(model_args, model_kwargs, settings)):
+        mcmc.run(jnp.asarray(rng_key), *model_args, **model_kwargs)
+        import arviz as az
 
-    return az.from_numpyro(mcmc, log_likelihood=True)
+        return az.from_numpyro(mcmc, log_likelihood=True)
 
 
 def _user_module_file(model) -> str | None:
@@ -94,10 +132,26 @@ def _user_module_file(model) -> str | None:
     return getattr(module, "__file__", None) if name.startswith(USER_MODULE_PREFIX) else None
 
 
+def _child(folder: Path) -> None:
+    """The second process (``python -m numpyro_mpe.io.nuts_reference FOLDER``): imports NumPyro and its NUTS
+    (and ArviZ, in a thread), then waits for :data:`GO` on its standard input and samples
+    (:func:`_sample_in_child`); it removes the folder and leaves when the input closes without it."""
+    try:
+        import numpyro  # noqa: F401 - imported while the other process sets up
+        from numpyro.infer import MCMC, NUTS  # noqa: F401
+    except BaseException:  # noqa: BLE001 - reported once the job arrives, by the same imports
+        pass
+    # ArviZ (1-2 s to import) is imported while this process waits and NUTS compiles
+    threading.Thread(target=importlib.import_module, args=("arviz",), daemon=True).start()
+    if sys.stdin.buffer.readline() != GO:  # the other process ended or dropped the job
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    _sample_in_child(folder)
+
+
 def _sample_in_child(folder: Path) -> None:
-    """The second process (``python -m numpyro_mpe.io.nuts_reference FOLDER``): reads ``job.pkl``, sets up
-    the float width, the persistent cache, the parent's import path and the model's file, samples, and writes
-    ``result.pkl``: ``("ok", idata, seconds)`` or ``("error", message)``."""
+    """Reads ``job.pkl``, sets up the float width, the persistent cache, the parent's import path and the
+    model's file, samples, and writes ``result.pkl``: ``("ok", idata, seconds)`` or ``("error", message)``."""
     def stopped() -> bool:  # the command stopped early (NutsJob.cancel): leave, and take the folder along
         if (folder / STOP_FILE).exists():
             shutil.rmtree(folder, ignore_errors=True)
@@ -122,8 +176,6 @@ def _sample_in_child(folder: Path) -> None:
         model, model_args, model_kwargs, key = pickle.loads(head["job"])
         if stopped():
             return
-        # ArviZ (1-2 s to import) is imported while NUTS compiles, which leaves the interpreter free
-        threading.Thread(target=importlib.import_module, args=("arviz",), daemon=True).start()
         t0 = time.perf_counter()
         idata = sample_nuts(model, model_args, model_kwargs, key, settings)
         out = ("ok", idata, time.perf_counter() - t0)
@@ -133,6 +185,52 @@ def _sample_in_child(folder: Path) -> None:
         return
     (folder / "result.tmp").write_bytes(pickle.dumps(out))
     os.replace(folder / "result.tmp", folder / "result.pkl")
+
+
+class NutsProcess:
+    """A second Python process, started ahead of its NUTS job (:class:`NutsJob`).
+
+    It imports NumPyro and ArviZ while this process sets up, then waits: :meth:`send` hands it the job;
+    :meth:`drop`, or the end of this process, closes its input and it leaves.  Its messages go to
+    ``stderr.txt`` in its folder (a pipe nobody reads until the end could fill and stall it).
+
+    Raises
+    ------
+    OSError
+        The process could not start.
+
+    Examples
+    --------
+    >>> process = NutsProcess()  # doctest: +SKIP
+    >>> process.drop()  # doctest: +SKIP
+    """
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="numpyro_mpe_nuts_"))
+        # on a GPU this process has taken its share of the memory already: the other one allocates as it goes
+        env = dict(os.environ)
+        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        try:
+            with open(self.folder / "stderr.txt", "wb") as err:
+                self.proc = subprocess.Popen([sys.executable, "-m", __name__, str(self.folder)],
+                                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err,
+                                             env=env)
+        except OSError:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise
+
+    def send(self, head: dict) -> None:
+        """Write the job to the folder and tell the process to start."""
+        (self.folder / "job.pkl").write_bytes(pickle.dumps(head))
+        try:
+            self.proc.stdin.write(GO)
+        finally:
+            self.proc.stdin.close()
+
+    def drop(self) -> None:
+        """Tell a process that has no job to leave (it removes its folder)."""
+        if not self.proc.stdin.closed:
+            self.proc.stdin.close()
 
 
 class NutsJob:
@@ -152,6 +250,8 @@ class NutsJob:
         Warmup, draws, chains, float64.
     parallel : bool, default True
         ``False``: sample in this process, in :meth:`result`.
+    process : NutsProcess, optional
+        A second process started earlier, to sample in (when ``parallel``); else one starts now.
 
     Examples
     --------
@@ -164,37 +264,37 @@ class NutsJob:
     """
 
     def __init__(self, model, model_args: tuple, model_kwargs: dict, rng_key, settings: NutsSettings, *,
-                 parallel: bool = True) -> None:
+                 parallel: bool = True, process: NutsProcess | None = None) -> None:
         self.model, self.model_args, self.model_kwargs = model, model_args, model_kwargs
         self.rng_key, self.settings = np.asarray(rng_key), settings
         self.where = "this process"
         self.seconds: float | None = None  # sampling time where it ran
         self._proc = self._folder = None
         if parallel:
-            self._start()
+            self._start(process)
+        elif process is not None:
+            process.drop()
 
-    def _start(self) -> None:
+    def _start(self, process: NutsProcess | None) -> None:
         try:
             job = pickle.dumps((self.model, self.model_args, self.model_kwargs, self.rng_key))
         except Exception as err:  # noqa: BLE001 - a closure or a lambda: sample here instead
             logger.debug("NUTS runs in this process: the model does not pickle (%s)", err)
+            if process is not None:
+                process.drop()
             return
         head = {"module_file": _user_module_file(self.model), "settings": self.settings,
                 "sys_path": [p for p in sys.path if p], "job": job}
-        self._folder = Path(tempfile.mkdtemp(prefix="numpyro_mpe_nuts_"))
-        (self._folder / "job.pkl").write_bytes(pickle.dumps(head))
-        # on a GPU this process has taken its share of the memory already: the other one allocates as it goes
-        env = dict(os.environ)
-        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-        try:  # its messages to a file: a pipe nobody reads until the end could fill and stall it
-            with open(self._folder / "stderr.txt", "wb") as err:
-                self._proc = subprocess.Popen([sys.executable, "-m", __name__, str(self._folder)],
-                                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                              stderr=err, env=env)
-            self.where = "a second process"
-        except OSError as err:
+        try:
+            process = process or NutsProcess()
+            process.send(head)
+        except OSError as err:  # it did not start, or it has died
             logger.debug("NUTS runs in this process: %s", err)
-            self._cleanup()
+            if process is not None:
+                shutil.rmtree(process.folder, ignore_errors=True)
+            return
+        self._proc, self._folder = process.proc, process.folder
+        self.where = "a second process"
 
     def _cleanup(self) -> None:
         if self._folder is not None:
@@ -249,7 +349,7 @@ class NutsJob:
     __del__ = cancel
 
 
-__all__ = ["NutsJob", "NutsSettings", "sample_nuts"]
+__all__ = ["NutsJob", "NutsProcess", "NutsSettings", "quick_nuts", "sample_nuts"]
 
 if __name__ == "__main__":
-    _sample_in_child(Path(sys.argv[1]))
+    _child(Path(sys.argv[1]))
