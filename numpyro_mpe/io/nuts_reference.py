@@ -143,7 +143,11 @@ def _child(folder: Path) -> None:
         pass
     # ArviZ (1-2 s to import) is imported while this process waits and NUTS compiles
     threading.Thread(target=importlib.import_module, args=("arviz",), daemon=True).start()
-    if sys.stdin.buffer.readline() != GO:  # the other process ended or dropped the job
+    try:
+        go = sys.stdin.buffer.readline() == GO
+    except BaseException:  # noqa: BLE001 - interrupted (Ctrl-C reaches both processes): no job
+        go = False
+    if not go:  # the other process ended or dropped the job
         shutil.rmtree(folder, ignore_errors=True)
         return
     _sample_in_child(folder)
