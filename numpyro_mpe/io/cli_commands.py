@@ -21,25 +21,22 @@ from numpyro_mpe.io.model_file import ModelInputs, user_inputs
 DEMO_TITLE = "MPE sensitivity report: stack loss (demo)"
 
 
-def _nuts_process(args: argparse.Namespace, nuts: bool):
+@contextlib.contextmanager
+def _nuts_process(args: argparse.Namespace, nuts: bool) -> Iterator:
     """The NUTS reference's second process (:class:`~numpyro_mpe.io.nuts_reference.NutsProcess`), started
     before this one imports JAX and NumPyro so that it imports them meanwhile; ``None`` when NUTS is off, runs
-    in this process (``--nuts-in-process``) or cannot start."""
-    if not nuts or getattr(args, "nuts_in_process", False):
-        return None
-    from numpyro_mpe.io.nuts_reference import NutsProcess
+    in this process (``--nuts-in-process``) or cannot start.  A command that fails in the block, before the
+    process has its job, tells it to leave."""
+    process = None
+    if nuts and not getattr(args, "nuts_in_process", False):
+        from numpyro_mpe.io.nuts_reference import NutsProcess
 
+        try:
+            process = NutsProcess()
+        except OSError:  # NutsJob tries again, and samples here if that fails too
+            pass
     try:
-        return NutsProcess()
-    except OSError:  # NutsJob tries again, and samples here if that fails too
-        return None
-
-
-@contextlib.contextmanager
-def _dropped_on_error(process) -> Iterator[None]:
-    """Tell the waiting NUTS process to leave when the command fails before it has its job."""
-    try:
-        yield
+        yield process
     except BaseException:
         if process is not None:
             process.drop()
@@ -140,8 +137,7 @@ def run_demo(args: argparse.Namespace) -> int:
     >>> run_demo(build_parser().parse_args(["demo", "--no-nuts", "--quiet"]))  # doctest: +SKIP
     0
     """
-    process = _nuts_process(args, not args.no_nuts)
-    with _dropped_on_error(process):
+    with _nuts_process(args, not args.no_nuts) as process:
         _setup()
         from numpyro_mpe.io.datasets import STACKLOSS_PREDICTORS
 
@@ -180,8 +176,7 @@ def run_user(args: argparse.Namespace) -> int:
     >>> run_user(args)  # doctest: +SKIP
     0
     """
-    process = _nuts_process(args, args.nuts)
-    with _dropped_on_error(process):
+    with _nuts_process(args, args.nuts) as process:
         _setup()
         inputs = user_inputs(args)
         df = inputs.table
@@ -227,8 +222,7 @@ def run_report(args: argparse.Namespace) -> int:
     0
     """
     t_start = time.perf_counter()
-    process = _nuts_process(args, args.nuts)
-    with _dropped_on_error(process):
+    with _nuts_process(args, args.nuts) as process:
         _setup()
         inputs, title = _report_inputs(args)
         out = Path(args.out)
