@@ -85,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     from numpyro_mpe.errors import MPEError
+    from numpyro_mpe.programs import add_cpu_xla_flag
+
+    add_cpu_xla_flag()  # NUTS's programs compile faster too, here and in the reference's process (inherited)
 
     try:
         return int(args.func(args) or 0)
