@@ -285,3 +285,59 @@ def test_quick_block_sets_the_flag_for_the_block_only():
     with pytest.raises(RuntimeError, match="inside"), quick_block():
         raise RuntimeError("inside")
     assert not flag()  # restored after an error too
+
+
+# ===================================================================== (vi) XLA's classic CPU emitters
+def test_cpu_programs_take_the_classic_emitters_and_agree_with_jax_jit(monkeypatch):
+    # every program of the package built for the CPU carries CPU_OPTIONS (quick ones QUICK_OPTIONS too); one
+    # called inside another program carries none (JAX refuses options on a nested jit); the outputs equal
+    # those of a plain jax.jit to round-off
+    from numpyro_mpe import programs
+
+    made = []
+    real_jit = jax.jit
+
+    def recording_jit(fn, **kwargs):
+        made.append(kwargs.get("compiler_options"))
+        return real_jit(fn, **kwargs)
+
+    monkeypatch.setattr(jax, "jit", recording_jit)
+
+    def f(x):
+        return jax.nn.logsumexp(jnp.sin(x) * jnp.log1p(x**2)) + jnp.tanh(x).sum()
+
+    prog = programs.jit(f)
+    small, large = jnp.linspace(0.0, 3.0, 7), jnp.linspace(0.0, 3.0, programs.QUICK_MAX_ELEMENTS + 1)
+    outs = {name: prog(x) for name, x in (("small", small), ("large", large))}
+    monkeypatch.setattr(jax, "jit", real_jit)
+    nested = real_jit(lambda x: prog(x))(small)
+    assert jax.default_backend() == "cpu"
+    assert made == [None, programs.CPU_OPTIONS, {**programs.QUICK_OPTIONS, **programs.CPU_OPTIONS}]
+    assert programs.CPU_OPTIONS == {"xla_cpu_use_fusion_emitters": False}
+    for name, x in (("small", small), ("large", large)):
+        np.testing.assert_allclose(outs[name], real_jit(f)(x), rtol=1e-13, err_msg=name)
+    np.testing.assert_allclose(nested, outs["small"], rtol=1e-13)
+
+
+XLA_FLAG_SCRIPT = textwrap.dedent("""
+    import json
+    from numpyro_mpe.programs import CPU_XLA_FLAG, add_cpu_xla_flag
+    before, kept, after = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, {}, {}
+    added = add_cpu_xla_flag(before)
+    import jax
+    jax.numpy.zeros(1).block_until_ready()  # the backend has read XLA_FLAGS: too late to add
+    late = add_cpu_xla_flag(after)
+    print("RESULT" + json.dumps([added, before, late, after, CPU_XLA_FLAG]))
+""")
+
+
+@pytest.mark.slow  # a subprocess
+def test_cpu_flag_added_before_the_backend_starts_only():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, "-c", XLA_FLAG_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    added, before, late, after, flag = json.loads(
+        [s for s in proc.stdout.splitlines() if s.startswith("RESULT")][-1][len("RESULT"):])
+    assert added and before["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {flag}"
+    assert not late and after == {}
