@@ -24,6 +24,8 @@ slower, which a program on so little data does not notice.  Larger arguments get
 ``NUMPYRO_MPE_QUICK_COMPILE`` moves the bound (``0``: always optimise).  On the CPU every program of the
 package, quick or optimised, is also compiled with XLA's classic loop emitters instead of its MLIR fusion
 emitters (:data:`CPU_OPTIONS`): a third less compile time, the same results and about the same run time.
+XLA versions without those emitters' switch (jaxlib 0.12 has none) compile with their defaults
+(:func:`cpu_options`).
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ CPU_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 #: :data:`CPU_OPTIONS` as an ``XLA_FLAGS`` entry, for the programs the package does not compile itself
 #: (NumPyro's NUTS for the commands' reference, JAX's single operations): :func:`add_cpu_xla_flag`.
 CPU_XLA_FLAG = "--xla_cpu_use_fusion_emitters=false"
+#: The jaxlib releases (major, minor) whose XLA is known to take :data:`CPU_XLA_FLAG`: XLA aborts the
+#: process on a flag it does not know (jaxlib 0.12 no longer has it), and ``XLA_FLAGS`` must be set before
+#: JAX starts its backend, so it cannot be tried first.
+CPU_XLA_FLAG_JAXLIB = ((0, 10),)
 #: Environment variable naming the persistent cache folder (``off`` disables it).
 CACHE_ENV = "NUMPYRO_MPE_CACHE_DIR"
 #: Programs that take less than this to compile are not written to the persistent cache.
@@ -220,10 +226,42 @@ def quick_block(on: bool = True) -> Iterator[None]:
         jax.config.update("jax_disable_most_optimizations", before)
 
 
+_cpu_options: dict | None = None
+
+
+def cpu_options() -> dict:
+    """:data:`CPU_OPTIONS` where JAX's default backend is the CPU and its XLA takes them, else ``{}``.
+
+    Whether XLA takes them is tried once per process, on a program of one addition: XLA refuses an option it
+    does not know (jaxlib 0.12: ``No such compile option``).
+
+    Examples
+    --------
+    >>> from numpyro_mpe.programs import CPU_OPTIONS, cpu_options
+    >>> cpu_options() in (CPU_OPTIONS, {})
+    True
+    """
+    global _cpu_options
+    if _cpu_options is None:
+        import jax
+        import numpy as np
+
+        options = {}
+        if jax.default_backend() == "cpu":
+            try:
+                jax.jit(lambda x: x + 1, compiler_options=CPU_OPTIONS)(np.float32(0)).block_until_ready()
+                options = dict(CPU_OPTIONS)
+            except Exception as exc:  # XLA's error for an unknown option is a runtime error of jaxlib's own
+                logger.debug("XLA does not take %s (%s): compiling with its defaults", CPU_OPTIONS, exc)
+        _cpu_options = options
+    return _cpu_options
+
+
 def add_cpu_xla_flag(environ: dict | None = None) -> bool:
     """Add :data:`CPU_XLA_FLAG` to ``XLA_FLAGS`` in ``environ`` (default ``os.environ``) unless it names the
-    fusion emitters already, or JAX has started its backend in this process (it reads ``XLA_FLAGS`` then, so
-    that programs compiled before and after would differ).  For applications (the ``numpyro-mpe``
+    fusion emitters already, the installed jaxlib is not one of :data:`CPU_XLA_FLAG_JAXLIB`, or JAX has
+    started its backend in this process (it reads ``XLA_FLAGS`` then, so that programs compiled before and
+    after would differ).  For applications (the ``numpyro-mpe``
     commands, the test suite), not for the library, which leaves the process's settings alone.
 
     Returns
@@ -238,11 +276,18 @@ def add_cpu_xla_flag(environ: dict | None = None) -> bool:
     False
     """
     import sys
+    from importlib.metadata import PackageNotFoundError, version
 
     env = os.environ if environ is None else environ
     flags = env.get("XLA_FLAGS", "")
     if "xla_cpu_use_fusion_emitters" in flags:
         return CPU_XLA_FLAG in flags.split()
+    try:
+        release = tuple(int(part) for part in version("jaxlib").split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return False
+    if release not in CPU_XLA_FLAG_JAXLIB:
+        return False
     if "jax" in sys.modules:
         try:
             from jax._src import xla_bridge
@@ -300,7 +345,7 @@ class SizedJit:
                     import jax
 
                     plain = jax.jit(self._fn, **self._jit_kwargs)
-                    cpu = CPU_OPTIONS if jax.default_backend() == "cpu" else {}
+                    cpu = cpu_options()
                     optimized = jax.jit(self._fn, compiler_options=cpu, **self._jit_kwargs) if cpu else plain
                     quick = (jax.jit(self._fn, compiler_options={**QUICK_OPTIONS, **cpu}, **self._jit_kwargs)
                              if self._has_quick else optimized)

@@ -294,6 +294,7 @@ def test_cpu_programs_take_the_classic_emitters_and_agree_with_jax_jit(monkeypat
     # those of a plain jax.jit to round-off
     from numpyro_mpe import programs
 
+    assert programs.cpu_options() == programs.CPU_OPTIONS  # jaxlib 0.10 on the CPU takes them
     made = []
     real_jit = jax.jit
 
@@ -317,6 +318,19 @@ def test_cpu_programs_take_the_classic_emitters_and_agree_with_jax_jit(monkeypat
     for name, x in (("small", small), ("large", large)):
         np.testing.assert_allclose(outs[name], real_jit(f)(x), rtol=1e-13, err_msg=name)
     np.testing.assert_allclose(nested, outs["small"], rtol=1e-13)
+
+
+def test_an_option_xla_does_not_know_leaves_programs_with_xla_defaults(monkeypatch):
+    # jaxlib 0.12 refuses xla_cpu_use_fusion_emitters ("No such compile option"): the programs must still
+    # compile and run, with no option of ours
+    from numpyro_mpe import programs
+
+    monkeypatch.setattr(programs, "CPU_OPTIONS", {"xla_cpu_no_such_option_here": False})
+    monkeypatch.setattr(programs, "_cpu_options", None)
+    assert programs.cpu_options() == {}
+    prog = programs.jit(lambda x: 2.0 * x)
+    assert float(prog(jnp.ones(3)).sum()) == 6.0
+    assert float(prog(jnp.ones(programs.QUICK_MAX_ELEMENTS + 1))[0]) == 2.0
 
 
 XLA_FLAG_SCRIPT = textwrap.dedent("""
