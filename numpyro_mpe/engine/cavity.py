@@ -9,7 +9,8 @@ With q = N(m, S⁻¹), S = L Lᵀ, and the memory (ĝ_i, Ĥ_i) of observation i 
   ``prediction_shift`` Δη_i = B_i u_i.
 
 :func:`cavity_one` does this in the P dimensions of θ (dense memories); :func:`cavity_k` in the K dimensions
-of the predictor when Ĥ_i = J_iᵀΛ_iJ_i (Woodbury), with no P×P work.  Both are written for one observation
+of the predictor when Ĥ_i = J_iᵀΛ_iJ_i (Woodbury), with no P×P work; :func:`cavity_support` in the r ≪ P
+coordinates a dense memory touches (:func:`row_support`).  They are written for one observation
 and mapped over rows; their small eigendecompositions go through :mod:`numpyro_mpe.engine.rowlinalg`, which
 forms no batched LAPACK call.
 """
@@ -102,3 +103,67 @@ def cavity_k(e, lam, b_w=None, v=None):
     if b_w is not None:
         out["u"] = jnp.where(valid, b_w.T @ w, nan)
     return out
+
+
+def cavity_support(g_s, h_s, b_s, b_w):
+    """:func:`cavity_one` for a memory that lives on r of the P coordinates of θ (``g_s``, ``h_s``: its
+    gradient and Hessian there), in r dimensions.
+
+    With E the P×r selection of those coordinates, ĝ = E g_s and Ĥ = E H_s Eᵀ, so g̃ = Bᵀg_s and
+    Ã = BᵀH_sB with B = (L⁻¹E)ᵀ (``b_s``, r×P).  With V = B Bᵀ = R Rᵀ (Cholesky) and RᵀH_sR = Q diag(τ) Qᵀ:
+    the nonzero eigenvalues of Ã are τ (the other P − r are zero, so ``leverage`` = max(τ, 0)),
+    log det(I − Ã) = Σ log(1 − τ), (I − H_sV)⁻¹ = I + H_sRM⁻¹Rᵀ (M = I − RᵀH_sR), u = Bᵀ(I − H_sV)⁻¹g_s and
+    B_w(I − Ã)⁻¹B_wᵀ = B_wB_wᵀ + C(H_s + H_sRM⁻¹RᵀH_s)Cᵀ with C = B_wBᵀ (the predictor's ``b_w``, K×P).
+    Coordinates the memory does not touch may be among the r (zero rows of ``h_s`` and ``g_s``).
+
+    Returns the outputs of :func:`cavity_one`.
+    """
+    r = rowlinalg.cholesky(b_s @ b_s.T)
+    m = r.T @ h_s @ r
+    tau, q = rowlinalg.eigh(0.5 * (m + m.T))
+    leverage = jnp.maximum(tau[-1], 0.0)
+    valid = leverage < 1.0
+    inv = jnp.where(valid, 1.0 / jnp.where(valid, 1.0 - tau, 1.0), jnp.nan)
+    hrq = h_s @ (r @ q)  # H_s R Q
+    w = g_s + hrq @ (inv * ((r @ q).T @ g_s))  # (I − H_sV)⁻¹ g_s
+    u = b_s.T @ w
+    c = b_w @ b_s.T
+    v = b_w @ b_w.T
+    v_cav = v + c @ (h_s + (hrq * inv) @ hrq.T) @ c.T
+    return {
+        "leverage": leverage,
+        "valid": valid,
+        "u": u,
+        "sensitivity": jnp.linalg.norm(u),
+        "dEta": b_w @ u,
+        "v": v,
+        "v_cav": 0.5 * (v_cav + v_cav.T),
+        "logdet": jnp.where(valid, jnp.sum(jnp.log1p(-jnp.where(valid, tau, 0.0))), jnp.nan),
+    }
+
+
+def row_support(grad, hess, *, block: int = 4096):
+    """The coordinates each row's memory touches, as ``(N, r)`` indices (those it touches first, then
+    untouched ones to fill r = the most any row touches), or ``None`` where r > P / 2 (then
+    :func:`cavity_one`'s P-dimensional work is no dearer).  Host work, over blocks of rows.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> h = np.zeros((2, 4, 4)); h[0, 1, 1] = h[1, 3, 0] = h[1, 0, 3] = 1.0
+    >>> row_support(np.zeros((2, 4)), h).tolist()
+    [[1, 0], [0, 3]]
+    """
+    import numpy as np
+
+    grad, hess = np.asarray(grad), np.asarray(hess)
+    n, p = grad.shape
+    touched = np.empty((n, p), bool)
+    for start in range(0, n, block):
+        part = hess[start:start + block] != 0
+        touched[start:start + block] = part.any(axis=2) | part.any(axis=1) | (grad[start:start + block] != 0)
+    r = int(touched.sum(axis=1).max(initial=0))
+    if 2 * max(r, 1) > p:
+        return None
+    return np.argsort(~touched, axis=1, kind="stable")[:, :max(r, 1)].astype(np.int32)
+

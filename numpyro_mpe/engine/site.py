@@ -39,7 +39,7 @@ except ImportError:  # jax < 0.7
     from jax.experimental.shard_map import shard_map
 
 from numpyro_mpe.derivatives import value_grad_hessian
-from numpyro_mpe.engine.cavity import cavity_k, cavity_one
+from numpyro_mpe.engine.cavity import cavity_k, cavity_one, cavity_support, row_support
 from numpyro_mpe.engine.layout import Layout, run_chunks
 from numpyro_mpe.engine.predictive import FUNCTIONALS, PredictiveSpec, rows_functionals
 from numpyro_mpe.engine.quadrature import (
@@ -292,9 +292,10 @@ def predictor_chunk(adapter: ModelAdapter, rows: SiteRows, data: dict, post, mc_
 def memory_chunk(adapter: ModelAdapter, data: dict, post, mc_key, *, name: str, active: tuple | None,
                  dense: bool, opts: PassOptions, mesh):
     """Every output of one chunk of rows with held memories: ``data`` holds ``g`` ``(c, P)`` and ``h``
-    ``(c, P, P)`` (``dense``) or ``e`` ``(c, K)`` and ``lam`` ``(c, K, K)`` (factored through the predictor,
-    Ĥ_i = J_iᵀΛ_iJ_i), and where the site has a predictor (``active`` not None) its state ``eta``, ``jac``,
-    ``aux``, ``y``, ``w`` at the mean."""
+    ``(c, P, P)`` (``dense``; with ``idx`` ``(c, r)``, the coordinates each row touches, the cavity is
+    solved in those r, :func:`~numpyro_mpe.engine.cavity.cavity_support`) or ``e`` ``(c, K)`` and ``lam``
+    ``(c, K, K)`` (factored through the predictor, Ĥ_i = J_iᵀΛ_iJ_i), and where the site has a predictor
+    (``active`` not None) its state ``eta``, ``jac``, ``aux``, ``y``, ``w`` at the mean."""
     p = post.mean.shape[0]
     dtype = post.mean.dtype
     linv = post.whiten(jnp.eye(p, dtype=dtype))  # L⁻¹
@@ -303,13 +304,17 @@ def memory_chunk(adapter: ModelAdapter, data: dict, post, mc_key, *, name: str, 
     b_w = data["jac"] @ linv.T if has_pred else jnp.zeros((c, 0, p), dtype)  # B_i = J_i L⁻ᵀ
 
     def one(row, b):
+        if dense and "idx" in row:
+            idx = row["idx"]
+            return cavity_support(row["g"][idx], row["h"][idx][:, idx], linv[:, idx].T, b)
         if dense:
             return cavity_one(linv @ row["g"], linv @ row["h"] @ linv.T, b)
         out = cavity_k(row["e"], row["lam"], b)
         out["logdet"] = jnp.zeros((), dtype)  # only used by the θ-space integrals
         return out
 
-    out = jax.vmap(one)({k: data[k] for k in (("g", "h") if dense else ("e", "lam"))}, b_w)
+    mapped = ("g", "h", "idx") if dense else ("e", "lam")
+    out = jax.vmap(one)({k: data[k] for k in mapped if k in data}, b_w)
     res = {"leverage": out["leverage"], "valid": out["valid"],
            "sensitivity": jnp.where(out["valid"], out["sensitivity"], jnp.nan),
            "u": out["u"], "logdet": out["logdet"]}
@@ -365,6 +370,9 @@ def memory_pass(adapter: ModelAdapter, post, name: str, memories, pred, opts: Pa
     dense = not memories.factored
     arrays = {"g": memories.grad, "h": memories.dense} if dense else {"e": memories.resid, "lam":
     memories.lam}
+    support = row_support(memories.grad, memories.dense) if dense else None
+    if support is not None:  # each row's memory touches few coordinates: its cavity in those
+        arrays["idx"] = support
     if pred is not None:
         arrays.update(eta=pred.eta, jac=pred.jac, aux=pred.aux, y=pred.y, w=pred.weights)
     lay = Layout.build(n, chunk_size, jax.devices()[:1])
