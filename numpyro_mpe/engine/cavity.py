@@ -46,10 +46,21 @@ def cavity_one(g_w, a_w, b_w):
     """
     lam, q = rowlinalg.eigh(a_w)
     leverage = lam[-1]
-    valid = leverage < 1.0
-    inv = jnp.where(valid, 1.0 / jnp.where(valid, 1.0 - lam, 1.0), jnp.nan)
+    valid, inv = _inverse_spectrum(lam, leverage)
     u = q @ (inv * (q.T @ g_w))
     bq = b_w @ q
+    return _theta_outputs(leverage, valid, lam, u, b_w, (bq * inv) @ bq.T)
+
+
+def _inverse_spectrum(eigenvalues, leverage):
+    """``valid`` (leverage < 1) and 1 / (1 − λ) for the eigenvalues λ of Ã (NaN where not valid)."""
+    valid = leverage < 1.0
+    return valid, jnp.where(valid, 1.0 / jnp.where(valid, 1.0 - eigenvalues, 1.0), jnp.nan)
+
+
+def _theta_outputs(leverage, valid, eigenvalues, u, b_w, v_cav):
+    """The outputs of a cavity solved in θ's coordinates from its shift ``u`` = (I − Ã)⁻¹g̃ and the nonzero
+    eigenvalues of Ã (log det(I − Ã) = Σ log(1 − λ))."""
     return {
         "leverage": leverage,
         "valid": valid,
@@ -57,8 +68,8 @@ def cavity_one(g_w, a_w, b_w):
         "sensitivity": jnp.linalg.norm(u),
         "dEta": b_w @ u,
         "v": b_w @ b_w.T,
-        "v_cav": (bq * inv) @ bq.T,
-        "logdet": jnp.where(valid, jnp.sum(jnp.log1p(-jnp.where(valid, lam, 0.0))), jnp.nan),
+        "v_cav": v_cav,
+        "logdet": jnp.where(valid, jnp.sum(jnp.log1p(-jnp.where(valid, eigenvalues, 0.0))), jnp.nan),
     }
 
 
@@ -122,24 +133,12 @@ def cavity_support(g_s, h_s, b_s, b_w):
     m = r.T @ h_s @ r
     tau, q = rowlinalg.eigh(0.5 * (m + m.T))
     leverage = jnp.maximum(tau[-1], 0.0)
-    valid = leverage < 1.0
-    inv = jnp.where(valid, 1.0 / jnp.where(valid, 1.0 - tau, 1.0), jnp.nan)
+    valid, inv = _inverse_spectrum(tau, leverage)
     hrq = h_s @ (r @ q)  # H_s R Q
     w = g_s + hrq @ (inv * ((r @ q).T @ g_s))  # (I − H_sV)⁻¹ g_s
-    u = b_s.T @ w
     c = b_w @ b_s.T
-    v = b_w @ b_w.T
-    v_cav = v + c @ (h_s + (hrq * inv) @ hrq.T) @ c.T
-    return {
-        "leverage": leverage,
-        "valid": valid,
-        "u": u,
-        "sensitivity": jnp.linalg.norm(u),
-        "dEta": b_w @ u,
-        "v": v,
-        "v_cav": 0.5 * (v_cav + v_cav.T),
-        "logdet": jnp.where(valid, jnp.sum(jnp.log1p(-jnp.where(valid, tau, 0.0))), jnp.nan),
-    }
+    v_cav = b_w @ b_w.T + c @ (h_s + (hrq * inv) @ hrq.T) @ c.T
+    return _theta_outputs(leverage, valid, tau, b_s.T @ w, b_w, 0.5 * (v_cav + v_cav.T))
 
 
 def row_support(grad, hess, *, block: int = 4096):
