@@ -261,8 +261,8 @@ def add_cpu_xla_flag(environ: dict | None = None) -> bool:
     """Add :data:`CPU_XLA_FLAG` to ``XLA_FLAGS`` in ``environ`` (default ``os.environ``) unless it names the
     fusion emitters already, the installed jaxlib is not one of :data:`CPU_XLA_FLAG_JAXLIB`, or JAX has
     started its backend in this process (it reads ``XLA_FLAGS`` then, so that programs compiled before and
-    after would differ).  For applications (the ``numpyro-mpe``
-    commands, the test suite), not for the library, which leaves the process's settings alone.
+    after would differ).  For applications (the ``numpyro-mpe`` commands, the test suite), not for the
+    library, which leaves the process's settings alone.
 
     Returns
     -------
