@@ -137,3 +137,16 @@ def test_bad_arguments_exit_nonzero(argv, message, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "usage: numpyro-mpe" in err and message in err
+
+
+def test_command_adds_the_cpu_xla_flag_before_it_runs(monkeypatch):
+    # the command asks for XLA's classic CPU emitters (numpyro_mpe.programs.add_cpu_xla_flag) before its
+    # subcommand starts anything, so that the NUTS reference's process inherits the flag
+    from numpyro_mpe import programs
+    from numpyro_mpe.io import cli
+
+    calls = []
+    monkeypatch.setattr(programs, "add_cpu_xla_flag", lambda: calls.append("flag") or True)
+    monkeypatch.setitem(cli.COMMANDS, "demo", lambda args: calls.append("demo") or 0)
+    assert main(["demo", "--no-nuts", "--quiet"]) == 0
+    assert calls == ["flag", "demo"]
