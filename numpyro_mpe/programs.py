@@ -54,7 +54,7 @@ QUICK_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensiv
 CPU_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 #: :data:`CPU_OPTIONS` as an ``XLA_FLAGS`` entry, for the programs the package does not compile itself
 #: (NumPyro's NUTS for the commands' reference, JAX's single operations): :func:`add_cpu_xla_flag`.
-CPU_XLA_FLAG = "--xla_cpu_use_fusion_emitters=false"
+CPU_XLA_FLAG = " ".join(f"--{name}={str(value).lower()}" for name, value in CPU_OPTIONS.items())
 #: The jaxlib releases (major, minor) whose XLA is known to take :data:`CPU_XLA_FLAG`: XLA aborts the
 #: process on a flag it does not know (jaxlib 0.12 no longer has it), and ``XLA_FLAGS`` must be set before
 #: JAX starts its backend, so it cannot be tried first.
@@ -280,7 +280,7 @@ def add_cpu_xla_flag(environ: dict | None = None) -> bool:
 
     env = os.environ if environ is None else environ
     flags = env.get("XLA_FLAGS", "")
-    if "xla_cpu_use_fusion_emitters" in flags:
+    if any(name in flags for name in CPU_OPTIONS):
         return CPU_XLA_FLAG in flags.split()
     try:
         release = tuple(int(part) for part in version("jaxlib").split(".")[:2])

@@ -336,7 +336,7 @@ def test_an_option_xla_does_not_know_leaves_programs_with_xla_defaults(monkeypat
 XLA_FLAG_SCRIPT = textwrap.dedent("""
     import json
     from numpyro_mpe.programs import CPU_XLA_FLAG, add_cpu_xla_flag
-    before, kept, after = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, {}, {}
+    before, after = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, {}
     added = add_cpu_xla_flag(before)
     import jax
     jax.numpy.zeros(1).block_until_ready()  # the backend has read XLA_FLAGS: too late to add

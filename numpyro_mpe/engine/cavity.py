@@ -134,8 +134,9 @@ def cavity_support(g_s, h_s, b_s, b_w):
     tau, q = rowlinalg.eigh(0.5 * (m + m.T))
     leverage = jnp.maximum(tau[-1], 0.0)
     valid, inv = _inverse_spectrum(tau, leverage)
-    hrq = h_s @ (r @ q)  # H_s R Q
-    w = g_s + hrq @ (inv * ((r @ q).T @ g_s))  # (I − H_sV)⁻¹ g_s
+    rq = r @ q
+    hrq = h_s @ rq
+    w = g_s + hrq @ (inv * (rq.T @ g_s))  # (I − H_sV)⁻¹ g_s
     c = b_w @ b_s.T
     v_cav = b_w @ b_w.T + c @ (h_s + (hrq * inv) @ hrq.T) @ c.T
     return _theta_outputs(leverage, valid, tau, b_s.T @ w, b_w, 0.5 * (v_cav + v_cav.T))
