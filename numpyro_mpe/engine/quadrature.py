@@ -168,12 +168,15 @@ def expected_log_lik_block(log_lik_fn, mean, cov, eta_all, active, y, aux, weigh
     points = jnp.asarray([round(r.nodes.shape[0] ** (1.0 / k)) for r in rules])
 
     def rows(rule):  # in batches of ≤ NODE_BATCH row-nodes: the temporaries of an unused branch still cost
-        def one(args):
-            return expected_log_lik_one(log_lik_fn, rule, *args[:2], args[2], active, *args[3:])
+        def one(args):  # every integral of one row: one loop, one compiled body
+            m, c, rest = args[0], args[1], args[2:]
+            return jax.vmap(lambda mj, cj: expected_log_lik_one(log_lik_fn, rule, mj, cj, rest[0], active,
+                                                                *rest[1:]))(m, c)
 
-        batch = _batch_size(means[0].shape[0], NODE_BATCH // rule.nodes.shape[0])
-        return tuple(jax.lax.map(one, (m, c, eta_all, y, aux, weight), batch_size=batch)
-                     for m, c in zip(means, covs))
+        batch = _batch_size(means[0].shape[0], NODE_BATCH // (rule.nodes.shape[0] * len(means)))
+        vals = jax.lax.map(one, (jnp.stack(means, 1), jnp.stack(covs, 1), eta_all, y, aux, weight),
+                           batch_size=batch)
+        return tuple(vals[:, j] for j in range(len(means)))
 
     def result(vals, pts):
         return (vals if several else vals[0]), pts
