@@ -11,9 +11,14 @@ in q's whitened coordinates w (θ = m + L⁻ᵀw; g₀ = t_df(0, c² I)): each n
 bisection so that the effective sample size of the incremental weights is ``ess_frac`` of the particles,
 the particles are resampled (systematic) and moved by preconditioned MALA steps whose preconditioner is the
 particles' covariance and whose step size adapts to the acceptance rate (Chopin & Papaspiliopoulos 2020,
-ch. 17; Del Moral, Doucet & Jasra 2006).  The product of the mean incremental weights estimates the
-normalizing constant.  Its cost is num_particles × num_mcmc × stages gradient evaluations of the potential:
-meant for the small and medium models where q can fail (hundreds of parameters, thousands of rows).
+ch. 17; Del Moral, Doucet & Jasra 2006).  The moves of a stage come in blocks of :data:`MOVE_BLOCK` steps and
+stop once the particles' mean squared jump from the stage's start, d = mean_s ‖C⁻¹(w_s − w_s⁰)‖² (C the
+preconditioner's Cholesky factor), shows that they have forgotten their resampled copies: d ≥ 2P(1 − ρ_max),
+a mean correlation with the start of at most ρ_max (:data:`MAX_CORRELATION`), or d grows by less than
+:data:`JUMP_GROWTH` over a block (the adaptive rule of Chopin & Papaspiliopoulos 2020, ch. 17).  The product
+of the mean incremental weights estimates the normalizing constant.  Its cost is at most num_particles ×
+num_mcmc × stages gradient evaluations of the potential: meant for the small and medium models where q can
+fail (hundreds of parameters, thousands of rows).
 """
 
 from __future__ import annotations
@@ -30,15 +35,24 @@ from tqdm.auto import tqdm
 from numpyro_mpe.gaussian import base_draws, base_logpdf, host_generator
 from numpyro_mpe.programs import jit
 
+#: MALA steps per block of a stage's moves (one compiled program for every stage).
+MOVE_BLOCK = 5
+#: A stage's moves stop when a block grows the mean squared jump from the stage's start by less than this.
+JUMP_GROWTH = 0.1
+#: ... or when the particles' mean correlation with their start is at most this (intermediate stages, last
+#: stage): E‖C⁻¹(w − w⁰)‖² = 2P(1 − ρ) for draws w⁰, w of the stage's target with correlation ρ.
+MAX_CORRELATION = (0.2, 0.1)
+
 
 class SMCResult(NamedTuple):
     """Equally weighted particles θ (M, P) from the posterior, log Z(posterior)/Z(g₀) (up to g₀'s constant),
-    the number of tempering stages and the mean MALA acceptance of each stage."""
+    the number of tempering stages, and the mean MALA acceptance and the MALA steps of each stage."""
 
     theta: np.ndarray
     log_z: float
     stages: int
     acceptance: list
+    steps: list
 
 
 @partial(jit, static_argnames=("inflate",))
@@ -90,6 +104,31 @@ def _mala(adapter, post, key, w, b, chol, eps, *, steps, df, inflate):
     return jax.vmap(chain)(jax.random.split(key, w.shape[0]), w)
 
 
+def _moves(adapter, post, key, w, b, chol, eps, *, most, df, inflate):
+    """Blocks of :data:`MOVE_BLOCK` MALA steps under π_b until the mean squared jump from the start, in the
+    preconditioner's metric, reaches 2P(1 − ρ_max) (:data:`MAX_CORRELATION`) or grows by less than
+    :data:`JUMP_GROWTH` over a block, or ``most`` steps.  Returns the particles, the mean acceptance and the
+    steps taken."""
+    dtype = post.mean.dtype
+    enough = 2.0 * w.shape[-1] * (1.0 - MAX_CORRELATION[1 if b >= 1.0 else 0])
+    start = np.asarray(w)
+    x = jnp.asarray(w, dtype)
+    b, eps = jnp.asarray(b, dtype), jnp.asarray(eps, dtype)
+    chol_np = np.asarray(chol)
+    jump, taken, accepted = 0.0, 0, 0.0
+    while taken < max(most, 1):
+        block = min(MOVE_BLOCK, max(most, 1) - taken)
+        key, k = jax.random.split(key)
+        x, acc = _mala(adapter, post, k, x, b, chol, eps, steps=block, df=df, inflate=inflate)
+        taken += block
+        accepted += block * float(np.mean(np.asarray(acc)))
+        z = np.linalg.solve(chol_np, (np.asarray(x) - start).T)  # C⁻¹(w − w⁰) per particle, (P, M)
+        before, jump = jump, float(np.mean(np.sum(z * z, axis=0)))
+        if jump >= enough or 0.0 < jump <= (1.0 + JUMP_GROWTH) * before:  # not moved at all: keep trying
+            break
+    return np.asarray(x), accepted / taken, taken
+
+
 def tempered_smc(adapter, posterior, rng_key, *, num_particles: int = 4000, num_mcmc: int = 20,
                  final_mcmc: int = 40, ess_frac: float = 0.5, df: float = 5.0, inflate: float = 2.0,
                  max_stages: int = 200, progress: bool = False) -> SMCResult:
@@ -103,7 +142,8 @@ def tempered_smc(adapter, posterior, rng_key, *, num_particles: int = 4000, num_
         q = N(m, S⁻¹): the reference is t_df(m, inflate² S⁻¹).
     rng_key : jax.random.PRNGKey
     num_particles, num_mcmc, final_mcmc : int
-        Particles; MALA moves per stage, and at the last stage (b = 1).
+        Particles; the most MALA moves per stage, and at the last stage (b = 1): fewer when the particles'
+        mean squared jump stops growing (module docstring), at least one block of :data:`MOVE_BLOCK`.
     ess_frac : float
         Effective sample size kept at each stage, as a fraction of the particles.
     df, inflate : float
@@ -117,7 +157,7 @@ def tempered_smc(adapter, posterior, rng_key, *, num_particles: int = 4000, num_
     Returns
     -------
     SMCResult
-        The particles at b = 1, log Z, the stages and their acceptance rates.
+        The particles at b = 1, log Z, the stages, their acceptance rates and MALA steps.
 
     Examples
     --------
@@ -131,7 +171,7 @@ def tempered_smc(adapter, posterior, rng_key, *, num_particles: int = 4000, num_
     dtype = posterior.mean.dtype
     k0, key = jax.random.split(rng_key)
     w = base_draws(k0, num_particles, p, float(df), dtype)
-    b, log_z, stages, acceptance = 0.0, 0.0, 0, []
+    b, log_z, stages, acceptance, steps = 0.0, 0.0, 0, [], []
     eps = float(p ** (-1.0 / 6.0))
     kw = {"df": float(df), "inflate": float(inflate)}
     bar = tqdm(total=1.0, desc="SMC to the posterior", disable=not progress, leave=False,
@@ -166,16 +206,15 @@ def tempered_smc(adapter, posterior, rng_key, *, num_particles: int = 4000, num_
         b = nb
         cov = np.cov(w.T).reshape(p, p) + 1e-9 * np.eye(p)
         chol = jnp.asarray(np.linalg.cholesky(cov), dtype)
-        steps = final_mcmc if b >= 1.0 and final_mcmc else num_mcmc
-        w, acc = _mala(adapter, posterior, k_move, jnp.asarray(w, dtype), jnp.asarray(b, dtype), chol,
-                       jnp.asarray(eps, dtype), steps=int(steps), **kw)
-        a = float(np.mean(np.asarray(acc)))
+        most = final_mcmc if b >= 1.0 and final_mcmc else num_mcmc
+        w, a, taken = _moves(adapter, posterior, k_move, w, b, chol, eps, most=int(most), **kw)
         acceptance.append(a)
+        steps.append(taken)
         eps = eps * 0.6 if a < 0.4 else (eps * 1.4 if a > 0.75 else eps)
         stages += 1
     bar.close()
     theta = _to_theta(posterior, jnp.asarray(w, dtype), inflate=float(inflate))
-    return SMCResult(np.asarray(theta), log_z, stages, acceptance)
+    return SMCResult(np.asarray(theta), log_z, stages, acceptance, steps)
 
 
 __all__ = ["SMCResult", "tempered_smc"]

@@ -116,7 +116,8 @@ def auto_loo(fit: Fit, var_name: str | None = None, *, num_samples: int = NUM_SA
         ``method`` (``mpe``, ``global-is``, ``mixture-is``, ``moment-matched-is``, ``smc-psis``,
         ``nuts-refit``), ``flagged`` (True where the estimate is unreliable) and ``leverage``; ``attrs``:
         ``global_k``, ``global_k_gaussian``, ``branch`` ("global-is", "smc" or "closed-form"),
-        ``refit`` (flat indices refit by NUTS), ``seconds``.
+        ``refit`` (flat indices refit by NUTS), ``seconds``; after SMC ``smc_stages``, ``smc_particles`` and
+        ``smc_moves`` (MALA steps over all stages).
 
     Raises
     ------
@@ -202,7 +203,8 @@ def auto_loo(fit: Fit, var_name: str | None = None, *, num_samples: int = NUM_SA
             ll = log_lik_on_draws(fit, jax.numpy.asarray(smc.theta), name)
             elpd[:], mcse[:], khat[:], _ = _psis_loo(np.zeros(smc.theta.shape[0]), np.asarray(ll))
             method[:] = "smc-psis"
-            attrs.update(smc_stages=smc.stages, smc_particles=int(smc.theta.shape[0]))
+            attrs.update(smc_stages=smc.stages, smc_particles=int(smc.theta.shape[0]),
+                         smc_moves=int(sum(smc.steps)))
         attrs["branch"] = branch
     else:
         p_loo = lpd - elpd
