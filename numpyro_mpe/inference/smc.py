@@ -142,8 +142,8 @@ def tempered_smc(adapter, posterior, rng_key, *, num_particles: int = 4000, num_
         q = N(m, S⁻¹): the reference is t_df(m, inflate² S⁻¹).
     rng_key : jax.random.PRNGKey
     num_particles, num_mcmc, final_mcmc : int
-        Particles; the most MALA moves per stage, and at the last stage (b = 1): fewer when the particles'
-        mean squared jump stops growing (module docstring), at least one block of :data:`MOVE_BLOCK`.
+        Particles; the most MALA moves per stage, and at the last stage (b = 1): fewer once the particles
+        have forgotten their start (module docstring), at least one block of :data:`MOVE_BLOCK`.
     ess_frac : float
         Effective sample size kept at each stage, as a fraction of the particles.
     df, inflate : float
