@@ -41,8 +41,6 @@ from numpyro_mpe.loo.common import (
     GOOD_K,
     MAX_LEVERAGE,
     site_parameters,
-    smooth_log_weights,
-    weighted_estimate,
 )
 from numpyro_mpe.loo.importance import UnitImportance, memory_rows, one_hot_row
 from numpyro_mpe.loo.posterior_check import (
@@ -79,20 +77,19 @@ PSIS_BLOCK = 256
 
 def _psis_loo(base, ll):
     """PSIS-LOO over shared draws: log-ratios base_s − ℓ_i(θ_s) per observation.  Returns elpd, MCSE, k̂ per
-    observation (:func:`numpyro_mpe.loo.common.weighted_estimate`) and the delta-method MCSE of their sum
-    (the draws are shared, so the observations' errors correlate: φ_s = Σ_i w̃_is (p_is/p̂_i − 1), MCSE =
-    √Σ_s φ_s²).  Observations are taken :data:`PSIS_BLOCK` at a time."""
+    observation (:meth:`numpyro_mpe.loo.importance.UnitImportance.estimate`) and the delta-method MCSE of
+    their sum (the draws are shared, so the observations' errors correlate: φ_s = Σ_i w̃_is (p_is/p̂_i − 1),
+    MCSE = √Σ_s φ_s²).  Observations are taken :data:`PSIS_BLOCK` at a time."""
     n = ll.shape[1]
     e, mcse, k = np.empty(n), np.empty(n), np.empty(n)
     phi = np.zeros(ll.shape[0])  # Σ_i of each draw's terms of the delta method
     for lo in range(0, n, PSIS_BLOCK):
         block = slice(lo, min(lo + PSIS_BLOCK, n))
         ll_b = np.ascontiguousarray(ll[:, block].T)
-        log_r = base[None, :] - ll_b
-        smoothed, k[block] = smooth_log_weights(np.where(np.isfinite(log_r), log_r, -np.inf))
-        e[block], mcse[block], _ = weighted_estimate(smoothed, ll_b, k[block])
+        est = UnitImportance.estimate(base[None, :] - ll_b, ll_b)
+        e[block], mcse[block], k[block] = est["elpd"], est["mcse"], est["khat"]
         with np.errstate(over="ignore", invalid="ignore"):
-            phi += np.nansum(np.exp(smoothed) * (np.exp(ll_b - e[block, None]) - 1.0), 0)
+            phi += np.nansum(np.exp(est["smoothed"]) * (np.exp(ll_b - est["elpd"][:, None]) - 1.0), 0)
     return e, mcse, k, float(np.sqrt(np.sum(phi**2)))
 
 
