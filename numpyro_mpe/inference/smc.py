@@ -111,18 +111,18 @@ def _moves(adapter, post, key, w, b, chol, eps, *, most, df, inflate):
     steps taken."""
     dtype = post.mean.dtype
     enough = 2.0 * w.shape[-1] * (1.0 - MAX_CORRELATION[1 if b >= 1.0 else 0])
+    most = max(most, 1)
     start = np.asarray(w)
     x = jnp.asarray(w, dtype)
-    b, eps = jnp.asarray(b, dtype), jnp.asarray(eps, dtype)
-    chol_np = np.asarray(chol)
+    b, eps, chol_j = jnp.asarray(b, dtype), jnp.asarray(eps, dtype), jnp.asarray(chol, dtype)
     jump, taken, accepted = 0.0, 0, 0.0
-    while taken < max(most, 1):
-        block = min(MOVE_BLOCK, max(most, 1) - taken)
+    while taken < most:
+        block = min(MOVE_BLOCK, most - taken)
         key, k = jax.random.split(key)
-        x, acc = _mala(adapter, post, k, x, b, chol, eps, steps=block, df=df, inflate=inflate)
+        x, acc = _mala(adapter, post, k, x, b, chol_j, eps, steps=block, df=df, inflate=inflate)
         taken += block
         accepted += block * float(np.mean(np.asarray(acc)))
-        z = np.linalg.solve(chol_np, (np.asarray(x) - start).T)  # C⁻¹(w − w⁰) per particle, (P, M)
+        z = np.linalg.solve(chol, (np.asarray(x) - start).T)  # C⁻¹(w − w⁰) per particle, (P, M)
         before, jump = jump, float(np.mean(np.sum(z * z, axis=0)))
         if jump >= enough or 0.0 < jump <= (1.0 + JUMP_GROWTH) * before:  # not moved at all: keep trying
             break
@@ -205,7 +205,7 @@ def tempered_smc(adapter, posterior, rng_key, *, num_particles: int = 4000, num_
         bar.update(nb - b)
         b = nb
         cov = np.cov(w.T).reshape(p, p) + 1e-9 * np.eye(p)
-        chol = jnp.asarray(np.linalg.cholesky(cov), dtype)
+        chol = np.linalg.cholesky(cov)
         most = final_mcmc if b >= 1.0 and final_mcmc else num_mcmc
         w, a, taken = _moves(adapter, posterior, k_move, w, b, chol, eps, most=int(most), **kw)
         acceptance.append(a)
